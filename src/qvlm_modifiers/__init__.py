@@ -11,7 +11,15 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "recipe_path", "list_recipes", "register_modifiers"]
+__all__ = [
+    "__version__",
+    "recipe_path",
+    "list_recipes",
+    "register_modifiers",
+    "oneshot",
+    "save_pretrained",
+    "load_recipe",
+]
 
 
 def _recipes_dir() -> Path:
@@ -57,3 +65,14 @@ def register_modifiers() -> list[str]:
 
 
 register_modifiers()
+
+# Our save path, the checked oneshot wrapper and recipe validation (see save.py / api.py).
+from qvlm_modifiers.api import oneshot  # noqa: E402
+from qvlm_modifiers.recipe_check import load_recipe  # noqa: E402
+from qvlm_modifiers.save import install_oneshot_save_hook as _install_oneshot_save_hook  # noqa: E402
+from qvlm_modifiers.save import save_pretrained  # noqa: E402
+
+# llm-compressor's own oneshot(..., output_dir=...) then also writes checkpoints that reload
+# exactly (one rebound name in llmcompressor.entrypoints.utils; see qvlm_modifiers.save).
+_install_oneshot_save_hook()
+

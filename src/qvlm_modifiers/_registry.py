@@ -4,7 +4,9 @@ from __future__ import annotations
 
 
 def all_modifiers() -> list[type]:
-    classes: list[type] = []
+    from qvlm_modifiers.lm_scoped import LMAWQModifier, LMSmoothQuantModifier
+
+    classes: list[type] = [LMAWQModifier, LMSmoothQuantModifier]
     try:
         from qvlm_modifiers.mbq.modifier import MBQModifier
     except ImportError as err:  # pragma: no cover - only while the module is being written
