@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny saved VLMs and synthetic calibration pairs.
+
+Fixtures for every test module:
+
+* ``saved_vlm`` (session): a factory ``saved_vlm(family, seed=0) -> Path`` giving the directory of a
+  tiny random-weight model of ``family`` (one of :data:`qvlm_modifiers.zoo.FAMILY_NAMES`) saved
+  with ``save_pretrained`` together with its processor. Each (family, seed) is built once per
+  test session in a temporary directory; treat the directory as read-only (load it with
+  ``AutoModelForImageTextToText.from_pretrained(path)`` / ``AutoProcessor.from_pretrained(path)``
+  and save results elsewhere).
+* ``calib_pairs`` (session): ``zoo.sample_pairs(8, seed=0)``, a :class:`datasets.Dataset` with
+  columns ``image`` (48 px PIL RGB), ``text`` (answer) and ``question`` (prompt). Do not modify it.
+* ``tiny_family_names``: the tuple of family names, for ``pytest.mark.parametrize`` use
+  ``qvlm_modifiers.zoo.FAMILY_NAMES`` directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from qvlm_modifiers import zoo
+
+
+@pytest.fixture(scope="session")
+def saved_vlm(tmp_path_factory) -> Callable[..., Path]:
+    """``saved_vlm(family, seed=0) -> Path`` of a tiny saved model + processor (built once)."""
+    root = tmp_path_factory.mktemp("tiny_vlms")
+    cache: dict[tuple[str, int], Path] = {}
+
+    def get(family: str, seed: int = 0) -> Path:
+        key = (family, seed)
+        if key not in cache:
+            cache[key] = zoo.save(family, root / f"{family}-seed{seed}", seed=seed)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def calib_pairs():
+    """8 synthetic image/question/answer rows (``zoo.sample_pairs(8, seed=0)``)."""
+    return zoo.sample_pairs(8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_family_names() -> tuple[str, ...]:
+    return zoo.FAMILY_NAMES
