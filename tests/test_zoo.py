@@ -110,6 +110,9 @@ def test_forward_on_collated_batch_and_reload(family, saved_vlm, calib_pairs):
         logits = model(**inputs).logits
     assert logits.shape == (1, batch["input_ids"].shape[1], model.config.get_text_config().vocab_size)
     assert torch.isfinite(logits).all()
+    # llm-compressor's basic pipeline calls model(**batch) with loss_mask still in it
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, logits, rtol=0, atol=0)
 
     path = saved_vlm(family)
     reloaded, info = AutoModelForImageTextToText.from_pretrained(path, output_loading_info=True)
