@@ -1,0 +1,571 @@
+"""``QVLMModifier``: Q-VLM (NeurIPS 2024) as an llm-compressor Modifier.
+
+Q-VLM = entropy-based block partition of the decoder layers (Eq. 4-7,
+:mod:`~qvlm_modifiers.qvlm.entropy`, :mod:`~qvlm_modifiers.qvlm.partition`) + joint search of
+the quantization ranges inside each block (Eq. 2-3, :mod:`~qvlm_modifiers.qvlm.block_search`).
+The released reference code does neither (see the design note); this follows the paper.
+
+Sample recipe (``recipes/qvlm_w4.yaml``)::
+
+    quant_stage:
+      quant_modifiers:
+        QVLMModifier:
+          scheme: W4A16         # or config_groups, like QuantizationModifier
+          targets: [Linear]
+          max_block_layers: 3
+
+Lifecycle (llm-compressor's sequential pipeline; one decoder layer per subgraph by default):
+
+- ``on_initialize``: resolve the VLM family, add ``lm_head`` + vision tower/projector (unless
+  ``quantize_vision_tower``) to ``ignore``, attach the quantization scheme.
+- ``on_calibration_start``: hooks on every decoder layer: a pre-hook keeps each batch's call
+  arguments (masks, position embeddings; the hidden states only for the first layer), a forward
+  hook streams ``(h_k, h_{k+1})`` into the layer's ``M x M`` joint level accumulator (Eq. 4-5).
+- ``on_sequential_epoch_end`` (after decoder layer k's calibration pass): ``D(k, k+1)`` decides
+  whether layer k+1 joins layer k's block (Eq. 7, online greedy). When a block closes, its ranges
+  are searched (Eq. 2 then Eq. 3) on the cached block input, the chosen ``weight_scale`` /
+  ``weight_zero_point`` (and static ``input_scale`` / ``input_zero_point``) are written, and the
+  weights are replaced by their fake-quantized values so that the pipeline's error propagation
+  sees them (as GPTQ does). Quantized Linears outside the decoder (vision tower when quantized)
+  get their lp-norm ranges when their subgraph ends.
+- ``on_calibration_end``: freeze quantization, remove hooks, store the partition in
+  ``model.config.qvlm_blocks`` (saved in ``config.json`` *outside* ``quantization_config``).
+
+Where the partition is stored: ``config.json`` -> ``"qvlm_blocks"``: ``{"blocks": [[0, 1], [2],
+...], "dependencies": [D(0,1), ...], "thresholds": [h0 used per link], "num_levels": M,
+"estimator": "soft", "losses": [...]}``; also logged at INFO level.
+
+The Modifier keeps two hidden-state streams of the calibration set on the offload device (CPU):
+the quantized path ``X_q`` (input of the open block) and the FP path ``X_r`` (Eq. 3's target
+path), plus the per-layer call arguments of the open block (at most ``max_block_layers``), so
+accelerator memory stays about one block of weights + one batch of activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from compressed_tensors.quantization import DynamicType, QuantizationArgs, QuantizationStrategy, QuantizationType
+from compressed_tensors.quantization.lifecycle import fake_quantize
+from compressed_tensors.utils import match_named_modules, update_offload_parameter
+from loguru import logger
+from pydantic import Field, PrivateAttr, field_validator
+from torch.utils._pytree import tree_map
+
+from llmcompressor.core import Event, State
+from llmcompressor.modifiers import Modifier
+from llmcompressor.modifiers.quantization.quantization import QuantizationMixin
+from llmcompressor.modifiers.utils.hooks import HooksMixin
+
+from qvlm_modifiers.errors import RecipeError
+from qvlm_modifiers.families import decoder_layers, get_family
+from qvlm_modifiers.qvlm.block_search import (
+    DEFAULT_PERCENTILES,
+    DEFAULT_SHRINK_FACTORS,
+    RangeVariable,
+    flatten_for_ranges,
+    lp_norm_range,
+    percentile_range,
+    range_qparams,
+    search_block,
+)
+from qvlm_modifiers.qvlm.entropy import JointLevelAccumulator
+from qvlm_modifiers.qvlm.partition import OnlinePartitioner
+
+__all__ = ["QVLMModifier", "METADATA_ATTRIBUTE"]
+
+METADATA_ATTRIBUTE = "qvlm_blocks"
+
+# tokens per batch kept as samples of a Linear's input for static activation ranges
+_ACT_SAMPLE_TOKENS = 512
+
+
+class QVLMModifier(Modifier, QuantizationMixin):
+    """Q-VLM: entropy-guided block partition + joint block-wise range search.
+
+    Quantization fields (``scheme``, ``config_groups``, ``targets``, ``ignore``, observers) are
+    those of llm-compressor's ``QuantizationModifier``. Weight ranges end up as standard
+    ``weight_scale`` / ``weight_zero_point``; dynamic per-token activations have no static range
+    (nothing to search); static activations (``dynamic: false``, per-tensor) get searched
+    ``input_scale`` / ``input_zero_point``.
+
+    :param max_block_layers: most decoder layers per block (paper: 3; Fig. 3a)
+    :param entropy_threshold: h0 of Eq. 7. ``None`` = the running mean of the dependencies
+        observed so far (see :mod:`qvlm_modifiers.qvlm.partition`)
+    :param entropy_estimator: ``"soft"`` (Eq. 5, temperature = quantization step) or ``"hard"``
+        (round-to-nearest level counts)
+    :param entropy_levels: M, the number of levels of Eq. 5. ``None`` = ``2**num_bits`` of the
+        input-activation quantizer when activations are quantized with <= 8 bits, else 16
+        (weight-only schemes have no activation quantizer; 16 = 4-bit levels)
+    :param entropy_level_grid: range of the M levels: per ``"token"`` row of the hidden state
+        (like the dynamic per-token activation quantizer, default) or per ``"tensor"``
+    :param percentile_grid: candidate clipping percentiles of the block search (paper)
+    :param init_shrink_factors: shrink factors of the min/max range tried by the lp-norm range
+        initialisation (reference code's grid)
+    :param init_norm: p of the lp-norm initialisation (reference code: 0.5)
+    :param search_epochs: coordinate-descent passes per block (paper: 10 epochs); stops earlier
+        once a pass changes nothing
+    :param block_target: ``"fp"`` (Eq. 3: the FP path from the FP block input) or
+        ``"quant_input"`` (FP block applied to the quantized-path input, GPTQ-style)
+    :param block_init: ``"layerwise"``: Eq. 2 per layer, then Eq. 3 over the block starting from
+        the layer-wise solution (the block objective is never worse than layer-wise);
+        ``"lp_norm"``: Eq. 3 from the lp-norm ranges only
+    :param search_activations: also search static activation ranges (no effect on dynamic
+        per-token activations, which have no static range)
+    :param quantize_vision_tower: quantize the vision tower's Linears too (same scheme; with the
+        per-token dynamic activations of our A-schemes, as the paper does for the vision side).
+        The projector always stays in full precision
+    :param optimize_vision_encoder: visual-encoder optimization stage (Eq. 8-10); not available
+        in this version -- raises a RecipeError when set
+    """
+
+    requires_calibration_data: bool = True
+
+    max_block_layers: int = Field(default=3, ge=1)
+    entropy_threshold: float | None = None
+    entropy_estimator: Literal["soft", "hard"] = "soft"
+    entropy_levels: int | None = Field(default=None, ge=2, le=1024)
+    entropy_level_grid: Literal["token", "tensor"] = "token"
+    percentile_grid: list[float] = Field(default_factory=lambda: list(DEFAULT_PERCENTILES))
+    init_shrink_factors: list[float] = Field(default_factory=lambda: list(DEFAULT_SHRINK_FACTORS))
+    init_norm: float = Field(default=0.5, gt=0)
+    search_epochs: int = Field(default=10, ge=0)
+    block_target: Literal["fp", "quant_input"] = "fp"
+    block_init: Literal["layerwise", "lp_norm"] = "layerwise"
+    search_activations: bool = True
+    quantize_vision_tower: bool = False
+    optimize_vision_encoder: bool = False
+
+    _layers: list[torch.nn.Module] = PrivateAttr(default_factory=list)
+    _layer_index: dict[int, int] = PrivateAttr(default_factory=dict)
+    _layer_linears: dict[int, list[tuple[str, torch.nn.Module]]] = PrivateAttr(default_factory=dict)
+    _module_names: dict[int, str] = PrivateAttr(default_factory=dict)
+    _done: set[int] = PrivateAttr(default_factory=set)
+    _accumulators: dict[int, JointLevelAccumulator] = PrivateAttr(default_factory=dict)
+    _templates: dict[int, list[tuple[str, tuple, dict]]] = PrivateAttr(default_factory=dict)
+    _q_hidden: list[torch.Tensor] | None = PrivateAttr(default=None)
+    _fp_hidden: list[torch.Tensor] | None = PrivateAttr(default=None)
+    _partitioner: OnlinePartitioner | None = PrivateAttr(default=None)
+    _block_losses: list[dict[str, Any]] = PrivateAttr(default_factory=list)
+    _num_levels: int = PrivateAttr(default=16)
+    _offload_device: torch.device = PrivateAttr(default=torch.device("cpu"))
+
+    @field_validator("percentile_grid")
+    @classmethod
+    def _check_percentiles(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0.5 < p <= 1.0 for p in value):
+            raise ValueError(f"percentile_grid must be a non-empty list of values in (0.5, 1.0], got {value}")
+        return value
+
+    @field_validator("init_shrink_factors")
+    @classmethod
+    def _check_shrink(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0.0 < f <= 1.0 for f in value):
+            raise ValueError(f"init_shrink_factors must be a non-empty list of values in (0, 1], got {value}")
+        return value
+
+    # ------------------------------------------------------------------------------------------
+    # lifecycle
+    # ------------------------------------------------------------------------------------------
+
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        model = state.model
+        if self.optimize_vision_encoder and not self.quantize_vision_tower:
+            raise RecipeError(
+                "QVLMModifier: optimize_vision_encoder=true needs a quantized vision tower, but "
+                "quantize_vision_tower is false. Set quantize_vision_tower: true in the recipe, or "
+                "drop optimize_vision_encoder."
+            )
+        if self.optimize_vision_encoder:
+            raise RecipeError(
+                "QVLMModifier: the visual-encoder optimization stage (optimize_vision_encoder, "
+                "Eq. 8-10) is not implemented in this version. Remove optimize_vision_encoder from "
+                "the recipe (the vision tower is then quantized with its lp-norm ranges)."
+            )
+        if not QuantizationMixin.has_config(self):
+            raise RecipeError(
+                "QVLMModifier needs a quantization scheme: set `scheme` (e.g. W4A16) or "
+                "`config_groups` in the recipe, as for QuantizationModifier."
+            )
+        family = get_family(model)
+        ignore = list(self.ignore)
+        extra = ["lm_head"]
+        if self.quantize_vision_tower:
+            extra.append(family.vision_regexes[1])  # projector stays FP
+        else:
+            extra.extend(family.vision_regexes)
+        for item in extra:
+            if item not in ignore:
+                ignore.append(item)
+        self.ignore = ignore
+        self._resolved_config = None  # re-resolve with the family's ignore list
+        self._check_scheme()
+        QuantizationMixin.initialize_quantization(self, model)
+
+        self._layers = list(decoder_layers(model))
+        self._layer_index = {id(layer): i for i, layer in enumerate(self._layers)}
+        self._module_names = {id(m): name for name, m in model.named_modules()}
+        for i, layer in enumerate(self._layers):
+            self._layer_linears[i] = [
+                (name, m) for name, m in layer.named_modules() if getattr(m, "quantization_scheme", None) is not None
+            ]
+        self._num_levels = self._resolve_num_levels()
+        return True
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs):
+        QuantizationMixin.start_calibration(self, state.model)
+        self._partitioner = OnlinePartitioner(max_block_layers=self.max_block_layers, threshold=self.entropy_threshold)
+        for i, layer in enumerate(self._layers):
+            self._accumulators[i] = JointLevelAccumulator(
+                self._num_levels, estimator=self.entropy_estimator, grid=self.entropy_level_grid
+            )
+            self._templates[i] = []
+            self.register_hook(layer, self._capture_call_hook, "forward_pre", with_kwargs=True)
+            self.register_hook(layer, self._dependency_hook, "forward", with_kwargs=True)
+        self._q_hidden, self._fp_hidden = [], None
+
+    def on_sequential_epoch_end(self, state: State, event: Event, modules: list[torch.nn.Module], **kwargs):
+        layer_ids = sorted({self._layer_index[id(m)] for m in modules if id(m) in self._layer_index})
+        self._quantize_outside_decoder(modules)
+        for k in layer_ids:
+            self._finish_layer(k)
+
+    def on_calibration_end(self, state: State, event: Event, **kwargs):
+        if self._partitioner is not None and self._partitioner.current and self._templates.get(self._partitioner.current[0]):
+            self._close_block(self._partitioner.finish()[-1])
+        # anything quantized that no subgraph handed us (e.g. a non-ignored lm_head)
+        leftovers = [
+            m
+            for _, m in match_named_modules(state.model, self.resolved_targets, self.ignore)
+            if id(m) not in self._done
+        ]
+        self._quantize_outside_decoder(leftovers)
+        QuantizationMixin.end_calibration(self, state.model)
+        self.remove_hooks()
+        self._write_metadata(state.model)
+        self._templates.clear()
+        self._q_hidden = self._fp_hidden = None
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        if not self.ended_:
+            self.on_end(state, None)
+        return True
+
+    # ------------------------------------------------------------------------------------------
+    # scheme helpers
+    # ------------------------------------------------------------------------------------------
+
+    def _schemes(self):
+        return list(self.resolved_config.config_groups.values())
+
+    def _check_scheme(self) -> None:
+        for scheme in self._schemes():
+            w = scheme.weights
+            if w is not None and (w.type != QuantizationType.INT or w.strategy not in (
+                QuantizationStrategy.TENSOR, QuantizationStrategy.CHANNEL, QuantizationStrategy.GROUP
+            )):
+                raise RecipeError(
+                    f"QVLMModifier searches uniform integer weight ranges per tensor/channel/group; "
+                    f"got weights {w.type}/{w.strategy}. Use an int scheme such as W4A16, W4A4, W8A8 "
+                    "or int config_groups with strategy tensor/channel/group."
+                )
+            a = scheme.input_activations
+            if a is not None and a.dynamic is False and a.strategy != QuantizationStrategy.TENSOR:
+                raise RecipeError(
+                    f"QVLMModifier: static input activations must be per-tensor (got {a.strategy}). "
+                    "Use dynamic per-token activations (strategy: token, dynamic: true) or static "
+                    "per-tensor ones."
+                )
+            if scheme.output_activations is not None:
+                raise RecipeError("QVLMModifier does not quantize output activations; remove output_activations.")
+
+    def _resolve_num_levels(self) -> int:
+        if self.entropy_levels is not None:
+            return int(self.entropy_levels)
+        bits = [s.input_activations.num_bits for s in self._schemes() if s.input_activations is not None]
+        if bits and min(bits) <= 8:
+            return 2 ** min(bits)
+        return 16
+
+    # ------------------------------------------------------------------------------------------
+    # hooks
+    # ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, str, tuple, dict]:
+        if args:
+            return args[0], "arg", tuple(args[1:]), dict(kwargs)
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        return kwargs["hidden_states"], "kw", tuple(args), rest
+
+    def _to_offload(self, value):
+        return tree_map(lambda x: x.detach().to(self._offload_device) if isinstance(x, torch.Tensor) else x, value)
+
+    def _capture_call_hook(self, module, args, kwargs):
+        k = self._layer_index[id(module)]
+        hidden, mode, rest_args, rest_kwargs = self._split_hidden(args, kwargs)
+        self._templates[k].append((mode, self._to_offload(rest_args), self._to_offload(rest_kwargs)))
+        if k == 0:  # later blocks' inputs are the Modifier's own quantized / FP streams
+            self._q_hidden.append(hidden.detach().to(self._offload_device))
+
+    def _dependency_hook(self, module, args, kwargs, output):
+        k = self._layer_index[id(module)]
+        if k + 1 >= len(self._layers):
+            return
+        hidden, *_ = self._split_hidden(args, kwargs)
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        self._accumulators[k].update(hidden.detach(), out.detach())
+
+    # ------------------------------------------------------------------------------------------
+    # partition + search
+    # ------------------------------------------------------------------------------------------
+
+    def _finish_layer(self, k: int) -> None:
+        part = self._partitioner
+        if k not in part.current:
+            raise RuntimeError(f"QVLMModifier: decoder layer {k} finished out of order (open block {part.current})")
+        if k + 1 < len(self._layers):
+            dependency = self._accumulators[k].entropy()
+            joined = part.observe_link(dependency)
+            logger.info(
+                f"Q-VLM: D({k},{k + 1}) = {dependency:.4f} nats, h0 = {part.thresholds[-1]:.4f} -> "
+                f"{'same block' if joined else 'block boundary'}"
+            )
+            if not joined:
+                self._close_block(part.blocks[-1])
+        else:
+            self._close_block(part.finish()[-1])
+        self._accumulators.pop(k, None)
+
+    def _layer_fn(self, k: int):
+        layer = self._layers[k]
+        templates = self._templates[k]
+
+        def run(hidden: torch.Tensor, batch_index: int) -> torch.Tensor:
+            device = next(layer.parameters()).device
+            mode, rest_args, rest_kwargs = templates[batch_index]
+            to_dev = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+            rest_args, rest_kwargs = tree_map(to_dev, rest_args), tree_map(to_dev, rest_kwargs)
+            hidden = hidden.to(device)
+            out = layer(hidden, *rest_args, **rest_kwargs) if mode == "arg" else layer(*rest_args, hidden_states=hidden, **rest_kwargs)
+            return out[0] if isinstance(out, (tuple, list)) else out
+
+        return run
+
+    @contextlib.contextmanager
+    def _quantized(self, layer_ids: Iterable[int], enabled: bool):
+        modules = [m for k in layer_ids for _, m in self._layer_linears[k]]
+        previous = [getattr(m, "quantization_enabled", True) for m in modules]
+        try:
+            for m in modules:
+                m.quantization_enabled = enabled
+            yield
+        finally:
+            for m, value in zip(modules, previous):
+                m.quantization_enabled = value
+
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(self._offload_device)
+
+    @torch.no_grad()
+    def _close_block(self, block: list[int]) -> None:
+        if block[0] == 0:
+            self._fp_hidden = list(self._q_hidden)
+        if not self._q_hidden or not self._templates.get(block[0]):
+            raise RuntimeError(f"QVLMModifier: no calibration inputs were captured for decoder layers {block}")
+        layer_fns = [self._layer_fn(k) for k in block]
+        with HooksMixin.disable_hooks():
+            # FP-path targets of each layer (Eq. 3's W_r X_r), and Linear input samples for
+            # static activation ranges, before any weight of the block is replaced
+            fp_targets = None
+            act_samples: dict[int, list[torch.Tensor]] = {}
+            sample_hooks = self._register_act_sampling(block, act_samples)
+            try:
+                with self._quantized(block, False):
+                    x = self._fp_hidden if self.block_target == "fp" else self._q_hidden
+                    per_layer = []
+                    for fn in layer_fns:
+                        x = [self._keep(fn(h, b)) for b, h in enumerate(x)]
+                        per_layer.append(x)
+                    fp_targets = per_layer if self.block_target == "fp" else None
+                    fp_out = per_layer[-1]
+            finally:
+                for handle in sample_hooks:
+                    handle.remove()
+            variables = [
+                [v for name, m in self._layer_linears[k] for v in self._range_variables(m, act_samples.get(id(m)))]
+                for k in block
+            ]
+            result = search_block(
+                layer_fns,
+                variables,
+                lambda enabled: self._quantized(block, enabled),
+                self._q_hidden,
+                fp_targets,
+                self.search_epochs,
+                init=self.block_init,
+                keep=self._keep,
+            )
+            for k in block:
+                for _, m in self._layer_linears[k]:
+                    self._commit_qparams(m)
+            with self._quantized(block, True):
+                q_out = self._q_hidden
+                for fn in layer_fns:
+                    q_out = [self._keep(fn(h, b)) for b, h in enumerate(q_out)]
+        self._q_hidden = q_out
+        self._fp_hidden = fp_out if self.block_target == "fp" else q_out
+        choices = {v.name: v.label for layer_vars in variables for v in layer_vars}
+        record = {
+            "layers": list(block),
+            "loss": result.loss,
+            "layerwise_loss": result.layerwise_loss,
+            "choices": choices,
+        }
+        self._block_losses.append(record)
+        logger.info(
+            f"Q-VLM block {block}: block-output MSE {result.loss:.6g} (layer-wise solution "
+            f"{result.layerwise_loss:.6g}); ranges {choices}"
+        )
+        for k in block:
+            self._templates[k] = []
+            for _, m in self._layer_linears[k]:
+                self._done.add(id(m))
+
+    # ------------------------------------------------------------------------------------------
+    # range variables of one Linear
+    # ------------------------------------------------------------------------------------------
+
+    def _register_act_sampling(self, block: list[int], store: dict[int, list[torch.Tensor]]):
+        handles = []
+        for k in block:
+            for _, m in self._layer_linears[k]:
+                a = m.quantization_scheme.input_activations
+                if a is None or a.dynamic is not False or not self.search_activations:
+                    continue
+
+                def hook(module, args, _store=store):
+                    x = args[0].detach()
+                    x = x.reshape(-1, x.shape[-1])
+                    if x.shape[0] > _ACT_SAMPLE_TOKENS:
+                        idx = torch.linspace(0, x.shape[0] - 1, _ACT_SAMPLE_TOKENS, device=x.device).long()
+                        x = x[idx]
+                    _store.setdefault(id(module), []).append(x.float().cpu())
+
+                handles.append(m.register_forward_pre_hook(hook))
+        return handles
+
+    def _range_variables(self, module: torch.nn.Module, act_samples: list[torch.Tensor] | None) -> list[RangeVariable]:
+        scheme = module.quantization_scheme
+        out = []
+        if scheme.weights is not None:
+            observed = flatten_for_ranges(module.weight.detach(), "weight", scheme.weights)
+            out.append(self._variable(module, "weight", observed, scheme.weights))
+        a = scheme.input_activations
+        if a is not None and a.dynamic is False:
+            if act_samples:
+                observed = flatten_for_ranges(torch.cat(act_samples, dim=0), "input", a)
+                var = self._variable(module, "input", observed, a)
+                if self.search_activations:
+                    out.append(var)
+                else:
+                    var.set(0)
+        return out
+
+    def _variable(self, module, base_name: str, observed: torch.Tensor, args: QuantizationArgs) -> RangeVariable:
+        scale_param = getattr(module, f"{base_name}_scale")
+        zp_param = getattr(module, f"{base_name}_zero_point", None)
+        candidates, labels = [], []
+
+        def add(low, high, label):
+            scale, zp = range_qparams(low, high, args)
+            scale = scale.reshape(scale_param.shape).to(scale_param.dtype)
+            setting = {"scale": scale}
+            if zp_param is not None:
+                setting["zero_point"] = zp.reshape(zp_param.shape).to(zp_param.dtype)
+            for existing in candidates:
+                if all(torch.equal(existing[key], setting[key]) for key in setting):
+                    return
+            candidates.append(setting)
+            labels.append(label)
+
+        add(*lp_norm_range(observed, args, self.init_shrink_factors, self.init_norm), "init")
+        for p in self.percentile_grid:
+            add(*percentile_range(observed, p, bool(args.symmetric)), f"p={p}")
+
+        def apply(setting, _m=module, _b=base_name):
+            getattr(_m, f"{_b}_scale").data.copy_(setting["scale"])
+            if "zero_point" in setting:
+                getattr(_m, f"{_b}_zero_point").data.copy_(setting["zero_point"])
+
+        name = f"{self._module_names.get(id(module), '?')}.{base_name}"
+        var = RangeVariable(name=name, candidates=candidates, labels=labels, apply=apply)
+        var.set(0)
+        return var
+
+    def _commit_qparams(self, module: torch.nn.Module) -> None:
+        """Persist the chosen scale/zero-point (onloaded copies were edited during the search)
+        and replace the weight by its fake-quantized value (like GPTQ)."""
+        scheme = module.quantization_scheme
+        for base_name, args in (("weight", scheme.weights), ("input", scheme.input_activations)):
+            if args is None or (base_name == "input" and args.dynamic is not False):
+                continue
+            for suffix in ("scale", "zero_point"):
+                param = getattr(module, f"{base_name}_{suffix}", None)
+                if param is not None:
+                    update_offload_parameter(module, f"{base_name}_{suffix}", param.data.clone())
+        if scheme.weights is not None:
+            zp = getattr(module, "weight_zero_point", None)
+            wq = fake_quantize(module.weight.data, module.weight_scale.data, zp.data if zp is not None else None, scheme.weights)
+            update_offload_parameter(module, "weight", wq.to(module.weight.dtype))
+
+    @torch.no_grad()
+    def _quantize_outside_decoder(self, modules: Iterable[torch.nn.Module]) -> None:
+        """lp-norm ranges for quantized Linears outside the decoder layers (vision tower)."""
+        in_layers = {id(m) for ms in self._layer_linears.values() for _, m in ms}
+        for m in modules:
+            if id(m) in in_layers or id(m) in self._done:
+                continue
+            scheme = getattr(m, "quantization_scheme", None)
+            if scheme is None or scheme.weights is None or not hasattr(m, "weight_scale"):
+                continue
+            if scheme.input_activations is not None and scheme.input_activations.dynamic is False:
+                raise RecipeError(
+                    f"QVLMModifier: static activation quantization outside the decoder layers "
+                    f"({self._module_names.get(id(m))}) is not supported; use dynamic per-token "
+                    "activations for the vision tower."
+                )
+            observed = flatten_for_ranges(m.weight.detach(), "weight", scheme.weights)
+            self._variable(m, "weight", observed, scheme.weights)  # applies the lp-norm range
+            self._commit_qparams(m)
+            self._done.add(id(m))
+
+    # ------------------------------------------------------------------------------------------
+    # metadata
+    # ------------------------------------------------------------------------------------------
+
+    def _write_metadata(self, model: torch.nn.Module) -> None:
+        part = self._partitioner
+        if part is None:
+            return
+        metadata = {
+            "method": "Q-VLM (entropy-based block partition, Eq. 4-7)",
+            "blocks": [list(b) for b in part.blocks],
+            "dependencies": [round(float(d), 6) for d in part.dependencies],
+            "thresholds": [round(float(h), 6) for h in part.thresholds],
+            "entropy_threshold": self.entropy_threshold,
+            "num_levels": self._num_levels,
+            "estimator": self.entropy_estimator,
+            "level_grid": self.entropy_level_grid,
+            "max_block_layers": self.max_block_layers,
+            "block_losses": [
+                {k: (round(float(v), 8) if isinstance(v, float) else v) for k, v in r.items()} for r in self._block_losses
+            ],
+        }
+        json.dumps(metadata)  # must be serialisable into config.json
+        setattr(model.config, METADATA_ATTRIBUTE, metadata)
+        logger.info(f"Q-VLM partition: {metadata['blocks']} (dependencies {metadata['dependencies']})")
