@@ -168,6 +168,9 @@ def test_sources_save_to_disk_and_image_folders(built, tmp_path):
     pairs = zoo.sample_pairs(3, seed=5)
     reference = build_calibration_dataset(pairs, processor, model, prompt_column="question", shuffle=False)
 
+    as_list = build_calibration_dataset(pairs.to_list(), processor, model, prompt_column="question", shuffle=False)
+    assert as_list["input_ids"] == reference["input_ids"]
+
     saved = tmp_path / "saved"
     pairs.save_to_disk(str(saved))
     from_disk = build_calibration_dataset(saved, processor, model, prompt_column="question", shuffle=False)
@@ -271,7 +274,10 @@ def test_empty_dataset_and_collate_batch_size(built, calib_pairs):
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family,pipeline", [("qwen2_vl", "sequential"), ("llava", "basic")])
+@pytest.mark.parametrize(
+    "family,pipeline",
+    [("qwen2_vl", "sequential"), ("idefics3", "sequential"), ("gemma3", "sequential"), ("llava", "basic")],
+)
 def test_oneshot_w4a16_through_collate_fn(family, pipeline, saved_vlm, calib_pairs):
     """A plain W4A16 QuantizationModifier run with our dataset: calibration batches flow through
     both the sequential pipeline (traced subgraphs) and the basic one (``model(**batch)``), the

@@ -26,8 +26,9 @@ transformers' VLM forwards accept and ignore the extra keyword.
 
 Sources accepted by :func:`build_calibration_dataset`:
 
-* a :class:`datasets.Dataset` with an image column (PIL images, ``{"bytes", "path"}`` dicts,
-  or file paths) and a text column, optionally a prompt/question column;
+* a :class:`datasets.Dataset` (or a list of row dicts) with an image column (PIL images,
+  ``{"bytes", "path"}`` dicts, or file paths) and a text column, optionally a prompt/question
+  column;
 * a path written by :meth:`datasets.Dataset.save_to_disk` (a ``DatasetDict`` must have a
   ``train`` split or a single split);
 * a folder of images with a captions file (see :func:`load_image_folder`):
@@ -147,6 +148,10 @@ def load_pairs(source: Any):
         return source
     if isinstance(source, datasets.DatasetDict):
         return _single_split(source, "the DatasetDict")
+    if isinstance(source, list) and all(isinstance(row, dict) for row in source):
+        if not source:
+            raise CalibrationDataError("Calibration data has no rows. Provide at least one image-text pair.")
+        return datasets.Dataset.from_list(source)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
@@ -411,7 +416,7 @@ def build_calibration_dataset(
 ):
     """Image-text pairs -> a :class:`datasets.Dataset` of processor outputs with a ``loss_mask``.
 
-    :param source: a :class:`datasets.Dataset`, a ``save_to_disk`` directory, or an image folder with
+    :param source: a :class:`datasets.Dataset` (or list of row dicts), a ``save_to_disk`` directory, or an image folder with
         ``captions.jsonl``/``captions.tsv`` (see the module docstring)
     :param processor: the model's processor (``AutoProcessor.from_pretrained(model_dir)``)
     :param model_or_config: the model, its config, or its ``model_type``/family name (gives the family

@@ -508,8 +508,8 @@ def save(family: str, path: str | Path, seed: int = 0, dtype: torch.dtype = torc
     """Build ``family`` and ``save_pretrained`` model + processor to ``path``; returns the path.
 
     ``AutoModelForImageTextToText.from_pretrained(path)`` and ``AutoProcessor.from_pretrained(path)``
-    reload them. The model's ``name_or_path`` points at ``path`` (llm-compressor's oneshot reloads
-    the config from it).
+    reload them (weights bit-identical). Load the model from ``path`` before calling llm-compressor's
+    ``oneshot``: it reloads the config from the model's ``name_or_path``.
     """
     path = Path(path)
     model, processor = build(family, seed=seed, dtype=dtype)
