@@ -1,5 +1,11 @@
 """Triton device helpers shared by the packed kernels: reading ``b``-bit fields out of the
-compressed-tensors dense int32 bit stream (see ``packing.py`` for the layout)."""
+compressed-tensors dense int32 bit stream (see ``packing.py`` for the layout).
+
+Interpreter note: the kernels use only ``triton.language`` builtins and our own ``@triton.jit``
+helpers, never the ``@jit`` functions of ``triton.language.standard`` (``tl.zeros``, ``tl.sum``,
+``tl.cdiv``): those are decorated when ``triton`` is first imported, so if anything imported
+Triton before ``TRITON_INTERPRET=1`` was set (llm-compressor does), the interpreter cannot call
+them. Our modules only need the variable set before *they* are imported."""
 
 from __future__ import annotations
 
@@ -30,6 +36,12 @@ def unpack_fields(base_ptrs, idx, word_stride, n_words, valid, BITS: tl.constexp
         hi = hi.to(tl.uint32, bitcast=True) << ((32 - shift) & 31)
         value = value | tl.where(spill, hi, 0)
     return (value & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def add_f32(a, b):
+    """Combine function for ``tl.reduce`` (a sum that also works in the interpreter, see above)."""
+    return a + b
 
 
 def interpreting() -> bool:

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._unpack import interpreter_upcast, unpack_fields
+from ._unpack import add_f32, interpreter_upcast, unpack_fields
 from .packing import PackedLayout, reference_linear
 
 __all__ = ["splitk_linear", "reference", "default_config", "MAX_M"]
@@ -63,7 +63,7 @@ def _splitk_kernel(
         else:
             z_col = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.int32)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     k_begin = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     for k0 in range(k_begin, k_end, BLOCK_K):
@@ -92,7 +92,7 @@ def _splitk_kernel(
                 acc += tl.dot(x, w)
         else:  # BLOCK_M == 1: CUDA-core GEMV
             xk = tl.reshape(x, (BLOCK_K, 1)).to(tl.float32)
-            acc += tl.reshape(tl.sum(xk * w.to(tl.float32), axis=0), (1, BLOCK_N))
+            acc += tl.reshape(tl.reduce(xk * w.to(tl.float32), 0, add_f32), (1, BLOCK_N))
 
     if GROUP_K == 0:
         acc = acc * s_col[None, :]
@@ -104,7 +104,7 @@ def _splitk_kernel(
 def _sum_partials_kernel(p_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc = tl.full((BLOCK,), 0.0, tl.float32)
     for s in range(SPLIT_K):
         acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)

@@ -76,3 +76,9 @@ from qvlm_modifiers.save import save_pretrained  # noqa: E402
 # exactly (one rebound name in llmcompressor.entrypoints.utils; see qvlm_modifiers.save).
 _install_oneshot_save_hook()
 
+
+# Packed W3/W4 loading: "compressed-tensors" checkpoints keep their weights packed and run the
+# Triton kernels on CUDA (see qvlm_modifiers.packed_loader; QVLM_PACKED_KERNELS=0 turns it off).
+from qvlm_modifiers.packed_loader import register as _register_packed_loader  # noqa: E402
+
+_register_packed_loader()
