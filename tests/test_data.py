@@ -260,6 +260,15 @@ def test_corrupt_embedded_image_bytes(built):
         build_calibration_dataset(ds.cast_column("image", datasets.Image(decode=False)), processor, model)
 
 
+def test_model_given_as_checkpoint_dir_and_wrong_processor(built, saved_vlm, calib_pairs):
+    model, processor = built("gemma3")
+    by_model = build_calibration_dataset(calib_pairs, processor, model, num_samples=2)
+    by_path = build_calibration_dataset(calib_pairs, processor, saved_vlm("gemma3"), num_samples=2)
+    assert by_path["loss_mask"] == by_model["loss_mask"]
+    with pytest.raises(CalibrationDataError, match="AutoProcessor.from_pretrained"):
+        build_calibration_dataset(calib_pairs, processor.tokenizer, model)
+
+
 def test_empty_dataset_and_collate_batch_size(built, calib_pairs):
     model, processor = built("llava")
     with pytest.raises(CalibrationDataError, match="no rows"):

@@ -54,6 +54,7 @@ import torch
 
 from qvlm_modifiers.errors import CalibrationDataError
 from qvlm_modifiers.families import VLMFamily, get_family, image_token_id
+from qvlm_modifiers.zoo import install_torchvision_free_standins
 
 __all__ = [
     "IGNORE",
@@ -66,6 +67,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# Without torchvision, transformers cannot rebuild Qwen2/2.5-VL, LLaVA-OneVision or Idefics3
+# processors from a checkpoint; the stand-ins (a no-op when torchvision is installed) fix that.
+install_torchvision_free_standins()
 
 #: ``loss_mask`` values
 IGNORE, TEXT, VISION = 0, 1, 2
@@ -419,8 +424,8 @@ def build_calibration_dataset(
     :param source: a :class:`datasets.Dataset` (or list of row dicts), a ``save_to_disk`` directory, or an image folder with
         ``captions.jsonl``/``captions.tsv`` (see the module docstring)
     :param processor: the model's processor (``AutoProcessor.from_pretrained(model_dir)``)
-    :param model_or_config: the model, its config, or its ``model_type``/family name (gives the family
-        and the image token id)
+    :param model_or_config: the model, its config, or its checkpoint directory (gives the family and
+        the image token id)
     :param num_samples: rows to use (after shuffling); ``None`` = all
     :param image_column: column holding the images (PIL, ``{"bytes","path"}`` or paths)
     :param text_column: column holding the answer/caption (the assistant turn)
@@ -443,11 +448,20 @@ def build_calibration_dataset(
         raise CalibrationDataError("Calibration data has no rows. Provide at least one image-text pair.")
 
     config = getattr(model_or_config, "config", model_or_config)
+    if isinstance(config, (str, os.PathLike)) and Path(config).is_dir():
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(config))
     family = get_family(config)
-    if isinstance(config, str):
+    if isinstance(config, (str, os.PathLike)):
         raise CalibrationDataError(
-            "build_calibration_dataset needs the model or its config (for the image token id), not only the "
-            f"name {config!r}. Pass model or model.config."
+            "build_calibration_dataset needs the model, its config or its checkpoint directory (for the image "
+            f"token id), not only the name {str(config)!r}. Pass model, model.config or the model's path."
+        )
+    if getattr(processor, "image_processor", None) is None:
+        raise CalibrationDataError(
+            f"The processor is a {type(processor).__name__} without an image processor; VLM calibration needs "
+            "the model's multimodal processor. Load it with AutoProcessor.from_pretrained(<model path>)."
         )
     encoder = _RowEncoder(processor, family, image_token_id(config), count_prompt_as_text)
 
