@@ -261,6 +261,10 @@ def install_torchvision_free_standins() -> bool:
     return True
 
 
+#: earlier name of :func:`install_torchvision_free_standins` (kept: the CLI imports it)
+install_video_processor_standin = install_torchvision_free_standins
+
+
 def _video_processor(cls_name: str, **kwargs):
     """The family's video processor, or a minimal stand-in when torchvision is absent.
 
