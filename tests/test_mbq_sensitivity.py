@@ -1,0 +1,129 @@
+"""MBQ modality sensitivity: the gradient pass against an independent autograd computation."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from qvlm_modifiers import data
+from qvlm_modifiers.errors import CalibrationDataError
+from qvlm_modifiers.families import decoder_layers
+from qvlm_modifiers.mbq.sensitivity import (
+    ModalitySensitivity,
+    compute_modality_sensitivity,
+    floor_at_median,
+    modality_mean_abs_gradient,
+    sensitivity_ratios,
+)
+
+
+@pytest.fixture(scope="module")
+def llava_and_rows(saved_vlm, calib_pairs):
+    path = saved_vlm("llava")
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    rows = data.build_calibration_dataset(calib_pairs.select(range(3)), processor, model, prompt_column="question")
+    return model, rows
+
+
+def _independent_ratios(model, rows):
+    """Plain autograd: retain_grad on every o_proj/down_proj output, hand-written shifted CE on
+    answer tokens, then mean |grad| per modality, sample average, ratio."""
+    layers = decoder_layers(model)
+    stats = {}  # (layer, kind) -> ([gv per sample], [gt per sample])
+    for row_idx in range(len(rows)):
+        batch = data.collate_fn([rows[row_idx]])
+        mask = batch.pop("loss_mask")[0]
+        outputs = {}
+        handles = []
+        for i, layer in enumerate(layers):
+            for kind, mod in (("attn", layer.self_attn.o_proj), ("mlp", layer.mlp.down_proj)):
+                def keep(_m, _a, out, key=(i, kind)):
+                    out.retain_grad()
+                    outputs[key] = out
+                handles.append(mod.register_forward_hook(keep))
+        model.zero_grad(set_to_none=True)
+        logits = model(**batch, use_cache=False).logits[0].double()
+        for h in handles:
+            h.remove()
+        # next-token CE over positions whose *target* is an answer token
+        target_is_answer = mask[1:] == 1
+        logp = torch.log_softmax(logits[:-1], dim=-1)
+        nll = -logp[torch.arange(len(mask) - 1), batch["input_ids"][0, 1:]]
+        loss = nll[target_is_answer].mean()
+        loss.backward()
+        for key, out in outputs.items():
+            g = out.grad[0].abs().double()
+            gv, gt = stats.setdefault(key, ([], []))
+            gv.append(g[mask == 2].mean().item())
+            gt.append(g[mask == 1].mean().item())
+    model.zero_grad(set_to_none=True)
+    return {k: (sum(v) / len(v)) / (sum(t) / len(t)) for k, (v, t) in stats.items()}
+
+
+def test_sensitivity_matches_independent_autograd(llava_and_rows):
+    model, rows = llava_and_rows
+    params_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags_before = {n: p.requires_grad for n, p in model.named_parameters()}
+    expected = _independent_ratios(model, rows)
+
+    got = compute_modality_sensitivity(model, rows, median_floor=False, collate_fn=data.collate_fn)
+    assert got.num_samples == len(rows)
+    n_layers = len(decoder_layers(model))
+    for i in range(n_layers):
+        for kind in ("attn", "mlp"):
+            # float32 forward/backward in both; the reference CE is in float64 and sums in another
+            # order, so relative agreement ~1e-6; 1e-4 leaves margin while a wrong mask, a wrong
+            # gradient location or a missing sample average would be off by >> 1e-2.
+            assert got.raw_ratios[i][kind] == pytest.approx(expected[(i, kind)], rel=1e-4)
+            assert got.ratios[i][kind] == got.raw_ratios[i][kind]
+            assert got.text_grad[i][kind] > 0
+    # vision tokens reach the answer loss through later layers' attention only: non-zero before the
+    # last layer, exactly zero at the last one (what the median floor is for)
+    assert got.vision_grad[0]["attn"] > 0 and got.vision_grad[0]["mlp"] > 0
+    assert got.vision_grad[n_layers - 1]["mlp"] == 0.0
+
+    floored = compute_modality_sensitivity(model, rows, median_floor=True, collate_fn=data.collate_fn)
+    for kind in ("attn", "mlp"):
+        med = statistics.median(expected[(i, kind)] for i in range(n_layers))
+        for i in range(n_layers):
+            assert floored.ratios[i][kind] == pytest.approx(max(expected[(i, kind)], med), rel=1e-4)
+
+    # the pass changes no weight and restores requires_grad
+    for n, p in model.named_parameters():
+        assert torch.equal(p, params_before[n]) and p.requires_grad == flags_before[n] and p.grad is None
+
+
+def test_pure_helpers():
+    grad = torch.tensor([[[1.0, -3.0], [2.0, 2.0], [-5.0, 1.0], [0.5, 0.5]]])
+    mask = torch.tensor([[0, 1, 2, 1]])
+    [(gv, gt)] = modality_mean_abs_gradient(grad, mask)
+    assert gv == pytest.approx(3.0) and gt == pytest.approx((2 + 2 + 0.5 + 0.5) / 4)
+    [(gv, gt)] = modality_mean_abs_gradient(grad, mask, "all_text")
+    assert gt == pytest.approx((1 + 3 + 2 + 2 + 0.5 + 0.5) / 6)
+    [(gv, gt)] = modality_mean_abs_gradient(grad, torch.tensor([[0, 1, 1, 1]]))
+    assert gv is None
+    assert sensitivity_ratios({"a": [1.0, 3.0]}, {"a": [4.0]}) == {"a": 0.5}
+    assert floor_at_median({0: 0.1, 1: 0.5, 2: 0.3}) == {0: 0.3, 1: 0.5, 2: 0.3}
+    with pytest.raises(CalibrationDataError, match="vision"):
+        sensitivity_ratios({"a": []}, {"a": [1.0]})
+
+
+def test_save_load_roundtrip_and_bad_file(tmp_path):
+    sens = ModalitySensitivity(ratios={0: {"attn": 0.2, "mlp": 0.3}, 1: {"attn": 0.4, "mlp": 0.5}}, num_samples=3)
+    path = sens.save(tmp_path / "sens.json")
+    assert json.loads(path.read_text())["ratios"]["1"]["mlp"] == 0.5
+    assert ModalitySensitivity.load(path).ratios == sens.ratios
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(CalibrationDataError, match="Cannot read MBQ sensitivities"):
+        ModalitySensitivity.load(tmp_path / "bad.json")
+
+
+def test_rows_without_loss_mask_are_refused(llava_and_rows):
+    model, rows = llava_and_rows
+    with pytest.raises(CalibrationDataError, match="loss_mask"):
+        compute_modality_sensitivity(model, rows.remove_columns("loss_mask"), collate_fn=data.collate_fn)
