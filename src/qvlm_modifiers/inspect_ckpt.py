@@ -11,6 +11,7 @@ missing/unexpected/mismatched keys (the symptom of the vision-tower re-initializ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -324,6 +325,26 @@ def inspect_checkpoint(ckpt: str | Path, reload: bool = False) -> CheckpointRepo
     return report
 
 
+@contextlib.contextmanager
+def _plain_transformers_loading():
+    """Load as a user without this package would: ``import qvlm_modifiers`` registers a loader
+    (:mod:`qvlm_modifiers.packed_loader`) that also repairs ``ignore`` lists on load; the reload
+    check must judge the checkpoint itself, so transformers' own quantizer is restored meanwhile."""
+    try:
+        from qvlm_modifiers import packed_loader
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    was_registered = packed_loader.is_registered()
+    if was_registered:
+        packed_loader.unregister()
+    try:
+        yield
+    finally:
+        if was_registered:
+            packed_loader.register()
+
+
 def check_reload(ckpt: str | Path, headers: list[SafetensorsHeader] | None = None,
                  trust_remote_code: bool = False) -> dict[str, Any]:
     """Reload with transformers and compare every tensor with the file, bit for bit.
@@ -331,7 +352,8 @@ def check_reload(ckpt: str | Path, headers: list[SafetensorsHeader] | None = Non
     ``exact`` is True when transformers reports no missing/unexpected/mismatched keys, and every
     tensor of the reloaded model (mapped back to on-disk names by transformers'
     ``revert_weight_conversion``) equals the checkpoint's tensor of that name; tied weights that the
-    file stores once are compared once.
+    file stores once are compared once. Loads with transformers' own compressed-tensors quantizer
+    (what vLLM-free users and other tools get), not this package's packed loader.
     """
     import torch
     from safetensors import safe_open
@@ -341,10 +363,11 @@ def check_reload(ckpt: str | Path, headers: list[SafetensorsHeader] | None = Non
     ckpt = Path(ckpt)
     headers = headers or [read_safetensors_header(f) for f in checkpoint_files(ckpt)]
     try:
-        model, info = AutoModelForImageTextToText.from_pretrained(
-            ckpt, dtype="auto", use_safetensors=True, output_loading_info=True,
-            trust_remote_code=trust_remote_code,
-        )
+        with _plain_transformers_loading():
+            model, info = AutoModelForImageTextToText.from_pretrained(
+                ckpt, dtype="auto", use_safetensors=True, output_loading_info=True,
+                trust_remote_code=trust_remote_code,
+            )
     except Exception as err:  # noqa: BLE001 - reported as the check's result, with its message
         return {"exact": False, "error": f"{type(err).__name__}: {err}"}
     model.eval()
