@@ -2,10 +2,10 @@
 
 Fixtures for every test module:
 
-* ``saved_vlm`` (session): a factory ``saved_vlm(family, seed=0) -> Path`` giving the directory of a
-  tiny random-weight model of ``family`` (one of :data:`qvlm_modifiers.zoo.FAMILY_NAMES`) saved
-  with ``save_pretrained`` together with its processor. Each (family, seed) is built once per
-  test session in a temporary directory; treat the directory as read-only (load it with
+* ``saved_vlm`` (session): a factory ``saved_vlm(family, seed=0, num_layers=2) -> Path`` giving the
+  directory of a tiny random-weight model of ``family`` (one of :data:`qvlm_modifiers.zoo.FAMILY_NAMES`)
+  with ``num_layers`` decoder layers, saved with ``save_pretrained`` together with its processor.
+  Each (family, seed, num_layers) is built once per test session in a temporary directory; treat the directory as read-only (load it with
   ``AutoModelForImageTextToText.from_pretrained(path)`` / ``AutoProcessor.from_pretrained(path)``
   and save results elsewhere).
 * ``calib_pairs`` (session): ``zoo.sample_pairs(8, seed=0)``, a :class:`datasets.Dataset` with
@@ -26,14 +26,15 @@ from qvlm_modifiers import zoo
 
 @pytest.fixture(scope="session")
 def saved_vlm(tmp_path_factory) -> Callable[..., Path]:
-    """``saved_vlm(family, seed=0) -> Path`` of a tiny saved model + processor (built once)."""
+    """``saved_vlm(family, seed=0, num_layers=2) -> Path`` of a tiny saved model + processor (built once)."""
     root = tmp_path_factory.mktemp("tiny_vlms")
-    cache: dict[tuple[str, int], Path] = {}
+    cache: dict[tuple[str, int, int], Path] = {}
 
-    def get(family: str, seed: int = 0) -> Path:
-        key = (family, seed)
+    def get(family: str, seed: int = 0, num_layers: int = 2) -> Path:
+        key = (family, seed, num_layers)
         if key not in cache:
-            cache[key] = zoo.save(family, root / f"{family}-seed{seed}", seed=seed)
+            cache[key] = zoo.save(family, root / f"{family}-seed{seed}-layers{num_layers}", seed=seed,
+                                  num_layers=num_layers)
         return cache[key]
 
     return get

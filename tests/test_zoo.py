@@ -71,6 +71,16 @@ def test_build_is_deterministic_and_leaves_global_rng_alone():
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
 
 
+@pytest.mark.parametrize("family", ["gemma3", "qwen2_vl"])
+def test_num_layers(family, calib_pairs):
+    model, processor = zoo.build(family, num_layers=5)
+    assert len(families.decoder_layers(model)) == 5
+    assert len(model.config.get_text_config().layer_types) == 5
+    batch = collate_fn([build_calibration_dataset(calib_pairs, processor, model, num_samples=1)[0]])
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
+
+
 def test_build_dtype():
     model, _ = zoo.build("qwen2_vl", dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

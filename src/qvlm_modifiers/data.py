@@ -421,8 +421,8 @@ def build_calibration_dataset(
 ):
     """Image-text pairs -> a :class:`datasets.Dataset` of processor outputs with a ``loss_mask``.
 
-    :param source: a :class:`datasets.Dataset` (or list of row dicts), a ``save_to_disk`` directory, or an image folder with
-        ``captions.jsonl``/``captions.tsv`` (see the module docstring)
+    :param source: a :class:`datasets.Dataset` (or list of row dicts), a ``save_to_disk`` directory,
+        or an image folder with ``captions.jsonl``/``captions.tsv`` (see the module docstring)
     :param processor: the model's processor (``AutoProcessor.from_pretrained(model_dir)``)
     :param model_or_config: the model, its config, or its checkpoint directory (gives the family and
         the image token id)

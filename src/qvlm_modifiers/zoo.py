@@ -281,12 +281,12 @@ def _video_processor(cls_name: str, **kwargs):
     return BaseVideoProcessor(**kwargs)
 
 
-def _text_kwargs(vocab_size: int, **extra) -> dict[str, Any]:
+def _text_kwargs(vocab_size: int, num_layers: int, **extra) -> dict[str, Any]:
     base = dict(
         vocab_size=vocab_size,
         hidden_size=_HIDDEN,
         intermediate_size=_MLP,
-        num_hidden_layers=_LAYERS,
+        num_hidden_layers=num_layers,
         num_attention_heads=_HEADS,
         max_position_embeddings=1024,
     )
@@ -299,7 +299,7 @@ def _text_kwargs(vocab_size: int, **extra) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def _llava():
+def _llava(num_layers: int = _LAYERS):
     from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
 
     special = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
@@ -310,7 +310,7 @@ def _llava():
     vision = CLIPVisionConfig(hidden_size=_HIDDEN, intermediate_size=_MLP, num_hidden_layers=_LAYERS,
                               num_attention_heads=_VISION_HEADS, image_size=image_size, patch_size=patch,
                               projection_dim=_HIDDEN)
-    text = LlamaConfig(**_text_kwargs(len(tok), num_key_value_heads=_HEADS, bos_token_id=1, eos_token_id=2,
+    text = LlamaConfig(**_text_kwargs(len(tok), num_layers, num_key_value_heads=_HEADS, bos_token_id=1, eos_token_id=2,
                                       pad_token_id=tok.pad_token_id))
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.image_token_id,
                          image_seq_length=(image_size // patch) ** 2, vision_feature_layer=-2,
@@ -329,7 +329,7 @@ def _qwen_tokenizer(extra: list[str], chat_template: str, named: dict[str, str])
                            chat_template=chat_template)
 
 
-def _llava_onevision():
+def _llava_onevision(num_layers: int = _LAYERS):
     from transformers import (
         LlavaOnevisionConfig,
         LlavaOnevisionImageProcessorPil,
@@ -344,7 +344,7 @@ def _llava_onevision():
     pinpoints = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
     vision = SiglipVisionConfig(hidden_size=_HIDDEN, intermediate_size=_MLP, num_hidden_layers=_LAYERS,
                                 num_attention_heads=_VISION_HEADS, image_size=image_size, patch_size=patch)
-    text = Qwen2Config(**_text_kwargs(len(tok), num_key_value_heads=2, bos_token_id=tok.pad_token_id,
+    text = Qwen2Config(**_text_kwargs(len(tok), num_layers, num_key_value_heads=2, bos_token_id=tok.pad_token_id,
                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=tok.image_token_id,
                                   video_token_index=tok.video_token_id, image_grid_pinpoints=pinpoints,
@@ -367,7 +367,7 @@ _QWEN_PATCH, _QWEN_MERGE = 8, 2
 _QWEN_PIXELS = dict(min_pixels=32 * 32, max_pixels=64 * 64)
 
 
-def _qwen_vl_common(text_config_cls, vision_config, config_cls, processor_cls):
+def _qwen_vl_common(text_config_cls, vision_config, config_cls, processor_cls, num_layers: int):
     from transformers import Qwen2VLImageProcessorPil
 
     tok = _qwen_tokenizer(_QWEN_VISION_TOKENS, QWEN2_VL_CHAT_TEMPLATE,
@@ -376,7 +376,7 @@ def _qwen_vl_common(text_config_cls, vision_config, config_cls, processor_cls):
     # M-RoPE splits head_dim/2 rotary frequencies into (temporal, height, width) sections
     rope = {"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1_000_000.0}
     assert sum(rope["mrope_section"]) == head_dim // 2
-    text = text_config_cls(**_text_kwargs(len(tok), num_key_value_heads=2, rope_parameters=rope,
+    text = text_config_cls(**_text_kwargs(len(tok), num_layers, num_key_value_heads=2, rope_parameters=rope,
                                           bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                           pad_token_id=tok.pad_token_id))
     ids = {name: tok.convert_tokens_to_ids(t) for name, t in [
@@ -392,17 +392,17 @@ def _qwen_vl_common(text_config_cls, vision_config, config_cls, processor_cls):
     return config, processor
 
 
-def _qwen2_vl():
+def _qwen2_vl(num_layers: int = _LAYERS):
     from transformers import Qwen2VLConfig, Qwen2VLProcessor
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
 
     vision = Qwen2VLVisionConfig(depth=_LAYERS, embed_dim=_HIDDEN, hidden_size=_HIDDEN, mlp_ratio=2,
                                  num_heads=_VISION_HEADS, patch_size=_QWEN_PATCH,
                                  spatial_merge_size=_QWEN_MERGE, temporal_patch_size=2)
-    return _qwen_vl_common(Qwen2VLTextConfig, vision, Qwen2VLConfig, Qwen2VLProcessor)
+    return _qwen_vl_common(Qwen2VLTextConfig, vision, Qwen2VLConfig, Qwen2VLProcessor, num_layers)
 
 
-def _qwen2_5_vl():
+def _qwen2_5_vl(num_layers: int = _LAYERS):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
         Qwen2_5_VLTextConfig,
@@ -414,10 +414,10 @@ def _qwen2_5_vl():
                                     out_hidden_size=_HIDDEN, num_heads=_VISION_HEADS, patch_size=_QWEN_PATCH,
                                     spatial_merge_size=_QWEN_MERGE, temporal_patch_size=2,
                                     window_size=32, fullatt_block_indexes=[1])
-    return _qwen_vl_common(Qwen2_5_VLTextConfig, vision, Qwen2_5_VLConfig, Qwen2_5_VLProcessor)
+    return _qwen_vl_common(Qwen2_5_VLTextConfig, vision, Qwen2_5_VLConfig, Qwen2_5_VLProcessor, num_layers)
 
 
-def _idefics3():
+def _idefics3(num_layers: int = _LAYERS):
     from transformers import Idefics3Config, Idefics3Processor, LlamaConfig
     from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
@@ -431,7 +431,7 @@ def _idefics3():
     image_size, patch, scale = 64, 8, 2  # 8x8 patches, pixel shuffle 2 -> 16 image tokens
     vision = Idefics3VisionConfig(hidden_size=_HIDDEN, intermediate_size=_MLP, num_hidden_layers=_LAYERS,
                                   num_attention_heads=_VISION_HEADS, image_size=image_size, patch_size=patch)
-    text = LlamaConfig(**_text_kwargs(len(tok), num_key_value_heads=2, bos_token_id=tok.bos_token_id,
+    text = LlamaConfig(**_text_kwargs(len(tok), num_layers, num_key_value_heads=2, bos_token_id=tok.bos_token_id,
                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     config = Idefics3Config(vision_config=vision, text_config=text, image_token_id=tok.image_token_id,
                             scale_factor=scale, pad_token_id=tok.pad_token_id)
@@ -445,7 +445,7 @@ def _idefics3():
     return config, processor
 
 
-def _gemma3():
+def _gemma3(num_layers: int = _LAYERS):
     from transformers import Gemma3Config, Gemma3ImageProcessorPil, Gemma3Processor, SiglipVisionConfig
     from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
 
@@ -459,9 +459,11 @@ def _gemma3():
     vision = SiglipVisionConfig(hidden_size=_HIDDEN, intermediate_size=_MLP, num_hidden_layers=_LAYERS,
                                 num_attention_heads=_VISION_HEADS, image_size=image_size, patch_size=patch,
                                 vision_use_head=False)
-    text = Gemma3TextConfig(**_text_kwargs(len(tok), num_key_value_heads=2, head_dim=_HIDDEN // _HEADS,
+    # Gemma 3 interleaves sliding-window and global layers (5:1); tiny: alternate them
+    layer_types = [("sliding_attention", "full_attention")[i % 2] for i in range(num_layers)]
+    text = Gemma3TextConfig(**_text_kwargs(len(tok), num_layers, num_key_value_heads=2, head_dim=_HIDDEN // _HEADS,
                                            query_pre_attn_scalar=_HIDDEN // _HEADS, sliding_window=16,
-                                           layer_types=["sliding_attention", "full_attention"],
+                                           layer_types=layer_types,
                                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                            pad_token_id=tok.pad_token_id))
     config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=tokens,
@@ -473,7 +475,7 @@ def _gemma3():
     return config, processor
 
 
-_BUILDERS: dict[str, Callable[[], tuple[Any, Any]]] = {
+_BUILDERS: dict[str, Callable[[int], tuple[Any, Any]]] = {
     "llava": _llava,
     "llava_onevision": _llava_onevision,
     "qwen2_vl": _qwen2_vl,
@@ -489,15 +491,19 @@ def _check_family(family: str) -> str:
     return family
 
 
-def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, num_layers: int = _LAYERS):
     """A tiny random-weight model of ``family`` (its real transformers class) and its processor.
+
+    :param num_layers: decoder layers of the language model (the vision tower keeps 2)
 
     Weights are drawn from a generator seeded with ``seed`` only (the global RNG state is
     restored afterwards), so the same ``(family, seed)`` always gives the same weights.
     """
     from transformers import AutoModelForImageTextToText
 
-    config, processor = _BUILDERS[_check_family(family)]()
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}.")
+    config, processor = _BUILDERS[_check_family(family)](num_layers)
     cpu_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
@@ -508,7 +514,9 @@ def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     return model, processor
 
 
-def save(family: str, path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+def save(
+    family: str, path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32, num_layers: int = _LAYERS
+) -> Path:
     """Build ``family`` and ``save_pretrained`` model + processor to ``path``; returns the path.
 
     ``AutoModelForImageTextToText.from_pretrained(path)`` and ``AutoProcessor.from_pretrained(path)``
@@ -516,7 +524,7 @@ def save(family: str, path: str | Path, seed: int = 0, dtype: torch.dtype = torc
     ``oneshot``: it reloads the config from the model's ``name_or_path``.
     """
     path = Path(path)
-    model, processor = build(family, seed=seed, dtype=dtype)
+    model, processor = build(family, seed=seed, dtype=dtype, num_layers=num_layers)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     processor.save_pretrained(path)
