@@ -253,11 +253,16 @@ def test_folder_without_captions_and_missing_path(built, tmp_path):
         build_calibration_dataset(tmp_path / "nope", processor, model)
 
 
-def test_corrupt_embedded_image_bytes(built):
+@pytest.mark.parametrize("decode", [True, False])
+def test_corrupt_embedded_image_bytes(built, decode):
     model, processor = built("llava")
-    ds = datasets.Dataset.from_dict({"image": [{"bytes": b"garbage", "path": "x.jpg"}], "text": ["t"]})
-    with pytest.raises(CalibrationDataError, match=r"Row 0 \(x\.jpg\).*cannot be read"):
-        build_calibration_dataset(ds.cast_column("image", datasets.Image(decode=False)), processor, model)
+    good = Image.new("RGB", (48, 48))
+    ds = datasets.Dataset.from_dict(
+        {"image": [good, {"bytes": b"garbage", "path": "x.jpg"}], "text": ["t", "u"]},
+        features=datasets.Features({"image": datasets.Image(decode=decode), "text": datasets.Value("string")}),
+    )
+    with pytest.raises(CalibrationDataError, match=r"Row 1 \(x\.jpg\).*cannot be read"):
+        build_calibration_dataset(ds, processor, model, shuffle=False)
 
 
 def test_model_given_as_checkpoint_dir_and_wrong_processor(built, saved_vlm, calib_pairs):

@@ -465,6 +465,11 @@ def build_calibration_dataset(
         )
     encoder = _RowEncoder(processor, family, image_token_id(config), count_prompt_as_text)
 
+    feature = dataset.features.get(image_column)
+    if isinstance(feature, datasets.Image) and feature.decode:
+        # decode ourselves, so an unreadable image raises a CalibrationDataError naming its row
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+
     indices = list(range(len(dataset)))
     if shuffle:
         rng = np.random.default_rng(seed)
