@@ -145,14 +145,21 @@ def fix_saved_config(save_dir: str | os.PathLike, model: nn.Module) -> bool:
     with open(path) as f:
         config = json.load(f)
     qconfig = config.get("quantization_config")
-    if not isinstance(qconfig, dict):
+    # Q-VLM block partition (QVLMModifier sets model.config.qvlm_blocks): llm-compressor's
+    # resave_config rewrites config.json from the original file and would drop it
+    qvlm_blocks = getattr(getattr(model, "config", None), "qvlm_blocks", None)
+    blocks_changed = qvlm_blocks is not None and config.get("qvlm_blocks") != qvlm_blocks
+    if blocks_changed:
+        config["qvlm_blocks"] = qvlm_blocks
+    if not isinstance(qconfig, dict) and not blocks_changed:
         return False
-    old = list(qconfig.get("ignore") or [])
-    in_memory = in_memory_ignore(model)
-    new = reload_safe_ignore(old, _checkpoint_names(model, in_memory) + in_memory)
-    if new == old:
-        return False
-    qconfig["ignore"] = new
+    if isinstance(qconfig, dict):
+        old = list(qconfig.get("ignore") or [])
+        in_memory = in_memory_ignore(model)
+        new = reload_safe_ignore(old, _checkpoint_names(model, in_memory) + in_memory)
+        if new == old and not blocks_changed:
+            return False
+        qconfig["ignore"] = new
     tmp = path.with_name(f".{CONFIG_NAME}.{uuid.uuid4().hex}.tmp")
     with open(tmp, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)

@@ -283,27 +283,28 @@ def search_block(
         (GPTQ-style ``"quant_input"`` target)
     :param epochs: coordinate-descent passes (``search_epochs``)
     :param init: ``"layerwise"`` (Eq. 2 per layer, then Eq. 3 jointly) or ``"lp_norm"`` (Eq. 3
-        from the lp-norm ranges only; the layer-wise stage still runs to report its loss only if
-        the block has one layer)
+        from candidate 0 = the lp-norm ranges; no layer-wise stage unless the block has one layer,
+        and ``layerwise_loss`` is then NaN)
     :param keep: where to keep intermediate per-batch tensors (e.g. move to the offload device)
     """
     if len(layers) != len(variables):
         raise ValueError("one list of range variables per layer is required")
     layerwise_results: list[DescentResult] = []
+    for layer_vars in variables:
+        for var in layer_vars:
+            var.set(var.current)
     # Eq. 2: greedy layer-wise search, feeding the quantized outputs forward
     run_layerwise = init == "layerwise" or len(layers) == 1
     x_q = list(q_inputs)
-    for j, (layer, layer_vars) in enumerate(zip(layers, variables)):
+    for j, (layer, layer_vars) in enumerate(zip(layers, variables) if run_layerwise else []):
         if fp_targets is not None:
             target = fp_targets[j]
         else:
             with quantized(False):
                 target = _run([layer], x_q, keep)
-        if run_layerwise:
-            with quantized(True):
-                layerwise_results.append(coordinate_descent(_mse_objective([layer], x_q, target), layer_vars, epochs))
-        if j < len(layers) - 1:
-            with quantized(True):
+        with quantized(True):
+            layerwise_results.append(coordinate_descent(_mse_objective([layer], x_q, target), layer_vars, epochs))
+            if j < len(layers) - 1:
                 x_q = _run([layer], x_q, keep)
     if fp_targets is not None:
         block_target = fp_targets[-1]
