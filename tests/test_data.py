@@ -321,3 +321,25 @@ def test_oneshot_w4a16_through_collate_fn(family, pipeline, saved_vlm, calib_pai
                   if isinstance(m, torch.nn.Linear) and n.startswith(fam.layers + ".")}
     assert quantized == lm_linears and len(lm_linears) == 2 * 7
     assert all(hasattr(model.get_submodule(n), "weight_scale") for n in lm_linears)
+
+
+def test_idefics3_tiled_image(built):
+    """Real SmolVLM/Idefics3 processors split large images into tiles + a global view: every tile's
+    <image> run is vision, the row/column markers between them are not."""
+    model, _ = built("idefics3")
+    _, processor = zoo.build("idefics3")  # own copy: the image processor is changed below
+    processor.image_processor.do_image_splitting = True
+    processor.image_processor.size = {"longest_edge": 128}
+    row = _one_row(image=Image.new("RGB", (96, 64), (1, 2, 3)))
+    batch = collate_fn([build_calibration_dataset(row, processor, model, prompt_column="question")[0]])
+    assert batch["pixel_values"].shape[:2] == (1, 5)  # 2x2 tiles of 64 px + the global image
+    # "<|begin_of_text|>" "User:" "<fake_token_around_image>" "<row_1_col_1>" | 16 | "<fake..>" "<row_1_col_2>"
+    # | 16 | "\n" "<fake..>" "<row_2_col_1>" | 16 | "<fake..>" "<row_2_col_2>" | 16 |
+    # "\n" "\n" "<fake..>" "<global-img>" | 16 | "<fake..>" "Hi?" "<end_of_utterance>" "\n" "Assistant: "
+    # | "A dog." | "<end_of_utterance>" "\n"
+    assert _runs(batch["loss_mask"][0].tolist()) == [
+        (0, 8), (2, 16), (0, 2), (2, 16), (0, 3), (2, 16), (0, 2), (2, 16), (0, 4), (2, 16),
+        (0, 1 + 3 + 1 + 1 + 11), (1, 6), (0, 2),
+    ]
+    with torch.no_grad():
+        assert torch.isfinite(model(**{k: v for k, v in batch.items() if k != "loss_mask"}).logits).all()
