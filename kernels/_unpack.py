@@ -55,3 +55,12 @@ def interpreter_upcast(dtype: torch.dtype) -> bool:
     The bf16 rounding of the dequantized weight still happens before the upcast, so the
     numerics match the GPU path up to accumulation order."""
     return interpreting() and dtype == torch.bfloat16
+
+
+def standard_lib_usable() -> bool:
+    """Whether ``triton.language.standard``'s jit functions (``tl.sum``: a fast numpy path in the
+    interpreter) can be called: always when compiling, in the interpreter only if Triton itself
+    was imported with ``TRITON_INTERPRET=1`` already set."""
+    if not interpreting():
+        return True
+    return type(tl.sum).__name__ == "InterpretedFunction"

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._unpack import add_f32, interpreter_upcast, unpack_fields
+from ._unpack import add_f32, interpreter_upcast, standard_lib_usable, unpack_fields
 from .packing import PackedLayout, reference_linear
 
 __all__ = ["splitk_linear", "reference", "default_config", "MAX_M"]
@@ -45,7 +45,7 @@ def _splitk_kernel(
     stride_os, stride_om, stride_on,
     BITS: tl.constexpr, GROUP_K: tl.constexpr, HAS_ZP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, TL_SUM: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -92,7 +92,10 @@ def _splitk_kernel(
                 acc += tl.dot(x, w)
         else:  # BLOCK_M == 1: CUDA-core GEMV
             xk = tl.reshape(x, (BLOCK_K, 1)).to(tl.float32)
-            acc += tl.reshape(tl.reduce(xk * w.to(tl.float32), 0, add_f32), (1, BLOCK_N))
+            if TL_SUM:
+                acc += tl.reshape(tl.sum(xk * w.to(tl.float32), axis=0), (1, BLOCK_N))
+            else:  # interpreter after Triton was imported without it (see _unpack.py)
+                acc += tl.reshape(tl.reduce(xk * w.to(tl.float32), 0, add_f32), (1, BLOCK_N))
 
     if GROUP_K == 0:
         acc = acc * s_col[None, :]
@@ -173,7 +176,7 @@ def splitk_linear(
         stride_os, out.stride(-2), out.stride(-1),
         BITS=layout.num_bits, GROUP_K=group_k, HAS_ZP=has_zp,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot,
-        UPCAST_DOT=interpreter_upcast(x.dtype), num_warps=num_warps, num_stages=num_stages,
+        UPCAST_DOT=interpreter_upcast(x.dtype), TL_SUM=standard_lib_usable(), num_warps=num_warps, num_stages=num_stages,
     )
     if split_k > 1:
         mn = m * n

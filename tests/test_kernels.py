@@ -177,3 +177,21 @@ def test_rejects_bad_input():
         PackedLayout(33, 100, 4, 32, True)
     with pytest.raises(ValueError, match="num_bits"):
         PackedLayout(33, 128, 5, 32, True)
+
+
+def test_bench_script_runs(capsys, tmp_path):
+    """``kernels/bench.py`` keeps working: one tiny shape, decode and prefill M, end-to-end line.
+    (On CPU its timings mean nothing and it says so; nothing here checks speed.)"""
+    from qvlm_modifiers.kernels import bench
+
+    argv = ["--schemes", "w3g128a", "--shapes", "128x33", "--ms", "1", "64", "--reps", "1", "--workdir", str(tmp_path)]
+    if DEVICE.type == "cuda":
+        argv += ["--e2e", "off"]
+    rows = bench.main(argv)
+    out = capsys.readouterr().out
+    assert [(r["m"], r["path"]) for r in rows] == [(1, "splitk"), (64, rows[1]["path"])]
+    assert rows[1]["path"] in ("gemm", "dequant")
+    assert all(r["fp16"] > 0 and r["ct"] > 0 and r["ours"] > 0 for r in rows)
+    if DEVICE.type == "cpu":
+        assert "MEAN NOTHING" in out
+        assert "e2e W4A16 g128" in out and "(14 packed Linears)" in out
