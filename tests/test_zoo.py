@@ -81,9 +81,15 @@ def test_num_layers(family, calib_pairs):
         assert torch.isfinite(model(**batch).logits).all()
 
 
-def test_build_dtype():
-    model, _ = zoo.build("qwen2_vl", dtype=torch.bfloat16)
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+def test_build_bf16_forwards_float32_pixels(family, calib_pairs):
+    model, processor = zoo.build(family, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    batch = collate_fn([build_calibration_dataset(calib_pairs, processor, model, num_samples=1)[0]])
+    assert batch["pixel_values"].dtype == torch.float32  # the model casts pixels itself
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
 
 
 def test_unknown_family():
