@@ -111,12 +111,26 @@ def in_memory_ignore(model: nn.Module) -> list[str]:
 
 
 def _checkpoint_names(model: nn.Module, names: list[str]) -> list[str]:
-    """On-disk names of ``names`` (compressed-tensors' own in-memory -> checkpoint renaming)."""
+    """On-disk (checkpoint) names of the modules ``names``, renamed exactly as transformers'
+    ``save_pretrained`` renames their weights (``revert_weight_conversion``: the conversions the
+    model was loaded with, or its architecture's default ones for a model built in memory)."""
+    import torch
+
     try:
-        from compressed_tensors.quantization.quant_config import _map_to_checkpoint_names
-    except ImportError:  # pragma: no cover - other compressed-tensors versions
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # pragma: no cover - other transformers versions
         return list(names)
-    return _map_to_checkpoint_names(model, list(names))
+    result = []
+    for name in names:
+        try:
+            renamed = list(revert_weight_conversion(model, {f"{name}.weight": torch.empty(0)}))
+        except Exception:  # noqa: BLE001 - a converter that needs real tensors: keep the name
+            renamed = []
+        if len(renamed) == 1 and renamed[0].endswith(".weight"):
+            result.append(renamed[0][: -len(".weight")])
+        else:
+            result.append(name)
+    return result
 
 
 def reload_safe_ignore(on_disk_ignore: list[str], in_memory: list[str]) -> list[str]:
