@@ -245,6 +245,16 @@ def test_corrupt_and_missing_files_in_folder(built, tmp_path):
         build_calibration_dataset(tmp_path, processor, model)
 
 
+def test_bad_tsv_line_and_missing_prompt_column(built, tmp_path, calib_pairs):
+    model, processor = built("llava")
+    Image.new("RGB", (48, 48)).save(tmp_path / "a.png")
+    (tmp_path / "captions.tsv").write_text("a.png\tfine\na.png only-one-field\n")
+    with pytest.raises(CalibrationDataError, match=r"captions\.tsv, line 2 has 1 tab-separated field"):
+        build_calibration_dataset(tmp_path, processor, model)
+    with pytest.raises(CalibrationDataError, match=r"no prompt column 'prompt'.*prompt_column=None"):
+        build_calibration_dataset(calib_pairs, processor, model, prompt_column="prompt")
+
+
 def test_folder_without_captions_and_missing_path(built, tmp_path):
     model, processor = built("llava")
     with pytest.raises(CalibrationDataError, match=r"captions\.jsonl or captions\.tsv"):
