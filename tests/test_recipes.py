@@ -268,3 +268,12 @@ def test_unsupported_bits(tmp_path, weights, acts, expected):
         text += f"          input_activations: {acts}\n"
     with pytest.raises(RecipeError, match=expected):
         qvlm_modifiers.load_recipe(_write(tmp_path, text))
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "gemma3"])
+def test_packed_siglip_vision_tower_refused_before_calibration(family, tmp_path):
+    model, processor = zoo.build(family)
+    with pytest.raises(RecipeError, match="SigLIP vision tower.*w8a8_vision"):
+        qvlm_modifiers.oneshot(model=model, processor=processor, recipe="rtn_w4a16_vision", output_dir=tmp_path / "o")
+    assert not any(hasattr(m, "quantization_scheme") for m in model.modules())
+    assert not (tmp_path / "o").exists()

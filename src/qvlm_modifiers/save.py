@@ -12,9 +12,16 @@ so on reload the vision tower, projector and lm_head are treated as quantized: t
 tensors are reported as unexpected keys and the modules are re-initialized with random weights,
 silently (verified on LLaVA, Qwen2(.5)-VL, LLaVA-OneVision; Idefics3 keeps its names).
 
+A second, smaller gap: upstream lists only modules whose *exact* class name was quantized
+somewhere, while the reload matches ``targets: [Linear]`` along the MRO, so a ``Linear`` subclass
+left unquantized (``NonDynamicallyQuantizableLinear`` in SigLIP's attention-pooling head,
+LLaVA-OneVision) is quantized on reload and the load crashes.
+
 The fix keeps the checkpoint *standard* compressed-tensors: ``ignore`` stays a plain list of
-explicit module names; we add the in-memory name of every ignored module next to its on-disk
-name (:func:`reload_safe_ignore`). Why this is correct for every reader:
+explicit module names; for every unquantized module that a reload would target
+(:func:`in_memory_ignore`) we add its in-memory name and its on-disk name (renamed exactly as
+transformers' ``save_pretrained`` renames its weights) next to the names compressed-tensors wrote
+(:func:`reload_safe_ignore`). Why this is correct for every reader:
 
 - transformers 5 (``CompressedTensorsHfQuantizer`` -> ``apply_quantization_config`` ->
   ``compressed_tensors.utils.match.match_named_modules``) matches in-memory names exactly or by
