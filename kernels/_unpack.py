@@ -39,6 +39,49 @@ def unpack_fields(base_ptrs, idx, word_stride, n_words, valid, BITS: tl.constexp
 
 
 @triton.jit
+def unpack_tile(row_ptrs, k0, n_words, n_mask, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Unsigned fields ``k0 .. k0 + BLOCK_K`` of ``BLOCK_N`` packed rows as a ``[BLOCK_K, BLOCK_N]``
+    tile, loading every int32 word once (``unpack_fields`` gathers one word per field instead).
+
+    ``row_ptrs`` ``[BLOCK_N]`` points at word 0 of each row (words contiguous), ``k0`` and
+    ``BLOCK_K`` are multiples of 32, so the tile covers whole 32-field / ``BITS``-word packs.
+    Fields past the end of the row read as 0 (masked words); callers zero the matching x.
+    - ``32 % BITS == 0`` (4, 2, 8 bits): a word holds ``V = 32 // BITS`` whole fields:
+      ``[BLOCK_K // V, 1, BLOCK_N]`` words shifted by ``[1, V, 1]`` offsets, reshaped row-major
+      to ``[BLOCK_K, BLOCK_N]`` (field ``k = word * V + i``).
+    - otherwise (3 bits): a pack of 32 fields spans ``BITS`` words; field ``i`` of a pack takes
+      the bits of word ``j`` shifted by ``i*BITS - 32*j`` (right if >= 0, left if < 0) for each
+      word ``j`` it overlaps, OR-ed together."""
+    if 32 % BITS == 0:
+        V: tl.constexpr = 32 // BITS
+        w_idx = k0 // V + tl.arange(0, BLOCK_K // V)
+        words = tl.load(
+            row_ptrs[None, :] + w_idx[:, None], mask=n_mask[None, :] & (w_idx[:, None] < n_words), other=0
+        ).to(tl.uint32, bitcast=True)
+        shifts = (tl.arange(0, V) * BITS).to(tl.uint32)
+        fields = words[:, None, :] >> shifts[None, :, None]
+        fields = tl.reshape(fields, (BLOCK_K, BLOCK_N))
+    else:
+        PACKS: tl.constexpr = BLOCK_K // 32
+        pack = tl.arange(0, PACKS)
+        bit = tl.arange(0, 32) * BITS  # bit offset of field i inside its pack
+        fields = tl.full((PACKS, 32, BLOCK_N), 0, tl.uint32)
+        for j in tl.static_range(BITS):
+            w_idx = (k0 // 32 + pack) * BITS + j
+            word = tl.load(
+                row_ptrs[None, :] + w_idx[:, None], mask=n_mask[None, :] & (w_idx[:, None] < n_words), other=0
+            ).to(tl.uint32, bitcast=True)[:, None, :]
+            sh = bit - 32 * j  # [32]
+            right = (tl.maximum(sh, 0) & 31).to(tl.uint32)
+            left = (tl.maximum(-sh, 0) & 31).to(tl.uint32)
+            part = tl.where((sh >= 0)[None, :, None], word >> right[None, :, None], word << left[None, :, None])
+            overlaps = (sh > -BITS) & (sh < 32)
+            fields = fields | tl.where(overlaps[None, :, None], part, 0)
+        fields = tl.reshape(fields, (BLOCK_K, BLOCK_N))
+    return (fields & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
 def add_f32(a, b):
     """Combine function for ``tl.reduce`` (a sum that also works in the interpreter, see above)."""
     return a + b

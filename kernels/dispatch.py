@@ -6,7 +6,9 @@
 
 On CUDA the first call for a key ``(path, M bucket, N, K, bits, group, sym, dtype, device)``
 times a small candidate list (CUDA events, a few repetitions; selection only, not a benchmark)
-and caches the winner for the process. ``QVLM_KERNEL_TUNE=0`` skips tuning and uses each
+and caches the winner for the process: decode tunes inner product (tensor-core ``tl.dot`` vs
+CUDA-core GEMV at M == 1), unpack variant (word tile vs per-field gather), tile sizes, then
+split-K; prefill tunes GEMM tiles and unpack variant against dequantize + cuBLAS. ``QVLM_KERNEL_TUNE=0`` skips tuning and uses each
 kernel's ``default_config`` (as the CPU interpreter always does).
 """
 
@@ -43,18 +45,26 @@ def _m_bucket(m: int) -> int:
 
 
 def _decode_candidates(m: int, layout: PackedLayout, device) -> list[tuple[str, dict]]:
+    """Stage 1: inner product, unpack variant and tile sizes at the default split-K."""
     base = gemv_splitk.default_config(m, layout, device)
     out = [("splitk", base)]
     group = layout.group_size
-    block_ks = [bk for bk in (32, 64, 128) if group is None or group % bk == 0]
+    block_ks = [bk for bk in (64, 128) if group is None or group % bk == 0] or [32]
     for use_dot in ((False, True) if m == 1 else (True,)):
-        for block_n in (32, 64, 128):
-            for block_k in block_ks:
-                for split_k in sorted({max(1, base["split_k"] // 2), base["split_k"], base["split_k"] * 2}):
-                    cfg = dict(base, use_dot=use_dot, block_n=block_n, block_k=block_k, split_k=split_k)
+        for word_tile in (True, False):
+            for block_n in (32, 64, 128):
+                for block_k in block_ks:
+                    cfg = dict(base, use_dot=use_dot, word_tile=word_tile, block_n=block_n, block_k=block_k)
                     if cfg != base:
                         out.append(("splitk", cfg))
     return out
+
+
+def _decode_refine(best: tuple[str, dict]) -> list[tuple[str, dict]]:
+    """Stage 2: split-K around the default for the stage-1 winner."""
+    path, cfg = best
+    s = cfg["split_k"]
+    return [(path, dict(cfg, split_k=v)) for v in sorted({max(1, s // 4), max(1, s // 2), s * 2}) if v != s]
 
 
 def _prefill_candidates(m: int, layout: PackedLayout, device) -> list[tuple[str, dict]]:
@@ -73,7 +83,9 @@ def _prefill_candidates(m: int, layout: PackedLayout, device) -> list[tuple[str,
             continue
         if bm > 2 * max(m, 16):
             continue
-        out.append(("gemm", dict(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=warps, num_stages=stages)))
+        for word_tile in (True, False):
+            out.append(("gemm", dict(block_m=bm, block_n=bn, block_k=bk, group_m=8, word_tile=word_tile,
+                                     num_warps=warps, num_stages=stages)))
     return out
 
 
@@ -113,16 +125,25 @@ def choose(x2d: torch.Tensor, tensors: tuple, layout: PackedLayout) -> tuple[str
     if not tune:
         best = candidates[0]
     else:
-        best, best_ms = candidates[0], float("inf")
-        for path, cfg in candidates:
-            try:
-                ms = _time_cuda(lambda: _RUNNERS[path](x2d, *tensors, layout, **cfg))
-            except Exception:  # a config the compiler rejects (e.g. out of shared memory)
-                continue
-            if ms < best_ms:
-                best, best_ms = (path, cfg), ms
+        best, best_ms = _fastest(candidates, x2d, tensors, layout)
+        if decode:
+            refined, refined_ms = _fastest(_decode_refine(best), x2d, tensors, layout)
+            if refined_ms < best_ms:
+                best = refined
     _TUNED[key] = best
     return best
+
+
+def _fastest(candidates, x2d, tensors, layout) -> tuple[tuple[str, dict], float]:
+    best, best_ms = candidates[0] if candidates else None, float("inf")
+    for path, cfg in candidates:
+        try:
+            ms = _time_cuda(lambda: _RUNNERS[path](x2d, *tensors, layout, **cfg))
+        except Exception:  # a config the compiler rejects (e.g. out of shared memory)
+            continue
+        if ms < best_ms:
+            best, best_ms = (path, cfg), ms
+    return best, best_ms
 
 
 def packed_linear(

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._unpack import interpreter_upcast, unpack_fields
+from ._unpack import interpreter_upcast, unpack_fields, unpack_tile
 from .packing import PackedLayout, reference_linear
 
 __all__ = ["gemm_linear", "reference", "default_config"]
@@ -34,7 +34,7 @@ def _gemm_kernel(
     stride_xm, stride_xk, stride_wn, stride_sn, stride_sg, stride_zw, stride_zg, stride_ym, stride_yn,
     BITS: tl.constexpr, GROUP_K: tl.constexpr, HAS_ZP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, WORD_TILE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
@@ -51,7 +51,8 @@ def _gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    w_rows = wq_ptr + offs_n[None, :] * stride_wn
+    w_rows1d = wq_ptr + offs_n * stride_wn
+    w_rows = w_rows1d[None, :]
 
     if GROUP_K == 0:
         s_col = tl.load(s_ptr + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
@@ -69,7 +70,10 @@ def _gemm_kernel(
             mask=m_mask[:, None] & k_mask[None, :],
             other=0.0,
         )
-        q = unpack_fields(w_rows, k[:, None], 1, KW, k_mask[:, None] & n_mask[None, :], BITS)
+        if WORD_TILE:  # every packed word loaded once, fields split in registers
+            q = unpack_tile(w_rows1d, k0, KW, n_mask, BITS, BLOCK_K, BLOCK_N)
+        else:  # one (3-bit: up to two) word gather per field
+            q = unpack_fields(w_rows, k[:, None], 1, KW, k_mask[:, None] & n_mask[None, :], BITS)
         if GROUP_K == 0:
             w = (q - z_col[None, :]).to(tl.float32).to(x.dtype)
         else:
@@ -110,6 +114,7 @@ def gemm_linear(
     block_n: int = 64,
     block_k: int = 32,
     group_m: int = 8,
+    word_tile: bool = True,
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> torch.Tensor:
@@ -121,6 +126,10 @@ def gemm_linear(
     group_k = 0 if layout.group_size is None else layout.group_size
     if group_k and group_k % block_k != 0:
         raise ValueError(f"block_k={block_k} must divide group_size={group_k}")
+    if block_k % 32 != 0:
+        raise ValueError(f"block_k={block_k} must be a multiple of 32 (one packing unit of 32 fields)")
+    if weight_packed.stride(1) != 1:
+        weight_packed = weight_packed.contiguous()
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     has_zp = not layout.symmetric
     zp = weight_zero_point if has_zp else weight_scale
@@ -132,7 +141,7 @@ def gemm_linear(
         zp.stride(0), zp.stride(1), y.stride(0), y.stride(1),
         BITS=layout.num_bits, GROUP_K=group_k, HAS_ZP=has_zp,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-        UPCAST_DOT=interpreter_upcast(x.dtype), num_warps=num_warps, num_stages=num_stages,
+        UPCAST_DOT=interpreter_upcast(x.dtype), WORD_TILE=word_tile, num_warps=num_warps, num_stages=num_stages,
     )
     return y
 

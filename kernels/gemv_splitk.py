@@ -14,7 +14,8 @@ no atomics).
 
 Two inner products: ``USE_DOT=True`` uses ``tl.dot`` on a ``[BLOCK_M=16, BLOCK_K] x
 [BLOCK_K, BLOCK_N]`` tile (tensor cores, any M <= 16); ``USE_DOT=False`` (``BLOCK_M=1``) is a
-CUDA-core GEMV (multiply + ``tl.sum`` over K) for M == 1.
+CUDA-core GEMV for M == 1 (elementwise products accumulated in a ``[BLOCK_K, BLOCK_N]`` register
+tile across the K loop, reduced over K once at the end).
 
 Dequantization: ``W = (q - z) * s`` with unsigned ``q``/``z`` (``z = 2**(b-1)`` when symmetric),
 computed in float32 and rounded once to the activation dtype. Group strategy: ``BLOCK_K``
@@ -29,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._unpack import add_f32, interpreter_upcast, standard_lib_usable, unpack_fields
+from ._unpack import add_f32, interpreter_upcast, standard_lib_usable, unpack_fields, unpack_tile
 from .packing import PackedLayout, reference_linear
 
 __all__ = ["splitk_linear", "reference", "default_config", "MAX_M"]
@@ -45,7 +46,7 @@ def _splitk_kernel(
     stride_os, stride_om, stride_on,
     BITS: tl.constexpr, GROUP_K: tl.constexpr, HAS_ZP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, TL_SUM: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, TL_SUM: tl.constexpr, WORD_TILE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -54,7 +55,8 @@ def _splitk_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    w_rows = wq_ptr + offs_n[None, :] * stride_wn  # word 0 of each packed row, [1, BLOCK_N]
+    w_rows1d = wq_ptr + offs_n * stride_wn
+    w_rows = w_rows1d[None, :]  # word 0 of each packed row, [1, BLOCK_N]
 
     if GROUP_K == 0:  # per channel: scale / zero point constant along K
         s_col = tl.load(s_ptr + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
@@ -64,6 +66,8 @@ def _splitk_kernel(
             z_col = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.int32)
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    if not USE_DOT:
+        acc_k = tl.full((BLOCK_K, BLOCK_N), 0.0, tl.float32)
     k_begin = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     for k0 in range(k_begin, k_end, BLOCK_K):
@@ -74,7 +78,10 @@ def _splitk_kernel(
             mask=m_mask[:, None] & k_mask[None, :],
             other=0.0,
         )
-        q = unpack_fields(w_rows, k[:, None], 1, KW, k_mask[:, None] & n_mask[None, :], BITS)  # [BK, BN]
+        if WORD_TILE:  # every packed word loaded once, fields split in registers
+            q = unpack_tile(w_rows1d, k0, KW, n_mask, BITS, BLOCK_K, BLOCK_N)
+        else:  # one (3-bit: up to two) word gather per field
+            q = unpack_fields(w_rows, k[:, None], 1, KW, k_mask[:, None] & n_mask[None, :], BITS)  # [BK, BN]
         if GROUP_K == 0:
             w = (q - z_col[None, :]).to(tl.float32).to(x.dtype)  # small integers: exact in fp16/bf16
         else:
@@ -90,12 +97,14 @@ def _splitk_kernel(
                 acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
             else:
                 acc += tl.dot(x, w)
-        else:  # BLOCK_M == 1: CUDA-core GEMV
-            xk = tl.reshape(x, (BLOCK_K, 1)).to(tl.float32)
-            if TL_SUM:
-                acc += tl.reshape(tl.sum(xk * w.to(tl.float32), axis=0), (1, BLOCK_N))
-            else:  # interpreter after Triton was imported without it (see _unpack.py)
-                acc += tl.reshape(tl.reduce(xk * w.to(tl.float32), 0, add_f32), (1, BLOCK_N))
+        else:  # BLOCK_M == 1: CUDA-core GEMV, per-thread partial sums, one reduction at the end
+            acc_k += tl.reshape(x, (BLOCK_K, 1)).to(tl.float32) * w.to(tl.float32)
+
+    if not USE_DOT:
+        if TL_SUM:
+            acc += tl.reshape(tl.sum(acc_k, axis=0), (1, BLOCK_N))
+        else:  # interpreter after Triton was imported without it (see _unpack.py)
+            acc += tl.reshape(tl.reduce(acc_k, 0, add_f32), (1, BLOCK_N))
 
     if GROUP_K == 0:
         acc = acc * s_col[None, :]
@@ -127,7 +136,8 @@ def default_config(m: int, layout: PackedLayout, device: torch.device) -> dict:
             split_k *= 2
     else:
         split_k = min(2, k_blocks)  # interpreter: exercise the split-K reduction cheaply
-    return dict(block_n=block_n, block_k=block_k, split_k=split_k, use_dot=m > 1, num_warps=4, num_stages=3)
+    return dict(block_n=block_n, block_k=block_k, split_k=split_k, use_dot=m > 1, word_tile=True, num_warps=4,
+                num_stages=3)
 
 
 def splitk_linear(
@@ -141,6 +151,7 @@ def splitk_linear(
     block_k: int = 64,
     split_k: int = 1,
     use_dot: bool = True,
+    word_tile: bool = True,
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> torch.Tensor:
@@ -156,6 +167,10 @@ def splitk_linear(
         raise ValueError(f"block_k={block_k} must divide group_size={group_k}")
     if not use_dot and m != 1:
         raise ValueError("the CUDA-core GEMV variant (use_dot=False) handles M == 1 only")
+    if block_k % 32 != 0:
+        raise ValueError(f"block_k={block_k} must be a multiple of 32 (one packing unit of 32 fields)")
+    if weight_packed.stride(1) != 1:
+        weight_packed = weight_packed.contiguous()
     block_m = 16 if use_dot else 1
     k_blocks = triton.cdiv(k, block_k)
     split_k = max(1, min(split_k, k_blocks))
@@ -176,7 +191,7 @@ def splitk_linear(
         stride_os, out.stride(-2), out.stride(-1),
         BITS=layout.num_bits, GROUP_K=group_k, HAS_ZP=has_zp,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot,
-        UPCAST_DOT=interpreter_upcast(x.dtype), TL_SUM=standard_lib_usable(), num_warps=num_warps, num_stages=num_stages,
+        UPCAST_DOT=interpreter_upcast(x.dtype), TL_SUM=standard_lib_usable(), WORD_TILE=word_tile, num_warps=num_warps, num_stages=num_stages,
     )
     if split_k > 1:
         mn = m * n

@@ -120,22 +120,30 @@ def test_packed_linear_matches_compressed_tensors_decompression(case):
     assert ((y.float() - ref_ct).abs() <= tol).all()
 
 
+@pytest.mark.parametrize("word_tile", [True, False])
 @pytest.mark.parametrize("use_dot", [False, True])
 @pytest.mark.parametrize("split_k", [1, 3])
-def test_splitk_variants(use_dot, split_k):
-    """Both inner products of the decode kernel and split-K with a partial last split."""
-    case = (3, 32, False, torch.float16, 1, 33, 256)
+@pytest.mark.parametrize("bits", [3, 4])
+def test_splitk_variants(bits, split_k, use_dot, word_tile):
+    """Both inner products and both unpack variants of the decode kernel, and split-K with a
+    partial last split (K=256 in 8 blocks of 32 -> splits of 3, 3, 2 blocks)."""
+    case = (bits, 32, False, torch.float16, 1, 33, 256)
     x, tensors, layout, _ = _make(*case)
-    y = gemv_splitk.splitk_linear(x, *tensors, layout, block_n=32, block_k=32, split_k=split_k, use_dot=use_dot)
+    y = gemv_splitk.splitk_linear(
+        x, *tensors, layout, block_n=32, block_k=32, split_k=split_k, use_dot=use_dot, word_tile=word_tile
+    )
     _check(y, x, tensors, layout, torch.float16)
 
 
 @pytest.mark.parametrize("case", [(4, 64, False, torch.bfloat16, 16, 33, 128), (3, 32, True, torch.float16, 16, 96, 128)])
 def test_prefill_paths_on_small_m(case):
-    """The prefill GEMM and dequant+matmul also give the right answer at small M."""
+    """The prefill GEMM (both unpack variants) and dequant+matmul also give the right answer at
+    small M."""
     x, tensors, layout, _ = _make(*case)
     dtype = case[3]
-    _check(gemm.gemm_linear(x, *tensors, layout, block_m=16, block_n=32, block_k=32), x, tensors, layout, dtype)
+    for word_tile in (True, False):
+        y = gemm.gemm_linear(x, *tensors, layout, block_m=16, block_n=32, block_k=32, word_tile=word_tile)
+        _check(y, x, tensors, layout, dtype)
     _check(dequant.dequant_linear(x, *tensors, layout), x, tensors, layout, dtype)
 
 
