@@ -241,6 +241,16 @@ def test_unknown_field_on_our_modifier(tmp_path):
         qvlm_modifiers.load_recipe(path)
 
 
+def test_modifier_without_arguments_and_bad_order(tmp_path):
+    path = _write(tmp_path, "quant_stage:\n  quant_modifiers:\n    GPTQModifier:\n")
+    with pytest.raises(RecipeError, match=r"GPTQModifier: \{\}"):
+        qvlm_modifiers.load_recipe(path)
+    # llm-compressor's own rule: AWQ must be followed by a quantization modifier
+    path = _write(tmp_path, "quant_stage:\n  quant_modifiers:\n    LMAWQModifier: {}\n", "awq.yaml")
+    with pytest.raises(RecipeError, match="subsequent quantization modifier"):
+        qvlm_modifiers.load_recipe(path)
+
+
 def test_invalid_value(tmp_path):
     path = _write(tmp_path, "quant_stage:\n  quant_modifiers:\n    GPTQModifier:\n      scheme: W4A16\n      block_size: lots\n")
     with pytest.raises(RecipeError, match="block_size"):

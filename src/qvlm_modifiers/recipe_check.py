@@ -179,7 +179,11 @@ def load_recipe(path_or_name: str | os.PathLike):
                 "SmoothQuantModifier."
             )
         if mod_args is None:
-            mod_args = {}
+            raise RecipeError(
+                f"Recipe {str(path)!r}: {mod_type} at {location} has no arguments (an empty YAML "
+                f"value), which llm-compressor cannot parse. Write `{mod_type}: {{}}` to use its "
+                "defaults, or give its fields."
+            )
         if not isinstance(mod_args, dict):
             raise RecipeError(
                 f"Recipe {str(path)!r}: the arguments of {mod_type} at {location} must be a mapping "
@@ -206,8 +210,11 @@ def load_recipe(path_or_name: str | os.PathLike):
             f"Recipe {str(path)!r} has invalid Modifier arguments: {details}. Fix these values "
             "(see the Modifier's documented fields)."
         ) from err
-    except ValueError as err:
-        raise RecipeError(f"Recipe {str(path)!r} is not a valid llm-compressor recipe: {err}") from err
+    except Exception as err:  # noqa: BLE001 - llm-compressor's own checks (e.g. AWQ order)
+        raise RecipeError(
+            f"Recipe {str(path)!r} is not a valid llm-compressor recipe: {err}. Fix the recipe "
+            "(see the shipped recipes, qvlm_modifiers.list_recipes(), for working examples)."
+        ) from err
 
     for (location, _, _), modifier in zip(entries, recipe.modifiers):
         _check_bits(location, modifier)
