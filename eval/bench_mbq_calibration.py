@@ -1,0 +1,221 @@
+"""Calibration cost of MBQ relative to AWQ on the same model and data, measured in one run.
+
+Each method runs ``oneshot`` in its own fresh subprocess (same model, same calibration rows, same
+follow-up quantization), alternating AWQ / MBQ for ``--repeats`` rounds:
+
+- AWQ: ``LMAWQModifier`` (llm-compressor's AWQModifier scoped to the LM, ``duo_scaling=False``,
+  ``n_grid=20``), no loss mask;
+- MBQ: ``MBQModifier`` with the shipped defaults, *including* its gradient sensitivity pass.
+
+Reported per method: wall time of the ``oneshot`` call (median over repeats) and peak memory above
+the loaded-model baseline: peak RSS (CPU; ``/proc/self/clear_refs`` resets the high-water mark after
+loading) and, on CUDA, ``torch.cuda.max_memory_allocated``. The script prints MBQ/AWQ ratios and exits
+non-zero with ``--check`` if the time ratio exceeds ``--max-ratio`` (target 1.3).
+
+CI-fast (tiny zoo model, CPU)::
+
+    python eval/bench_mbq_calibration.py --family llava --samples 4 --repeats 1
+
+Real model on a GPU::
+
+    python eval/bench_mbq_calibration.py --model /path/llava-onevision-7b --pairs /path/coco_pairs \
+        --samples 128 --device cuda --scheme w3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SCHEMES = {
+    "w3": {"weights": {"num_bits": 3, "type": "int", "symmetric": False, "strategy": "group", "group_size": 128}},
+    "w4": {"weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 128}},
+    "w4a8": {
+        "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel"},
+        "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True},
+    },
+}
+IGNORE = [
+    "lm_head", "re:.*vision_tower.*", "re:.*visual\\..*", "re:.*vision_model.*",
+    "re:.*multi_modal_projector.*", "re:.*connector.*",
+]
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_child(args) -> dict:
+    """One calibration in this (fresh) process; returns the measurements as a dict."""
+    import torch
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import qvlm_modifiers
+    from qvlm_modifiers import data, zoo
+    from qvlm_modifiers.lm_scoped import LMAWQModifier
+    from qvlm_modifiers.mbq.modifier import MBQModifier
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_path = args.model
+    processor = AutoProcessor.from_pretrained(model_path)
+    dtype = getattr(torch, args.dtype)
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_path, dtype=dtype, device_map=args.device if args.device != "cpu" else None
+    )
+    source = args.pairs if args.pairs else zoo.sample_pairs(args.samples, seed=0)
+    rows = data.build_calibration_dataset(
+        source, processor, model, num_samples=args.samples, prompt_column=args.prompt_column
+    )
+    quant = QuantizationModifier(
+        config_groups={"group_0": {"targets": ["Linear"], **SCHEMES[args.scheme]}}, ignore=IGNORE
+    )
+    if args.child == "awq":
+        transform, use_mask = LMAWQModifier(duo_scaling=False, n_grid=20), False
+    else:
+        transform, use_mask = MBQModifier(act_bits=8 if args.scheme == "w4a8" else None), True
+
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        gpu_base = torch.cuda.memory_allocated()
+    peak_reset = _reset_peak_rss()
+    rss_base = _rss_kib("VmRSS")
+    start = time.perf_counter()
+    qvlm_modifiers.oneshot(
+        model, processor=processor, dataset=rows, recipe=[transform, quant], use_loss_mask=use_mask,
+        num_calibration_samples=len(rows), shuffle_calibration_samples=False,
+    )
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    result = {
+        "method": args.child,
+        "seconds": seconds,
+        "peak_rss_delta_mib": (_rss_kib("VmHWM") - rss_base) / 1024 if peak_reset else None,
+        "samples": len(rows),
+    }
+    if cuda:
+        result["peak_gpu_delta_mib"] = (torch.cuda.max_memory_allocated() - gpu_base) / 2**20
+        result["device"] = torch.cuda.get_device_name()
+    else:
+        result["device"] = "cpu"
+    return result
+
+
+def _spawn(method: str, args, out_dir: Path) -> dict:
+    out = out_dir / f"{method}-{time.monotonic_ns()}.json"
+    cmd = [
+        sys.executable, __file__, "--child", method, "--child-out", str(out), "--model", args.model,
+        "--samples", str(args.samples), "--scheme", args.scheme, "--device", args.device,
+        "--dtype", args.dtype, "--threads", str(args.threads or 0),
+    ]
+    if args.pairs:
+        cmd += ["--pairs", args.pairs]
+    if args.prompt_column:
+        cmd += ["--prompt-column", args.prompt_column]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"{method} calibration failed (exit {proc.returncode})")
+    return json.loads(out.read_text())
+
+
+def _ratio(a, b):
+    return None if a is None or b in (None, 0) else a / b
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="llava", help="zoo family to build when --model is not given")
+    parser.add_argument("--model", help="saved VLM directory (model + processor)")
+    parser.add_argument("--pairs", help="calibration image-text pairs (build_calibration_dataset source)")
+    parser.add_argument("--prompt-column", default="question")
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--scheme", choices=sorted(SCHEMES), default="w3")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, or a device_map value")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in the children")
+    parser.add_argument("--max-ratio", type=float, default=1.3)
+    parser.add_argument("--check", action="store_true", help="exit 1 if the time ratio exceeds --max-ratio")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--child", choices=["awq", "mbq"], help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads == 0:
+        args.threads = None
+
+    if args.child:
+        Path(args.child_out).write_text(json.dumps(run_child(args)))
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="bench-mbq-") as tmp:
+        tmp = Path(tmp)
+        if not args.model:
+            from qvlm_modifiers import zoo
+
+            args.model = str(zoo.save(args.family, tmp / args.family))
+        runs = {"awq": [], "mbq": []}
+        for _ in range(args.repeats):
+            for method in ("awq", "mbq"):  # alternate so drifts in machine load hit both
+                runs[method].append(_spawn(method, args, tmp))
+
+    summary = {}
+    for method, results in runs.items():
+        rss = [r["peak_rss_delta_mib"] for r in results if r["peak_rss_delta_mib"] is not None]
+        gpu = [r["peak_gpu_delta_mib"] for r in results if "peak_gpu_delta_mib" in r]
+        summary[method] = {
+            "seconds_median": statistics.median(r["seconds"] for r in results),
+            "seconds_all": [round(r["seconds"], 3) for r in results],
+            "peak_rss_delta_mib": max(rss) if rss else None,
+            "peak_gpu_delta_mib": max(gpu) if gpu else None,
+            "device": results[0]["device"],
+        }
+    time_ratio = _ratio(summary["mbq"]["seconds_median"], summary["awq"]["seconds_median"])
+    rss_ratio = _ratio(summary["mbq"]["peak_rss_delta_mib"], summary["awq"]["peak_rss_delta_mib"])
+    gpu_ratio = _ratio(summary["mbq"]["peak_gpu_delta_mib"], summary["awq"]["peak_gpu_delta_mib"])
+
+    print(f"model: {args.model}  samples: {args.samples}  scheme: {args.scheme}  device: {summary['awq']['device']}")
+    for method in ("awq", "mbq"):
+        s = summary[method]
+        gpu = f"  peak GPU +{s['peak_gpu_delta_mib']:.1f} MiB" if s["peak_gpu_delta_mib"] is not None else ""
+        rss = f"{s['peak_rss_delta_mib']:.1f}" if s["peak_rss_delta_mib"] is not None else "n/a"
+        print(f"{method.upper():4s} calibration {s['seconds_median']:.3f} s {s['seconds_all']}  peak RSS +{rss} MiB{gpu}")
+    print(f"MBQ/AWQ time ratio: {time_ratio:.3f}  (target <= {args.max_ratio}; sensitivity pass included)")
+    if rss_ratio is not None:
+        print(f"MBQ/AWQ peak RSS ratio (above loaded model): {rss_ratio:.3f}")
+    if gpu_ratio is not None:
+        print(f"MBQ/AWQ peak GPU memory ratio (above loaded model): {gpu_ratio:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"summary": summary, "time_ratio": time_ratio, "rss_ratio": rss_ratio, "gpu_ratio": gpu_ratio}, indent=2
+        ))
+    if args.check and time_ratio > args.max_ratio:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    raise SystemExit(main())
