@@ -236,3 +236,19 @@ def test_wrapper_loads_model_path_and_saves(saved_vlm, tmp_path):
     assert type(model).__name__ == "Gemma3ForConditionalGeneration"
     assert (out / "config.json").is_file()
     assert any((out / n).exists() for n in ("processor_config.json", "preprocessor_config.json"))
+
+
+def test_wrapper_needs_processor_for_calibration(calib_pairs, saved_vlm, monkeypatch):
+    from qvlm_modifiers.errors import CalibrationDataError
+
+    model, processor = zoo.build("llava")  # never saved: no processor to load
+    ds = data.build_calibration_dataset(calib_pairs, processor, model, num_samples=2)
+    with pytest.raises(CalibrationDataError, match="processor="):
+        qvlm_modifiers.oneshot(model=model, dataset=ds, recipe="gptq_w4a16")
+    assert not _quantized_modules(model)
+
+    from transformers import AutoModelForImageTextToText
+
+    saved = AutoModelForImageTextToText.from_pretrained(saved_vlm("llava"))
+    kwargs = _captured_oneshot_kwargs(monkeypatch, model=saved, dataset=ds, recipe="gptq_w4a16")
+    assert kwargs["processor"] is not None  # loaded from the model's directory

@@ -178,10 +178,10 @@ def oneshot(
     get_family(model)  # UnsupportedModelError with the supported list
     _check_vision_tower_reloadable(model, _recipe_modifiers(recipe))
 
-    if processor is None and _is_saved(model):
+    if processor is None and getattr(model.config, "_name_or_path", ""):
         from transformers import AutoProcessor
 
-        try:
+        try:  # the model's own directory or hub id
             processor = AutoProcessor.from_pretrained(model.config._name_or_path)
         except Exception:  # noqa: BLE001 - a checkpoint without processor files
             processor = None
