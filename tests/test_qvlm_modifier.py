@@ -226,3 +226,72 @@ def test_shipped_weight_activation_recipes(name, bits):
     w4 = [m for m in qvlm_modifiers.load_recipe("qvlm_w4").modifiers if isinstance(m, QVLMModifier)][0]
     (s4,) = w4.resolved_config.config_groups.values()
     assert s4.weights.group_size == 128 and s4.input_activations is None
+
+
+def _per_channel_qdq(x, scale, zero_point, bits):
+    """Independent asymmetric static per-input-channel QDQ (signed int grid like compressed-tensors)."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    q = torch.clamp(torch.round(x / scale) + zero_point.float(), qmin, qmax)
+    return (q - zero_point.float()) * scale
+
+
+def test_research_static_per_channel_activations_are_fake_quant_only(saved_vlm, calib_pairs):
+    model, processor, rows = _rows(saved_vlm("llava"), calib_pairs)
+    recipe = QVLMModifier(scheme="W4A16", targets=["Linear"], research_static_channel_activation_bits=4, search_epochs=1)
+    _oneshot(model, processor, rows, recipe)
+    choices = {k for b in model.config.qvlm_blocks["block_losses"] for k in b["choices"]}
+    assert sum(k.endswith(".input_per_channel_research") for k in choices) == len(_lm_linears(model))
+    g = torch.Generator().manual_seed(0)
+    for name, m in _lm_linears(model):
+        scale, zero_point = m.qvlm_research_act_qparams
+        assert scale.shape == (m.in_features,)
+        x = torch.randn(1, 5, m.in_features, generator=g)
+        expected = torch.nn.functional.linear(_per_channel_qdq(x, scale, zero_point, 4), m.weight)
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-5)
+    # nothing of it reaches the state dict / quantization config: in-memory research option only
+    assert not any("research" in k for k in model.state_dict())
+    with pytest.raises(RecipeError, match="weight-only"):
+        _oneshot(AutoModelForImageTextToText.from_pretrained(saved_vlm("llava")), processor, rows,
+                 QVLMModifier(scheme="W8A8", targets=["Linear"], research_static_channel_activation_bits=4))
+
+
+def test_gptq_rounding_inside_searched_ranges(deep_llava, calib_pairs):
+    model, processor, rows = _rows(deep_llava, calib_pairs, n=2)
+    recipe = QVLMModifier(scheme="W4A16", targets=["Linear"], gptq_rounding=True, entropy_threshold=-1.0, search_epochs=1)
+    _oneshot(model, processor, rows, recipe)
+    for rec in model.config.qvlm_blocks["block_losses"]:
+        assert "gptq_loss" in rec
+        # kept only where it lowers the block objective; the final loss is the better of the two
+        assert rec["loss"] == pytest.approx(min(rec["gptq_loss"], rec["search_loss"]))
+        assert rec["gptq_kept"] == (rec["gptq_loss"] < rec["search_loss"])
+    _assert_weights_on_grid(model)  # GPTQ stays on the grid of the searched scale/zero-point
+
+
+def test_visual_encoder_optimization_lowers_its_objective(saved_vlm, calib_pairs):
+    model, processor, rows = _rows(saved_vlm("llava"), calib_pairs)
+    fam = get_family(model)
+    init = {}
+    from qvlm_modifiers.qvlm.block_search import flatten_for_ranges, lp_norm_range, range_qparams
+
+    for name, m in model.get_submodule(fam.vision_tower).named_modules():
+        if isinstance(m, torch.nn.Linear):
+            from compressed_tensors.quantization import QuantizationArgs
+
+            args = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=128)
+            obs = flatten_for_ranges(m.weight.detach(), "weight", args)
+            init[name] = range_qparams(*lp_norm_range(obs, args, QVLMModifier.model_fields["init_shrink_factors"].default_factory(), 0.5), args)[0]
+    recipe = QVLMModifier(scheme="W4A16_ASYM", targets=["Linear"], quantize_vision_tower=True, optimize_vision_encoder=True,
+                          vision_epochs=3, vision_lr=1e-2, search_epochs=1)
+    _oneshot(model, processor, rows, recipe)
+    veo = model.config.qvlm_blocks["visual_encoder_optimization"]
+    history = [h["total"] for h in veo["history"]]
+    assert len(history) == 4 and history[-1] < history[0]  # Eq. 10 objective went down
+    assert all(h["ent"] > 0 and h["err"] >= 0 for h in veo["history"])
+    moved = 0
+    for name, m in model.get_submodule(fam.vision_tower).named_modules():
+        if isinstance(m, torch.nn.Linear):
+            assert torch.isfinite(m.weight_scale).all()
+            moved += not torch.allclose(m.weight_scale, init[name].reshape(m.weight_scale.shape))
+            torch.testing.assert_close(fake_quantize(m.weight, m.weight_scale, m.weight_zero_point, m.quantization_scheme.weights), m.weight, rtol=0, atol=1e-6)
+    assert moved > 0  # the learned ranges are written as standard qparams

@@ -103,6 +103,10 @@ class QVLMModifier(Modifier, QuantizationMixin):
         (weight-only schemes have no activation quantizer; 16 = 4-bit levels)
     :param entropy_level_grid: range of the M levels: per ``"token"`` row of the hidden state
         (like the dynamic per-token activation quantizer, default) or per ``"tensor"``
+    :param entropy_temperature_scale: multiplies Eq. 5's softmax temperature ``Delta`` (1.0 =
+        paper). Note: Eq. 5 divides by ``Delta``, not ``Delta**2``, so when the quantization step is
+        much smaller than 1 the soft assignment is nearly uniform over the M levels and
+        ``D -> log M``; smaller values sharpen it towards the hard estimator
     :param percentile_grid: candidate clipping percentiles of the block search (paper)
     :param init_shrink_factors: shrink factors of the min/max range tried by the lp-norm range
         initialisation (reference code's grid)
@@ -119,8 +123,27 @@ class QVLMModifier(Modifier, QuantizationMixin):
     :param quantize_vision_tower: quantize the vision tower's Linears too (same scheme; with the
         per-token dynamic activations of our A-schemes, as the paper does for the vision side).
         The projector always stays in full precision
-    :param optimize_vision_encoder: visual-encoder optimization stage (Eq. 8-10); not available
-        in this version -- raises a RecipeError when set
+    :param gptq_rounding: after the range search, let GPTQ choose the integer values inside the
+        chosen ranges (scale/zero-point unchanged; Hessians from the block's quantized-path
+        inputs); kept only where it lowers the block-output error, else round-to-nearest stays.
+        Off by default (see the measurement reported in ``benchmarks/qvlm_gptq_rounding.py``)
+    :param research_static_channel_activation_bits: RESEARCH / FAKE-QUANT ONLY. The paper's
+        activation quantizer for the language model: static asymmetric ranges per *input channel*
+        with this many bits, searched like the weight ranges. A per-input-channel activation scale
+        cannot be factored out of a GEMM's reduction, so no integer kernel (and no
+        compressed-tensors config) can express it: the ranges live only on the in-memory model
+        (a forward pre-hook fake-quantizes each decoder Linear's input) and are NOT saved in the
+        checkpoint. Use with a weight-only scheme (no ``input_activations``). ``None`` = off
+    :param optimize_vision_encoder: visual-encoder optimization (Eq. 8-10,
+        :mod:`qvlm_modifiers.qvlm.visual`): before the sequential pass, learn the quantized vision
+        tower's weight ranges by gradient descent (STE) on next-token loss + ``vision_lambda_ent``
+        x Jacobian-weighted entropy + ``vision_lambda_err`` x (vision-output MSE + ``vision_eta``
+        x LLM-output MSE). Needs ``quantize_vision_tower: true``. Experimental
+    :param vision_lambda_ent: lambda1 of Eq. 10 (PROVISIONAL default; the paper gives none)
+    :param vision_lambda_err: lambda2 of Eq. 10 (PROVISIONAL)
+    :param vision_eta: eta of Eq. 9 (PROVISIONAL; the paper: a "medium" value is best)
+    :param vision_lr: Adam learning rate of the range log-multipliers (PROVISIONAL)
+    :param vision_epochs: passes over the calibration set (paper: 10 epochs)
     """
 
     requires_calibration_data: bool = True
@@ -133,6 +156,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
     entropy_estimator: Literal["soft", "hard"] = "soft"
     entropy_levels: int | None = Field(default=None, ge=2, le=1024)
     entropy_level_grid: Literal["token", "tensor"] = "token"
+    entropy_temperature_scale: float = Field(default=1.0, gt=0)
     percentile_grid: list[float] = Field(default_factory=lambda: list(DEFAULT_PERCENTILES))
     init_shrink_factors: list[float] = Field(default_factory=lambda: list(DEFAULT_SHRINK_FACTORS))
     init_norm: float = Field(default=0.5, gt=0)
@@ -141,7 +165,14 @@ class QVLMModifier(Modifier, QuantizationMixin):
     block_init: Literal["layerwise", "lp_norm"] = "layerwise"
     search_activations: bool = True
     quantize_vision_tower: bool = False
+    gptq_rounding: bool = False
+    research_static_channel_activation_bits: int | None = Field(default=None, ge=2, le=8)
     optimize_vision_encoder: bool = False
+    vision_lambda_ent: float = Field(default=0.1, ge=0)
+    vision_lambda_err: float = Field(default=1.0, ge=0)
+    vision_eta: float = Field(default=0.5, ge=0)
+    vision_lr: float = Field(default=1e-3, gt=0)
+    vision_epochs: int = Field(default=10, ge=0)
 
     _layers: list[torch.nn.Module] = PrivateAttr(default_factory=list)
     _layer_index: dict[int, int] = PrivateAttr(default_factory=dict)
@@ -156,6 +187,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
     _block_losses: list[dict[str, Any]] = PrivateAttr(default_factory=list)
     _num_levels: int = PrivateAttr(default=16)
     _offload_device: torch.device = PrivateAttr(default=torch.device("cpu"))
+    _veo_history: list[dict[str, float]] | None = PrivateAttr(default=None)
 
     @field_validator("percentile_grid")
     @classmethod
@@ -182,12 +214,6 @@ class QVLMModifier(Modifier, QuantizationMixin):
                 "QVLMModifier: optimize_vision_encoder=true needs a quantized vision tower, but "
                 "quantize_vision_tower is false. Set quantize_vision_tower: true in the recipe, or "
                 "drop optimize_vision_encoder."
-            )
-        if self.optimize_vision_encoder:
-            raise RecipeError(
-                "QVLMModifier: the visual-encoder optimization stage (optimize_vision_encoder, "
-                "Eq. 8-10) is not implemented in this version. Remove optimize_vision_encoder from "
-                "the recipe (the vision tower is then quantized with its lp-norm ranges)."
             )
         if not QuantizationMixin.has_config(self):
             raise RecipeError(
@@ -217,14 +243,46 @@ class QVLMModifier(Modifier, QuantizationMixin):
                 (name, m) for name, m in layer.named_modules() if getattr(m, "quantization_scheme", None) is not None
             ]
         self._num_levels = self._resolve_num_levels()
+        if self._research_mode:
+            self._install_research_activation_quant()
         return True
+
+    def _install_research_activation_quant(self) -> None:
+        if any(s.input_activations is not None for s in self._schemes()):
+            raise RecipeError(
+                "QVLMModifier: research_static_channel_activation_bits replaces the activation "
+                "quantizer of the scheme; use a weight-only scheme (e.g. W4A16) with it, or drop it."
+            )
+        args = self._research_args()
+        logger.warning(
+            "Q-VLM RESEARCH MODE: static per-input-channel activation quantization "
+            f"({args.num_bits}-bit) is fake-quant only on the in-memory model and is NOT saved in "
+            "the checkpoint (no integer GEMM can use per-input-channel activation scales)."
+        )
+
+        def research_quant_hook(module, inputs):
+            qparams = getattr(module, "qvlm_research_act_qparams", None)
+            if qparams is None or not getattr(module, "quantization_enabled", True):
+                return None
+            scale, zero_point = qparams
+            x = inputs[0]
+            xq = fake_quantize(x, scale.to(x.device, x.dtype), zero_point.to(x.device), args)
+            return (xq, *inputs[1:])
+
+        for linears in self._layer_linears.values():
+            for _, m in linears:
+                # a plain torch hook, not a HooksMixin one: it must outlive calibration
+                m.register_forward_pre_hook(research_quant_hook)
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         QuantizationMixin.start_calibration(self, state.model)
+        if self.optimize_vision_encoder:
+            self._optimize_vision_encoder(state)
         self._partitioner = OnlinePartitioner(max_block_layers=self.max_block_layers, threshold=self.entropy_threshold)
         for i, layer in enumerate(self._layers):
             self._accumulators[i] = JointLevelAccumulator(
-                self._num_levels, estimator=self.entropy_estimator, grid=self.entropy_level_grid
+                self._num_levels, estimator=self.entropy_estimator, grid=self.entropy_level_grid,
+                temperature_scale=self.entropy_temperature_scale,
             )
             self._templates[i] = []
             self.register_hook(layer, self._capture_call_hook, "forward_pre", with_kwargs=True)
@@ -261,6 +319,19 @@ class QVLMModifier(Modifier, QuantizationMixin):
     # ------------------------------------------------------------------------------------------
     # scheme helpers
     # ------------------------------------------------------------------------------------------
+
+    def resolve_quantization_config(self):
+        """The scheme, with ``lm_head`` and the vision tower + projector of every supported family
+        (or only the projectors with ``quantize_vision_tower``) added to ``ignore`` -- so the
+        resolved config is right even before the model is known (e.g. for recipe checks)."""
+        from qvlm_modifiers.families import FAMILIES
+
+        config = super().resolve_quantization_config()
+        extra = ["lm_head"]
+        for fam in FAMILIES.values():
+            extra.extend(fam.vision_regexes[1:] if self.quantize_vision_tower else fam.vision_regexes)
+        config.ignore = list(config.ignore or []) + [i for i in dict.fromkeys(extra) if i not in (config.ignore or [])]
+        return config
 
     def _schemes(self):
         return list(self.resolved_config.config_groups.values())
@@ -413,6 +484,16 @@ class QVLMModifier(Modifier, QuantizationMixin):
                 init=self.block_init,
                 keep=self._keep,
             )
+            gptq_loss, final_loss = None, result.loss
+            if self.gptq_rounding:
+                originals = {id(m): m.weight.data.clone() for k in block for _, m in self._layer_linears[k]}
+                gptq_loss = self._gptq_round(block, layer_fns, fp_out)
+                if gptq_loss < result.loss:
+                    final_loss = gptq_loss
+                else:  # keep round-to-nearest inside the searched ranges
+                    for k in block:
+                        for _, m in self._layer_linears[k]:
+                            m.weight.data.copy_(originals[id(m)])
             for k in block:
                 for _, m in self._layer_linears[k]:
                     self._commit_qparams(m)
@@ -425,10 +506,14 @@ class QVLMModifier(Modifier, QuantizationMixin):
         choices = {v.name: v.label for layer_vars in variables for v in layer_vars}
         record = {
             "layers": list(block),
-            "loss": result.loss,
+            "loss": final_loss,
+            "search_loss": result.loss,
             "layerwise_loss": result.layerwise_loss,
             "choices": choices,
         }
+        if gptq_loss is not None:
+            record["gptq_loss"] = gptq_loss
+            record["gptq_kept"] = gptq_loss < result.loss
         self._block_losses.append(record)
         logger.info(
             f"Q-VLM block {block}: block-output MSE {result.loss:.6g} (layer-wise solution "
@@ -439,6 +524,51 @@ class QVLMModifier(Modifier, QuantizationMixin):
             for _, m in self._layer_linears[k]:
                 self._done.add(id(m))
 
+    def _gptq_round(self, block: list[int], layer_fns, target: list[torch.Tensor]) -> float:
+        """GPTQ rounding inside the searched ranges: scale/zero-point stay as chosen, GPTQ
+        (llm-compressor's ``quantize_weight``) picks the integer values, with Hessians of each
+        Linear's inputs on the quantized path of this block. Returns the block-output MSE after."""
+        from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+        from llmcompressor.modifiers.gptq.helpers import accumulate_hessian, make_empty_hessian
+
+        linears = [m for k in block for _, m in self._layer_linears[k] if m.quantization_scheme.weights is not None]
+        hessians = {id(m): make_empty_hessian(m) for m in linears}
+        counts = {id(m): torch.zeros(()) for m in linears}
+
+        def hook(module, args):
+            hessians[id(module)], counts[id(module)] = accumulate_hessian(
+                args[0].detach(), module, hessians[id(module)], counts[id(module)]
+            )
+
+        handles = [m.register_forward_pre_hook(hook) for m in linears]
+        try:
+            with self._quantized(block, True):
+                x = self._q_hidden
+                for fn in layer_fns:
+                    x = [fn(h, b) for b, h in enumerate(x)]
+        finally:
+            for h in handles:
+                h.remove()
+        for m in linears:
+            args = m.quantization_scheme.weights.model_copy(update={"actorder": None})
+            zp = getattr(m, "weight_zero_point", None)
+            zp = zp.data if zp is not None else torch.zeros_like(m.weight_scale.data)
+            quantized, _, _ = quantize_weight(
+                weights=m.weight.data[None].float().clone(),
+                hessians=(hessians[id(m)] / counts[id(m)].clamp_min(1))[None],
+                scale=m.weight_scale.data[None],
+                zero_point=zp[None],
+                global_scale=None,
+                quant_args=args,
+                blocksize=128,
+                percdamp=0.01,
+            )
+            m.weight.data.copy_(quantized[0].to(m.weight.dtype))
+        with self._quantized(block, True):
+            from qvlm_modifiers.qvlm.block_search import _mse_objective
+
+            return _mse_objective(layer_fns, self._q_hidden, target)()
+
     # ------------------------------------------------------------------------------------------
     # range variables of one Linear
     # ------------------------------------------------------------------------------------------
@@ -448,7 +578,8 @@ class QVLMModifier(Modifier, QuantizationMixin):
         for k in block:
             for _, m in self._layer_linears[k]:
                 a = m.quantization_scheme.input_activations
-                if a is None or a.dynamic is not False or not self.search_activations:
+                static_standard = a is not None and a.dynamic is False
+                if not (static_standard or self._research_mode):
                     continue
 
                 def hook(module, args, _store=store):
@@ -469,15 +600,49 @@ class QVLMModifier(Modifier, QuantizationMixin):
             observed = flatten_for_ranges(module.weight.detach(), "weight", scheme.weights)
             out.append(self._variable(module, "weight", observed, scheme.weights))
         a = scheme.input_activations
-        if a is not None and a.dynamic is False:
-            if act_samples:
-                observed = flatten_for_ranges(torch.cat(act_samples, dim=0), "input", a)
-                var = self._variable(module, "input", observed, a)
-                if self.search_activations:
-                    out.append(var)
-                else:
-                    var.set(0)
+        if a is not None and a.dynamic is False and act_samples:
+            observed = flatten_for_ranges(torch.cat(act_samples, dim=0), "input", a)
+            var = self._variable(module, "input", observed, a)
+            if self.search_activations:
+                out.append(var)
+        if self._research_mode and act_samples:
+            # RESEARCH: static per-input-channel ranges (paper / reference code), fake-quant only
+            observed = torch.cat(act_samples, dim=0).unsqueeze(-1)  # (tokens, C, 1)
+            var = self._research_variable(module, observed)
+            if self.search_activations:
+                out.append(var)
         return out
+
+    @property
+    def _research_mode(self) -> bool:
+        return self.research_static_channel_activation_bits is not None
+
+    def _research_args(self) -> QuantizationArgs:
+        return QuantizationArgs(
+            num_bits=self.research_static_channel_activation_bits, type="int", symmetric=False, strategy="tensor"
+        )
+
+    def _research_variable(self, module, observed: torch.Tensor) -> RangeVariable:
+        args = self._research_args()
+        candidates, labels = [], []
+        for (low, high), label in [
+            (lp_norm_range(observed, args, self.init_shrink_factors, self.init_norm), "init"),
+            *[(percentile_range(observed, p, False), f"p={p}") for p in self.percentile_grid],
+        ]:
+            scale, zp = range_qparams(low, high, args)
+            setting = {"scale": scale.reshape(-1), "zero_point": zp.reshape(-1)}
+            if any(torch.equal(c["scale"], setting["scale"]) and torch.equal(c["zero_point"], setting["zero_point"]) for c in candidates):
+                continue
+            candidates.append(setting)
+            labels.append(label)
+
+        def apply(setting, _m=module):
+            _m.qvlm_research_act_qparams = (setting["scale"], setting["zero_point"])
+
+        name = f"{self._module_names.get(id(module), '?')}.input_per_channel_research"
+        var = RangeVariable(name=name, candidates=candidates, labels=labels, apply=apply)
+        var.set(0)
+        return var
 
     def _variable(self, module, base_name: str, observed: torch.Tensor, args: QuantizationArgs) -> RangeVariable:
         scale_param = getattr(module, f"{base_name}_scale")
@@ -548,6 +713,132 @@ class QVLMModifier(Modifier, QuantizationMixin):
             self._done.add(id(m))
 
     # ------------------------------------------------------------------------------------------
+    # visual-encoder optimization (Eq. 8-10)
+    # ------------------------------------------------------------------------------------------
+
+    def _optimize_vision_encoder(self, state: State) -> None:
+        from qvlm_modifiers.errors import CalibrationDataError
+        from qvlm_modifiers.families import image_token_id
+        from qvlm_modifiers.qvlm.visual import dynamic_token_fake_quant_ste, fake_quant_range_ste, veo_objective
+
+        model = state.model
+        family = get_family(model)
+        loader = getattr(getattr(state, "data", None), "calib", None)
+        if loader is None:
+            raise CalibrationDataError(
+                "QVLMModifier: optimize_vision_encoder needs calibration data; pass a dataset to oneshot."
+            )
+        vision = model.get_submodule(family.vision_tower)
+        learn = []
+        for name, m in vision.named_modules():
+            scheme = getattr(m, "quantization_scheme", None)
+            if scheme is None or scheme.weights is None or id(m) in self._done:
+                continue
+            args = scheme.weights
+            observed = flatten_for_ranges(m.weight.detach(), "weight", args)
+            low0, high0 = lp_norm_range(observed, args, self.init_shrink_factors, self.init_norm)
+            log_low = torch.zeros_like(low0, requires_grad=True)
+            log_high = torch.zeros_like(high0, requires_grad=True)
+            learn.append((m, args, observed, low0, high0, log_low, log_high))
+        if not learn:
+            raise RecipeError(
+                "QVLMModifier: optimize_vision_encoder found no quantized Linear in the vision tower "
+                f"({family.vision_tower}); set quantize_vision_tower: true and keep the vision tower "
+                "out of `ignore`."
+            )
+
+        def ste_forward(m, args, observed, low0, high0, log_low, log_high):
+            act = m.quantization_scheme.input_activations
+
+            def forward(x):
+                w = fake_quant_range_ste(
+                    observed.to(x.device), (low0 * log_low.exp()).to(x.device), (high0 * log_high.exp()).to(x.device),
+                    args.num_bits, bool(args.symmetric),
+                ).reshape(m.weight.shape)
+                if act is not None:
+                    x = dynamic_token_fake_quant_ste(x, act.num_bits, bool(act.symmetric))
+                return torch.nn.functional.linear(x, w.to(x.dtype), m.bias)
+
+            return forward
+
+        projector = model.get_submodule(family.projector)
+        captured: list[torch.Tensor] = []
+        handle = projector.register_forward_hook(lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out))
+        image_id = image_token_id(model)
+        batches = []
+        for batch in loader:
+            batch = dict(batch)
+            loss_mask = batch.pop("loss_mask", None)
+            labels = batch["input_ids"].clone()
+            if loss_mask is not None:
+                labels[torch.as_tensor(loss_mask).reshape(labels.shape) != 1] = -100
+            else:
+                labels[labels == image_id] = -100
+            batches.append((batch, labels))
+        requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+        saved_forward = {id(m): m.__dict__.get("forward") for m, *_ in learn}
+        history = []
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            device = next(model.parameters()).device
+            references = []
+            with torch.no_grad():
+                for batch, _ in batches:  # FP vision tower (quantization is disabled here)
+                    captured.clear()
+                    out = model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()},
+                                output_hidden_states=True)
+                    references.append((captured[-1].detach(), out.hidden_states[-1].detach()))
+            for item in learn:
+                item[0].forward = ste_forward(*item)
+            params = [t for item in learn for t in item[5:]]
+            optimizer = torch.optim.Adam(params, lr=self.vision_lr)
+            weights: dict[int, torch.Tensor | None] = {}  # Eq. 8 Jacobian weights per batch, fixed
+            with torch.enable_grad():
+                for epoch in range(self.vision_epochs + 1):
+                    sums = {"total": 0.0, "reg": 0.0, "ent": 0.0, "err": 0.0}
+                    for index, ((batch, labels), (vision_r, final_r)) in enumerate(zip(batches, references)):
+                        captured.clear()
+                        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                        has_labels = bool((labels != -100).any())
+                        out = model(**inputs, labels=labels.to(device) if has_labels else None, output_hidden_states=True)
+                        reg = out.loss if has_labels else out.logits.new_zeros(())
+                        terms = veo_objective(
+                            reg, list(out.hidden_states), final_r, captured[-1], vision_r, self._num_levels,
+                            self.vision_lambda_ent, self.vision_lambda_err, self.vision_eta,
+                            weights=weights.get(index),
+                        )
+                        weights[index] = terms["weights"]
+                        if epoch < self.vision_epochs:  # the last pass only measures
+                            optimizer.zero_grad()
+                            terms["total"].backward()
+                            optimizer.step()
+                        for key in sums:
+                            sums[key] += float(terms[key]) / len(batches)
+                    history.append(sums)
+                    logger.info(f"Q-VLM VEO epoch {epoch}: " + ", ".join(f"{k} {v:.5g}" for k, v in sums.items()))
+        finally:
+            handle.remove()
+            for m, *_ in learn:
+                if saved_forward[id(m)] is None:
+                    m.__dict__.pop("forward", None)
+                else:
+                    m.forward = saved_forward[id(m)]
+            for p in model.parameters():
+                p.requires_grad_(requires_grad.get(id(p), False))
+        with torch.no_grad():
+            for m, args, _, low0, high0, log_low, log_high in learn:
+                scale, zero_point = range_qparams(low0 * log_low.exp(), high0 * log_high.exp(), args)
+                m.weight_scale.data.copy_(scale.reshape(m.weight_scale.shape))
+                if getattr(m, "weight_zero_point", None) is not None:
+                    m.weight_zero_point.data.copy_(zero_point.reshape(m.weight_zero_point.shape))
+                self._commit_qparams(m)
+                self._done.add(id(m))
+        # history[0]: mean loss over the first pass (each batch before its own update: ~initial);
+        # history[-1]: a measurement-only pass after training
+        self._veo_history = history
+
+    # ------------------------------------------------------------------------------------------
     # metadata
     # ------------------------------------------------------------------------------------------
 
@@ -564,11 +855,18 @@ class QVLMModifier(Modifier, QuantizationMixin):
             "num_levels": self._num_levels,
             "estimator": self.entropy_estimator,
             "level_grid": self.entropy_level_grid,
+            "temperature_scale": self.entropy_temperature_scale,
             "max_block_layers": self.max_block_layers,
             "block_losses": [
                 {k: (round(float(v), 8) if isinstance(v, float) else v) for k, v in r.items()} for r in self._block_losses
             ],
         }
+        if self._veo_history is not None:
+            metadata["visual_encoder_optimization"] = {
+                "lambda_ent": self.vision_lambda_ent, "lambda_err": self.vision_lambda_err,
+                "eta": self.vision_eta, "lr": self.vision_lr, "epochs": self.vision_epochs,
+                "history": [{k: round(v, 8) for k, v in h.items()} for h in self._veo_history],
+            }
         json.dumps(metadata)  # must be serialisable into config.json
         setattr(model.config, METADATA_ATTRIBUTE, metadata)
         logger.info(f"Q-VLM partition: {metadata['blocks']} (dependencies {metadata['dependencies']})")

@@ -1,0 +1,101 @@
+"""Does GPTQ rounding inside Q-VLM's searched ranges help? A small CPU measurement.
+
+``python -m qvlm_modifiers.qvlm.measure_gptq [--rows 8] [--layers 4]``
+
+Builds the zoo's tiny LLaVA with ``--layers`` decoder layers, calibrates ``QVLMModifier`` on
+``--rows`` synthetic pairs for a few schemes, with ``gptq_rounding`` off and on, and prints per
+block the Eq. 3 block-output MSE of round-to-nearest inside the searched ranges vs GPTQ rounding
+inside the same ranges, plus the held-out logit MSE against the FP model (``--rows`` other pairs).
+Random-weight tiny models only: a plumbing-level indication, not evidence for a real model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+
+
+def _build(layers: int, path: str):
+    from transformers import AutoModelForImageTextToText
+
+    from qvlm_modifiers import zoo
+
+    config, processor = zoo._BUILDERS["llava"]()
+    config.text_config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+def _logits(model, rows):
+    from qvlm_modifiers import data
+
+    outs = []
+    with torch.no_grad():
+        for i in range(len(rows)):
+            batch = data.collate_fn([rows[i]])
+            batch.pop("loss_mask", None)
+            outs.append(model(**batch).logits.float())
+    return outs
+
+
+SCHEMES = {
+    "W4A16-g128": {"weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 128}},
+    "W3A16-channel": {"weights": {"num_bits": 3, "type": "int", "symmetric": False, "strategy": "channel"}},
+    "W4A4-token": {
+        "weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "channel"},
+        "input_activations": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "token", "dynamic": True},
+    },
+}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import qvlm_modifiers
+    from qvlm_modifiers import data, zoo
+    from qvlm_modifiers.qvlm.modifier import QVLMModifier
+
+    path = tempfile.mkdtemp(prefix="qvlm-gptq-")
+    _build(args.layers, path)
+    processor = AutoProcessor.from_pretrained(path)
+    fp = AutoModelForImageTextToText.from_pretrained(path)
+    pairs = zoo.sample_pairs(2 * args.rows, seed=0)
+    calib = data.build_calibration_dataset(pairs.select(range(args.rows)), processor, fp, prompt_column="question")
+    held = data.build_calibration_dataset(pairs.select(range(args.rows, 2 * args.rows)), processor, fp, prompt_column="question")
+    ref = _logits(fp, held)
+    print(f"tiny LLaVA, {args.layers} decoder layers, {args.rows} calibration + {args.rows} held-out rows")
+    print(f"{'scheme':14s} {'block':10s} {'RTN-in-range':>13s} {'GPTQ-in-range':>14s}  kept   | held-out logit MSE: RTN / with gptq_rounding")
+    for name, group in SCHEMES.items():
+        held_mse = {}
+        records = None
+        for gptq in (False, True):
+            model = AutoModelForImageTextToText.from_pretrained(path)
+            modifier = QVLMModifier(
+                config_groups={"g": {"targets": ["Linear"], **group}}, search_epochs=args.epochs,
+                entropy_threshold=-1.0, gptq_rounding=gptq,
+            )
+            qvlm_modifiers.oneshot(model, processor=processor, dataset=calib, recipe=modifier,
+                                   num_calibration_samples=len(calib), shuffle_calibration_samples=False)
+            out = _logits(model, held)
+            held_mse[gptq] = sum((a - b).pow(2).mean().item() for a, b in zip(out, ref)) / len(ref)
+            if gptq:
+                records = model.config.qvlm_blocks["block_losses"]
+        for i, rec in enumerate(records):
+            tail = f"| {held_mse[False]:.3e} / {held_mse[True]:.3e}" if i == 0 else ""
+            print(f"{name:14s} {str(rec['layers']):10s} {rec['search_loss']:13.4e} {rec['gptq_loss']:14.4e}  "
+                  f"{str(rec['gptq_kept']):6s} {tail}")
+
+
+if __name__ == "__main__":
+    main()
