@@ -203,3 +203,23 @@ def test_bench_script_runs(capsys, tmp_path):
     if DEVICE.type == "cpu":
         assert "MEAN NOTHING" in out
         assert "e2e W4A16 g128" in out and "(14 packed Linears)" in out
+
+
+def test_kernels_compile_for_hopper():
+    """The interpreter never runs Triton's GPU code generator: compile the real kernels for sm_90
+    (Hopper) ahead of time down to a cubin with the ptxas Triton ships (no GPU needed), in a
+    subprocess without TRITON_INTERPRET (see kernels/aot_check.py)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("Triton's NVIDIA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "qvlm_modifiers.kernels.aot_check", "--quick"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ALL OK" in proc.stdout
+    assert proc.stdout.count("OK  ") >= 8

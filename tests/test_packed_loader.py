@@ -245,3 +245,19 @@ def test_bad_backend_is_rejected(ckpts):
     model = _load(out["w3_sym"])
     with pytest.raises(ValueError, match="backend"):
         packed_loader.set_backend(model, "cuda-magic")
+
+
+def test_packed_model_saves_and_reloads(ckpts, inputs, tmp_path):
+    """``save_pretrained`` of a packed-loaded model writes the same compressed tensors (same names)
+    and reloads to the same logits."""
+    _, out = ckpts
+    model = _load(out["w3_sym"])
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    model.save_pretrained(tmp_path / "resaved")
+    cfg = json.loads((tmp_path / "resaved" / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "compressed-tensors" and "packed_kernels" not in cfg
+    again = _load(tmp_path / "resaved")
+    assert len(packed_loader.packed_modules(again)) == 14
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, logits)
