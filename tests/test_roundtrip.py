@@ -217,15 +217,19 @@ def _vision_tensors_equal(original, reloaded) -> bool:
     )
 
 
-def test_without_fix_llava_reload_is_wrong(saved_vlm, tmp_path):
-    """llm-compressor + compressed-tensors alone: LLaVA's vision tower is re-initialized."""
+def _upstream_only(saved_path, out):
     from qvlm_modifiers.save import install_oneshot_save_hook, uninstall_oneshot_save_hook
 
     uninstall_oneshot_save_hook()
     try:
-        original, reloaded, info = _plain_llmcompressor_oneshot(saved_vlm("llava"), tmp_path / "plain")
+        return _plain_llmcompressor_oneshot(saved_path, out)
     finally:
         install_oneshot_save_hook()
+
+
+def test_without_fix_llava_reload_is_wrong(saved_vlm, tmp_path):
+    """llm-compressor + compressed-tensors alone: LLaVA's vision tower is silently re-initialized."""
+    original, reloaded, info = _upstream_only(saved_vlm("llava"), tmp_path / "plain")
     raw = json.loads((tmp_path / "plain" / "config.json").read_text())["quantization_config"]
     assert any(n.startswith("vision_tower.") for n in raw["ignore"])  # on-disk names only
     assert not any(n.startswith("model.vision_tower.") for n in raw["ignore"])
@@ -234,8 +238,15 @@ def test_without_fix_llava_reload_is_wrong(saved_vlm, tmp_path):
     assert not _vision_tensors_equal(original, reloaded)
 
 
-def test_product_card_snippet_reloads_exactly(saved_vlm, tmp_path):
+def test_without_fix_gemma3_reload_crashes(saved_vlm, tmp_path):
+    """...and Gemma 3's SigLIP tower, wrongly treated as quantized, makes the reload crash."""
+    with pytest.raises(AttributeError, match="weight"):
+        _upstream_only(saved_vlm("gemma3"), tmp_path / "plain")
+
+
+@pytest.mark.parametrize("family", zoo.FAMILY_NAMES)
+def test_product_card_snippet_reloads_exactly(family, saved_vlm, tmp_path):
     """``import qvlm_modifiers; from llmcompressor import oneshot; oneshot(..., output_dir=...)``."""
-    original, reloaded, info = _plain_llmcompressor_oneshot(saved_vlm("llava"), tmp_path / "out")
+    original, reloaded, info = _plain_llmcompressor_oneshot(saved_vlm(family), tmp_path / "out")
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert _vision_tensors_equal(original, reloaded)

@@ -9,8 +9,11 @@ transformers 5 saves several VLMs with their legacy checkpoint names (LLaVA:
 compressed-tensors quantizer matches ``ignore`` against the *in-memory* names of the freshly built
 model (``model.vision_tower.*``, ``model.multi_modal_projector.*``, ``lm_head``). Nothing matches,
 so on reload the vision tower, projector and lm_head are treated as quantized: their bf16
-tensors are reported as unexpected keys and the modules are re-initialized with random weights,
-silently (verified on LLaVA, Qwen2(.5)-VL, LLaVA-OneVision; Idefics3 keeps its names).
+tensors are reported as unexpected keys and the modules are re-initialized with random weights.
+Measured with llm-compressor's own ``oneshot(..., output_dir=...)`` + W4A16 on the tiny zoo
+models: LLaVA, Qwen2-VL, Qwen2.5-VL reload *silently* wrong (vision tower re-initialized);
+LLaVA-OneVision and Gemma 3 crash on reload (SigLIP's weight init reads the missing ``.weight``
+of the wrongly "quantized" vision Linears); Idefics3 keeps its names and is fine.
 
 A second, smaller gap: upstream lists only modules whose *exact* class name was quantized
 somewhere, while the reload matches ``targets: [Linear]`` along the MRO, so a ``Linear`` subclass
