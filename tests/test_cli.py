@@ -207,3 +207,12 @@ def test_console_script_and_module_entry_point(tmp_path):
     res = subprocess.run([sys.executable, "-m", "qvlm_modifiers", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and "quantize" in res.stdout and "inspect" in res.stdout
+
+
+def test_mbq_recipe_gets_modality_labels(assets, tmp_path):
+    """MBQModifier reads per-token text/vision labels (llm-compressor's use_loss_mask); the CLI turns
+    that on for recipes with our Modifiers, so a shipped MBQ recipe runs end to end."""
+    out = tmp_path / "mbq"
+    assert quantize(assets, out, "mbq_w4", 2, "--quiet") == 0
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["config_groups"]["group_0"]["weights"]["num_bits"] == 4
