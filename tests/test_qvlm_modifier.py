@@ -295,3 +295,35 @@ def test_visual_encoder_optimization_lowers_its_objective(saved_vlm, calib_pairs
             moved += not torch.allclose(m.weight_scale, init[name].reshape(m.weight_scale.shape))
             torch.testing.assert_close(fake_quantize(m.weight, m.weight_scale, m.weight_zero_point, m.quantization_scheme.weights), m.weight, rtol=0, atol=1e-6)
     assert moved > 0  # the learned ranges are written as standard qparams
+
+
+def test_plain_llmcompressor_oneshot_with_recipe_path(saved_vlm, calib_pairs):
+    """``llmcompressor.oneshot(model, recipe="recipes/qvlm_w4.yaml")`` without our wrapper and
+    without ``sequential_targets``: the vision encoder layers become subgraphs of their own too."""
+    from llmcompressor import oneshot
+
+    model, processor, rows = _rows(saved_vlm("qwen2_vl"), calib_pairs, n=1)
+    oneshot(model=model, processor=processor, dataset=rows, recipe="recipes/qvlm_w4.yaml",
+            data_collator=data.collate_fn, num_calibration_samples=1)
+    _assert_weights_on_grid(model)
+    assert [k for b in model.config.qvlm_blocks["blocks"] for k in b] == list(range(len(decoder_layers(model))))
+    assert not any(hasattr(m, "weight_scale") for m in model.get_submodule(get_family(model).vision_tower).modules())
+
+
+def test_blocks_spanning_pipeline_subgraphs_give_the_same_result(deep_llava, calib_pairs):
+    """Blocks are the Modifier's own (it keeps X_q / X_r streams), so the pipeline's subgraph
+    grouping (``sequential_targets_per_subgraph``) must not change the partition or the search."""
+    results = []
+    for per_subgraph in (1, 2):
+        model, processor, rows = _rows(deep_llava, calib_pairs, n=1)
+        recipe = QVLMModifier(scheme="W4A16", targets=["Linear"], entropy_threshold=-1.0, search_epochs=1)
+        _oneshot(model, processor, rows, recipe, sequential_targets_per_subgraph=per_subgraph)
+        meta = model.config.qvlm_blocks
+        results.append((meta["blocks"], [b["loss"] for b in meta["block_losses"]], meta["dependencies"],
+                        {k: v.clone() for k, v in model.state_dict().items() if k.endswith("weight_scale")}))
+    (blocks1, losses1, deps1, scales1), (blocks2, losses2, deps2, scales2) = results
+    assert blocks1 == blocks2 == [[0, 1, 2], [3]]
+    assert losses2 == pytest.approx(losses1, rel=1e-5) and deps2 == pytest.approx(deps1, rel=1e-5)
+    assert scales1.keys() == scales2.keys()
+    for key in scales1:
+        torch.testing.assert_close(scales2[key], scales1[key])

@@ -33,7 +33,7 @@ Here (pure functions, no llm-compressor state):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -56,6 +56,7 @@ __all__ = [
     "coordinate_descent",
     "BlockSearchResult",
     "search_block",
+    "block_mse_objective",
 ]
 
 DEFAULT_PERCENTILES = (1.0, 0.995, 0.99, 0.985, 0.98)  # paper, Sec. 3.3
@@ -235,9 +236,11 @@ class BlockSearchResult:
     layerwise_loss: float  # block-output MSE of the layer-wise solution
 
 
-def _mse_objective(
+def block_mse_objective(
     layers: Sequence[LayerFn], inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]
 ) -> Callable[[], float]:
+    """Eq. 3's objective as a closure: mean squared error of ``layers`` applied to ``inputs``
+    against ``targets`` (summed over batches, divided by the number of target elements)."""
     def objective() -> float:
         total, count = 0.0, 0
         for batch_index, (x, y) in enumerate(zip(inputs, targets)):
@@ -303,7 +306,7 @@ def search_block(
             with quantized(False):
                 target = _run([layer], x_q, keep)
         with quantized(True):
-            layerwise_results.append(coordinate_descent(_mse_objective([layer], x_q, target), layer_vars, epochs))
+            layerwise_results.append(coordinate_descent(block_mse_objective([layer], x_q, target), layer_vars, epochs))
             if j < len(layers) - 1:
                 x_q = _run([layer], x_q, keep)
     if fp_targets is not None:
@@ -312,7 +315,7 @@ def search_block(
         with quantized(False):
             block_target = _run(list(layers), q_inputs, keep)
     all_vars = [v for layer_vars in variables for v in layer_vars]
-    block_objective = _mse_objective(list(layers), q_inputs, block_target)
+    block_objective = block_mse_objective(list(layers), q_inputs, block_target)
     with quantized(True):
         if len(layers) == 1:
             result = layerwise_results[0]
@@ -325,8 +328,3 @@ def search_block(
     return BlockSearchResult(
         layerwise=layerwise_results, block=block_result, loss=block_result.loss, layerwise_loss=layerwise_loss
     )
-
-
-def iter_batches(tensors: Sequence[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
-    for t in tensors:
-        yield t.to(device)

@@ -18,7 +18,9 @@ Lifecycle (llm-compressor's sequential pipeline; one decoder layer per subgraph 
 
 - ``on_initialize``: resolve the VLM family, add ``lm_head`` + vision tower/projector (unless
   ``quantize_vision_tower``) to ``ignore``, attach the quantization scheme.
-- ``on_calibration_start``: hooks on every decoder layer: a pre-hook keeps each batch's call
+- ``on_calibration_start``: with ``optimize_vision_encoder``, first the visual-encoder
+  optimization (Eq. 8-10, :mod:`~qvlm_modifiers.qvlm.visual`) over the calibration set, which
+  writes the vision tower's learned ranges; then hooks on every decoder layer: a pre-hook keeps each batch's call
   arguments (masks, position embeddings; the hidden states only for the first layer), a forward
   hook streams ``(h_k, h_{k+1})`` into the layer's ``M x M`` joint level accumulator (Eq. 4-5).
 - ``on_sequential_epoch_end`` (after decoder layer k's calibration pass): ``D(k, k+1)`` decides
@@ -26,14 +28,21 @@ Lifecycle (llm-compressor's sequential pipeline; one decoder layer per subgraph 
   are searched (Eq. 2 then Eq. 3) on the cached block input, the chosen ``weight_scale`` /
   ``weight_zero_point`` (and static ``input_scale`` / ``input_zero_point``) are written, and the
   weights are replaced by their fake-quantized values so that the pipeline's error propagation
-  sees them (as GPTQ does). Quantized Linears outside the decoder (vision tower when quantized)
+  sees them (as GPTQ does); with ``gptq_rounding`` GPTQ then picks the integers inside the
+  chosen ranges. Quantized Linears outside the decoder (vision tower when quantized, without VEO)
   get their lp-norm ranges when their subgraph ends.
 - ``on_calibration_end``: freeze quantization, remove hooks, store the partition in
   ``model.config.qvlm_blocks`` (saved in ``config.json`` *outside* ``quantization_config``).
 
-Where the partition is stored: ``config.json`` -> ``"qvlm_blocks"``: ``{"blocks": [[0, 1], [2],
-...], "dependencies": [D(0,1), ...], "thresholds": [h0 used per link], "num_levels": M,
-"estimator": "soft", "losses": [...]}``; also logged at INFO level.
+Where the partition is stored: ``model.config.qvlm_blocks`` in memory, and in the checkpoint's
+``config.json`` as the top-level key ``"qvlm_blocks"`` (outside ``quantization_config``):
+``{"blocks": [[0, 1], [2], ...], "dependencies": [D(0,1), ...], "thresholds": [h0 used per link],
+"num_levels": M, "estimator": "soft", "block_losses": [{"layers", "loss", "search_loss",
+"layerwise_loss", "choices": {"<module>.weight": "p=0.99" | "init", ...}}, ...]}`` (plus
+``"visual_encoder_optimization"`` when VEO ran); also logged at INFO level. It is written by
+:func:`qvlm_modifiers.save.save_pretrained` / ``qvlm_modifiers.oneshot(output_dir=...)`` (plain
+llm-compressor saves rewrite ``config.json`` from the original file and drop it) and reloads as
+``AutoConfig.from_pretrained(path).qvlm_blocks``.
 
 The Modifier keeps two hidden-state streams of the calibration set on the offload device (CPU):
 the quantized path ``X_q`` (input of the open block) and the FP path ``X_r`` (Eq. 3's target
@@ -51,7 +60,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from compressed_tensors.quantization import DynamicType, QuantizationArgs, QuantizationStrategy, QuantizationType
 from compressed_tensors.quantization.lifecycle import fake_quantize
-from compressed_tensors.utils import match_named_modules, update_offload_parameter
+from compressed_tensors.utils import get_execution_device, match_named_modules, update_offload_parameter
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator
 from torch.utils._pytree import tree_map
@@ -60,6 +69,7 @@ from llmcompressor.core import Event, State
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.quantization.quantization import QuantizationMixin
 from llmcompressor.modifiers.utils.hooks import HooksMixin
+from llmcompressor.utils.dev import get_main_device
 
 from qvlm_modifiers.errors import RecipeError
 from qvlm_modifiers.families import decoder_layers, get_family
@@ -67,6 +77,7 @@ from qvlm_modifiers.qvlm.block_search import (
     DEFAULT_PERCENTILES,
     DEFAULT_SHRINK_FACTORS,
     RangeVariable,
+    block_mse_objective,
     flatten_for_ranges,
     lp_norm_range,
     percentile_range,
@@ -420,7 +431,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
         templates = self._templates[k]
 
         def run(hidden: torch.Tensor, batch_index: int) -> torch.Tensor:
-            device = next(layer.parameters()).device
+            device = get_execution_device(layer)
             mode, rest_args, rest_kwargs = templates[batch_index]
             to_dev = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
             rest_args, rest_kwargs = tree_map(to_dev, rest_args), tree_map(to_dev, rest_kwargs)
@@ -565,9 +576,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
             )
             m.weight.data.copy_(quantized[0].to(m.weight.dtype))
         with self._quantized(block, True):
-            from qvlm_modifiers.qvlm.block_search import _mse_objective
-
-            return _mse_objective(layer_fns, self._q_hidden, target)()
+            return block_mse_objective(layer_fns, self._q_hidden, target)()
 
     # ------------------------------------------------------------------------------------------
     # range variables of one Linear
@@ -781,7 +790,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
         try:
             for p in model.parameters():
                 p.requires_grad_(False)
-            device = next(model.parameters()).device
+            device = get_main_device()  # the sequential pipeline's onload device
             references = []
             with torch.no_grad():
                 for batch, _ in batches:  # FP vision tower (quantization is disabled here)
