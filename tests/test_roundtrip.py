@@ -250,3 +250,44 @@ def test_product_card_snippet_reloads_exactly(family, saved_vlm, tmp_path):
     original, reloaded, info = _plain_llmcompressor_oneshot(saved_vlm(family), tmp_path / "out")
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert _vision_tensors_equal(original, reloaded)
+
+
+# vLLM's LlavaForConditionalGeneration.hf_to_vllm_mapper (vllm/model_executor/models/llava.py):
+# its compressed-tensors config maps ``ignore`` through it (``apply_vllm_mapper``), then matches
+# layer names exactly or by ``re.match`` (``should_ignore_layer``).
+_VLLM_LLAVA_PREFIXES = {
+    "model.language_model.": "language_model.model.",
+    "model.vision_tower.": "vision_tower.",
+    "model.multi_modal_projector.": "multi_modal_projector.",
+    "lm_head.": "language_model.lm_head.",
+}
+
+
+def _vllm_map(name: str) -> str:
+    for old, new in _VLLM_LLAVA_PREFIXES.items():
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def test_checkpoint_names_seen_by_vllm_llava(saved_vlm, tmp_path):
+    """vLLM names LLaVA's layers like the on-disk checkpoint (``vision_tower.*``,
+    ``language_model.model.layers.*``): every bf16 vision/projector Linear must be ignored under
+    vLLM's mapping, no quantized Linear may be."""
+    from safetensors import safe_open
+
+    out = tmp_path / "out"
+    _plain_llmcompressor_oneshot(saved_vlm("llava"), out)
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    vllm_ignore = {_vllm_map(n) for n in ignore}
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        dense = {k[: -len(".weight")] for k in keys if k.endswith(".weight") and len(f.get_slice(k).get_shape()) == 2}
+    packed = {k[: -len(".weight_packed")] for k in keys if k.endswith(".weight_packed")}
+    vision_linears = {
+        m for m in dense
+        if m.startswith(("vision_tower.", "multi_modal_projector.")) and "embedding" not in m
+    }
+    assert vision_linears and vision_linears <= vllm_ignore
+    assert packed and all(m.startswith("language_model.model.layers.") for m in packed)
+    assert not packed & vllm_ignore
