@@ -113,9 +113,7 @@ def choose(x2d: torch.Tensor, tensors: tuple, layout: PackedLayout) -> tuple[str
     """The ``(path, config)`` used for ``x2d`` (tuned on CUDA unless ``QVLM_KERNEL_TUNE=0``)."""
     m = x2d.shape[0]
     decode = m <= gemv_splitk.MAX_M
-    key = (
-        "decode" if decode else "prefill", _m_bucket(m), layout, x2d.dtype, str(x2d.device),
-    )
+    key = ("decode" if decode else "prefill", _m_bucket(m), layout, x2d.dtype, x2d.device)
     hit = _TUNED.get(key)
     if hit is not None:
         return hit

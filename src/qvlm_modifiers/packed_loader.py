@@ -43,6 +43,7 @@ tensors needs ``TRITON_INTERPRET=1`` (tests only).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -199,6 +200,7 @@ class PackedLinear(nn.Module):
         )
 
 
+@functools.lru_cache(maxsize=1)
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
