@@ -57,9 +57,18 @@ def _assert_weights_on_grid(model):
 
 
 @pytest.mark.parametrize("family", zoo.FAMILY_NAMES)
-def test_shipped_w4_recipe_on_every_family(family, saved_vlm, calib_pairs):
+def test_shipped_w4_recipe_on_every_family(family, saved_vlm, calib_pairs, tmp_path):
     model, processor, rows = _rows(saved_vlm(family), calib_pairs)
     _oneshot(model, processor, rows, "recipes/qvlm_w4.yaml")
+    # the saved checkpoint reloads exactly (same logits) with the partition in its config
+    batch = data.collate_fn([rows[0]])
+    batch.pop("loss_mask", None)
+    out = qvlm_modifiers.save.save_pretrained(model, processor, tmp_path / "ckpt")
+    reloaded, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-5)
+    assert reloaded.config.qvlm_blocks == model.config.qvlm_blocks
     fam = get_family(model)
     _assert_weights_on_grid(model)
     for name, m in _lm_linears(model):
