@@ -66,6 +66,11 @@ def register_modifiers() -> list[str]:
 
 register_modifiers()
 
+# Processors of Qwen2/2.5-VL, LLaVA-OneVision and Idefics3 reload without torchvision (CPU torch).
+from qvlm_modifiers.compat import install_torchvision_free_standins as _install_standins  # noqa: E402
+
+_install_standins()
+
 # Our save path, the checked oneshot wrapper and recipe validation (see save.py / api.py).
 from qvlm_modifiers.api import oneshot  # noqa: E402
 from qvlm_modifiers.recipe_check import load_recipe  # noqa: E402

@@ -260,12 +260,6 @@ def load_processor(source: str, trust_remote_code: bool):
     """The model's processor, checked to have both an image processor and a tokenizer."""
     from transformers import AutoProcessor
 
-    try:
-        from qvlm_modifiers.zoo import install_video_processor_standin
-
-        install_video_processor_standin()  # torchvision-less machines: processors that want a video processor
-    except ImportError:  # pragma: no cover
-        pass
     fix = (
         "Copy the processor files of the original model (preprocessor_config.json or processor_config.json, "
         "tokenizer.json/tokenizer_config.json, chat_template) into the model directory, or save them with "

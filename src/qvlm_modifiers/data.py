@@ -54,7 +54,6 @@ import torch
 
 from qvlm_modifiers.errors import CalibrationDataError
 from qvlm_modifiers.families import VLMFamily, get_family, image_token_id
-from qvlm_modifiers.zoo import install_torchvision_free_standins
 
 __all__ = [
     "IGNORE",
@@ -68,9 +67,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Without torchvision, transformers cannot rebuild Qwen2/2.5-VL, LLaVA-OneVision or Idefics3
-# processors from a checkpoint; the stand-ins (a no-op when torchvision is installed) fix that.
-install_torchvision_free_standins()
 
 #: ``loss_mask`` values
 IGNORE, TEXT, VISION = 0, 1, 2

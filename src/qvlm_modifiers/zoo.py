@@ -18,12 +18,13 @@ Usage::
 
 from __future__ import annotations
 
-import importlib.util
 import random
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from qvlm_modifiers.compat import install_torchvision_free_standins, torchvision_available  # noqa: F401
 
 __all__ = [
     "FAMILY_NAMES",
@@ -203,66 +204,6 @@ def build_tokenizer(
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     return tokenizer
-
-
-def torchvision_available() -> bool:
-    return importlib.util.find_spec("torchvision") is not None
-
-
-class _StandInAutoVideoProcessor:
-    """Loads a saved video processor config as a plain ``BaseVideoProcessor`` (no torchvision)."""
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        from transformers.video_processing_utils import BaseVideoProcessor
-
-        for key in ("trust_remote_code", "subfolder", "_from_auto", "_from_pipeline"):
-            kwargs.pop(key, None)
-        return BaseVideoProcessor.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-
-
-_STANDIN_INSTALLED = False
-
-
-def install_torchvision_free_standins() -> bool:
-    """Let video-capable processors (Qwen2/2.5-VL, LLaVA-OneVision) build and reload without torchvision.
-
-    Their processors demand a video processor, and transformers' video processors (and
-    ``AutoVideoProcessor``) need torchvision. Without torchvision, transformers exposes
-    ``BaseVideoProcessor`` and ``AutoVideoProcessor`` only as import-error placeholders; this swaps
-    those two placeholders for the real torchvision-free ``BaseVideoProcessor`` and a loader
-    returning one, so the processor's type check and ``AutoProcessor.from_pretrained`` work for
-    images. Videos stay unsupported (the stand-in is never used on images). It also exposes the
-    real (torchvision-free) ``Idefics3ImageProcessorPil``, which transformers 5.17 hides behind a
-    torchvision placeholder, so Idefics3/SmolVLM processors reload. Does nothing, and
-    returns ``False``, when torchvision is installed. Idempotent.
-    """
-    global _STANDIN_INSTALLED
-    if torchvision_available():
-        return False
-    if not _STANDIN_INSTALLED:
-        import transformers
-        import transformers.models.auto.video_processing_auto as video_auto
-        import transformers.processing_utils as processing_utils
-        from transformers.video_processing_utils import BaseVideoProcessor
-
-        for module in {id(m): m for m in (transformers, processing_utils.transformers_module)}.values():
-            setattr(module, "BaseVideoProcessor", BaseVideoProcessor)
-        video_auto.AutoVideoProcessor = _StandInAutoVideoProcessor
-        # transformers 5.17 lists Idefics3ImageProcessorPil under the torchvision backend although
-        # the PIL module imports without it: expose the real class so AutoImageProcessor finds it.
-        import transformers.models.idefics3 as idefics3_pkg
-        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-
-        for module in (idefics3_pkg, transformers):
-            if getattr(getattr(module, "Idefics3ImageProcessorPil", None), "is_dummy", False):
-                setattr(module, "Idefics3ImageProcessorPil", Idefics3ImageProcessorPil)
-        _STANDIN_INSTALLED = True
-    return True
-
-
-#: earlier name of :func:`install_torchvision_free_standins` (kept: the CLI imports it)
-install_video_processor_standin = install_torchvision_free_standins
 
 
 def _video_processor(cls_name: str, **kwargs):
@@ -598,5 +539,3 @@ def sample_pairs(n: int, seed: int = 0, image_size: int = IMAGE_SIZE):
     return datasets.Dataset.from_dict(rows, features=features)
 
 
-# Reloading saved tiny models (AutoProcessor.from_pretrained) must work right after `import zoo`.
-install_torchvision_free_standins()

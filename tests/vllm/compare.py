@@ -62,10 +62,8 @@ def compare_one(name: str, entry: dict, manifest: dict) -> tuple[bool, str]:
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    import qvlm_modifiers  # noqa: F401 - our reload path (loader registration)
-    from qvlm_modifiers.zoo import install_video_processor_standin
-
-    install_video_processor_standin()  # Qwen2.5-VL's processor wants a video processor (torchvision)
+    import qvlm_modifiers  # noqa: F401 - our reload path (loader registration, torchvision stand-ins)
+    import qvlm_modifiers.data  # noqa: F401 - installs the torchvision-free processor stand-ins on import
 
     path = entry["path"]
     model = AutoModelForImageTextToText.from_pretrained(path, dtype="auto").eval()
