@@ -233,3 +233,14 @@ def test_missing_loss_mask_is_a_clear_error(llava):
 def test_sensitivity_file_errors_name_the_fix(tmp_path):
     with pytest.raises(CalibrationDataError, match="ModalitySensitivity.save"):
         ModalitySensitivity.load(tmp_path / "missing.json")
+
+
+def test_recipe_fields_validate():
+    mod = MBQModifier(sensitivity={"0": {"attn": 1, "mlp": 2}})  # YAML/JSON keys arrive as strings
+    assert mod.sensitivity == {0: {"attn": 1.0, "mlp": 2.0}}
+    assert (mod.duo_scaling, mod.n_grid, mod.loss_mode, mod.text_tokens, mod.alpha_grid) == (
+        False, 20, "mae", "answer", "mbq"
+    )
+    for bad in ({"loss_mode": "l1"}, {"text_tokens": "prompt"}, {"vision_weight": -1}, {"act_bits": 1}):
+        with pytest.raises(ValueError):
+            MBQModifier(**bad)

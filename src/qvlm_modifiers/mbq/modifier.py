@@ -28,6 +28,25 @@ whose scheme it searches against. Recipe example::
 Run with ``oneshot(..., use_loss_mask=True)`` on rows from
 :func:`qvlm_modifiers.data.build_calibration_dataset` (per-token ``loss_mask``: 0 ignored,
 1 answer text, 2 vision).
+
+Where this follows the reference code (thu-nics/MBQ) rather than the paper, and the options that
+switch to the other reading (each a field below):
+
+- gradient taken only at ``o_proj``/``down_proj`` outputs, shared by the layer's two attention /
+  two MLP mappings; ratio floored at the cross-layer median (``median_floor``);
+- "text" = answer tokens only (``text_tokens="all_text"`` for the paper's "language tokens");
+- MAE pooled over counted tokens, MSE averaged per modality (``loss_mode``, ``loss_normalization``);
+- alpha grid 0..0.95 (``alpha_grid="awq"`` adds 1.0), ``mean|x|`` over all tokens
+  (``activation_stats_tokens="masked"`` for AWQModifier's masked statistics);
+- W-A candidates: per-token activation fake-quant as the reference; the *weights* of every
+  candidate are quantized by the follow-up scheme's own quantizer (compressed-tensors: symmetric
+  step ``absmax/((2^b-1)/2)`` on [-2^(b-1), 2^(b-1)-1], asymmetric ranges include 0) -- what gets
+  deployed -- where the reference uses ``absmax/(2^(b-1)-1)`` and plain min/max.
+- Error propagation: the reference searches every layer on full-precision inputs (``distort=False``),
+  i.e. ``oneshot(..., propagate_error=False)``; llm-compressor's default (``True``) feeds each layer
+  the outputs of the already-quantized previous ones (closer to the reference's ``distort=True``).
+- The reference searches on all 128 samples as one padded batch; llm-compressor runs one sample at a
+  time (batch size 1, no padding). The loss sums are the same.
 """
 
 from __future__ import annotations
