@@ -121,10 +121,11 @@ def modality_error_sums(
     err = diff.abs() if loss_mode == "mae" else diff.pow(2)
     text, vision = modality_token_masks(loss_mask.to(reference.device), text_tokens)
     acc = torch.float32 if err.dtype in (torch.float16, torch.bfloat16) else err.dtype
+    per_token = err.sum(dim=-1, dtype=acc)  # reduce channels first: the masks then index (B, S) only
     return ModalityErrorSums(
-        text_sum=err[text].sum(dtype=acc),
+        text_sum=per_token[text].sum(),
         text_tokens=text.sum(),
-        vision_sum=err[vision].sum(dtype=acc),
+        vision_sum=per_token[vision].sum(),
         vision_tokens=vision.sum(),
         channels=reference.shape[-1],
     )
