@@ -155,34 +155,35 @@ def test_unscoped_awq_mappings_hit_the_vision_tower():
 
 
 @pytest.mark.skipif(torch.accelerator.is_available(), reason="pin_memory only fails without an accelerator")
-def test_awq_cpu_fix_needed_and_sufficient(calib_pairs):
-    """Upstream AWQModifier fails on CPU-only torch in pin_memory; LMAWQModifier (mixin) runs."""
+def test_awq_cpu_fix_is_needed(calib_pairs):
+    """Upstream AWQModifier (same LM-scoped mappings) fails on CPU-only torch in pin_memory.
+    That the mixin is sufficient is shown by the awq_w4a16 round trip in test_roundtrip.py,
+    which runs LMAWQModifier on CPU."""
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
     from llmcompressor.modifiers.transform.awq.dynamic_mappings import get_layer_mappings_from_model
 
+    from qvlm_modifiers.awq_cpu import PinSafeIntermediatesCache
     from qvlm_modifiers.lm_scoped import LMAWQModifier, scope_awq_mappings
 
-    def run(awq_modifier):
-        model, processor = zoo.build("llava")
-        ds = data.build_calibration_dataset(calib_pairs, processor, model, num_samples=2)
-        quant = QuantizationModifier(
-            targets="Linear",
-            scheme="W4A16_ASYM",
-            ignore=["lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"],
-        )
-        qvlm_modifiers.oneshot(
-            model=model, processor=processor, dataset=ds, recipe=[awq_modifier, quant], num_calibration_samples=2
-        )
-        return model
-
-    model, _ = zoo.build("llava")
+    model, processor = zoo.build("llava")
+    ds = data.build_calibration_dataset(calib_pairs, processor, model, num_samples=2)
     scoped = scope_awq_mappings(get_layer_mappings_from_model(model), "model.language_model.layers")
+    quant = QuantizationModifier(
+        targets="Linear",
+        scheme="W4A16_ASYM",
+        ignore=["lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"],
+    )
     with pytest.raises(RuntimeError, match="accelerator"):
-        run(AWQModifier(mappings=scoped))
-    model = run(LMAWQModifier())
-    layer = model.get_submodule("model.language_model.layers.0.self_attn.q_proj")
-    assert hasattr(layer, "quantization_scheme")
+        qvlm_modifiers.oneshot(
+            model=model, processor=processor, dataset=ds, recipe=[AWQModifier(mappings=scoped), quant],
+            num_calibration_samples=2,
+        )
+    assert issubclass(LMAWQModifier, AWQModifier)
+    cache = PinSafeIntermediatesCache(None, None)
+    cache.append({"x": torch.zeros(2)})
+    cache.pin_memory(0)  # no-op instead of the RuntimeError above
+    assert not cache.fetch(0)["x"].is_pinned()
 
 
 # ---------------------------------------------------------------------------- load_recipe errors
