@@ -33,7 +33,9 @@ def _quantize(base_dir, out_dir, scheme):
 
     model = AutoModelForImageTextToText.from_pretrained(base_dir)
     recipe = QuantizationModifier(
-        targets="Linear", scheme=scheme, ignore=["lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
+        targets="Linear",
+        scheme=scheme,
+        ignore=["lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*", "re:.*visual.*"],
     )
     oneshot(model=model, recipe=[recipe])
     model.save_pretrained(out_dir, save_compressed=True)
@@ -261,3 +263,40 @@ def test_packed_model_saves_and_reloads(ckpts, inputs, tmp_path):
     assert len(packed_loader.packed_modules(again)) == 14
     with torch.no_grad():
         assert torch.equal(again(**inputs).logits, logits)
+
+
+def test_dense_module_missing_from_ignore_raises_clear_error(ckpts, tmp_path):
+    """A module stored dense but not ignored gets a quantization scheme and no compressed tensors:
+    upstream silently re-initializes it; the packed loader names the problem and the fix."""
+    from qvlm_modifiers.errors import CheckpointError
+
+    _, out = ckpts
+    ckpt = tmp_path / "bad_ignore"
+    shutil.copytree(out["w4_asym"], ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["quantization_config"]["ignore"] = [
+        n for n in cfg["quantization_config"]["ignore"] if "multi_modal_projector.linear_1" not in n
+    ]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="ignore"):
+        AutoModelForImageTextToText.from_pretrained(ckpt)
+
+
+def test_qwen2_vl_on_disk_ignore_names(tmp_path):
+    """Another family with other on-disk -> in-memory renamings (``visual.`` -> ``model.visual.``,
+    ``model.`` -> ``model.language_model.``): on-disk-only ``ignore`` keeps the vision tower dense."""
+    base = zoo.save("qwen2_vl", tmp_path / "base", dtype=torch.bfloat16)
+    ckpt = _quantize(base, tmp_path / "w4", "W4A16")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["quantization_config"]["ignore"] = [
+        n for n in cfg["quantization_config"]["ignore"] if not n.startswith("model.")
+    ]
+    assert any(n.startswith("visual.") for n in cfg["quantization_config"]["ignore"])
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    model = _load(ckpt)
+    original = AutoModelForImageTextToText.from_pretrained(base)
+    assert len(packed_loader.packed_modules(model)) == 14
+    visual = [(n, m) for n, m in model.named_modules() if n.startswith("model.visual.") and isinstance(m, torch.nn.Linear)]
+    assert visual
+    for name, module in visual:
+        assert type(module) is torch.nn.Linear and torch.equal(module.weight, original.get_submodule(name).weight)

@@ -148,8 +148,20 @@ class PackedLinear(nn.Module):
         """Take over the loaded compressed tensors of a compressed-tensors pack-quantized Linear."""
         from qvlm_modifiers.kernels.packing import PackedLayout
 
+        from qvlm_modifiers.errors import CheckpointError
+        from qvlm_modifiers.kernels.packing import packed_words
+
         args = module.quantization_scheme.weights
         n, k = (int(v) for v in module.weight_shape.tolist())
+        rows, words = module.weight_packed.shape
+        if n != rows or k <= 0 or packed_words(k, args.num_bits) != words:
+            raise CheckpointError(
+                f"{type(module).__name__} quantized as W{args.num_bits} has weight_shape {(n, k)} inconsistent with "
+                f"its weight_packed {tuple(module.weight_packed.shape)}: the checkpoint holds no compressed tensors "
+                "for this module (it is probably stored dense but missing from quantization_config.ignore, or its "
+                "weight is tied). Add the module to `ignore` in config.json, or load with QVLM_PACKED_KERNELS=0 "
+                "to get transformers' own behaviour."
+            )
         layout = PackedLayout(
             out_features=n,
             in_features=k,
