@@ -192,7 +192,8 @@ def test_bench_script_runs(capsys, tmp_path):
     (On CPU its timings mean nothing and it says so; nothing here checks speed.)"""
     from qvlm_modifiers.kernels import bench
 
-    argv = ["--schemes", "w3g128a", "--shapes", "128x33", "--ms", "1", "64", "--reps", "1", "--workdir", str(tmp_path)]
+    argv = ["--schemes", "w3g128a", "--shapes", "128x33", "--ms", "1", "64", "--reps", "1", "--workdir", str(tmp_path),
+            "--strict"]
     if DEVICE.type == "cuda":
         argv += ["--e2e", "off"]
     rows = bench.main(argv)
