@@ -336,3 +336,15 @@ def test_blocks_spanning_pipeline_subgraphs_give_the_same_result(deep_llava, cal
     assert scales1.keys() == scales2.keys()
     for key in scales1:
         torch.testing.assert_close(scales2[key], scales1[key])
+
+
+def test_captured_layer_arguments_share_equal_tensors():
+    mod = QVLMModifier(scheme="W4A16")
+    mask = torch.zeros(1, 1, 5, 5)
+    cos_sin = (torch.randn(1, 5, 8), torch.randn(1, 5, 8))
+    first = mod._to_offload({"attention_mask": mask, "position_embeddings": cos_sin, "flag": True})
+    second = mod._to_offload({"attention_mask": mask.clone(), "position_embeddings": (cos_sin[0].clone(), cos_sin[1] + 1), "flag": True}, first)
+    assert second["attention_mask"] is first["attention_mask"]  # equal: stored once
+    assert second["position_embeddings"][0] is first["position_embeddings"][0]
+    assert second["position_embeddings"][1] is not first["position_embeddings"][1]  # different: own copy
+    torch.testing.assert_close(second["position_embeddings"][1], cos_sin[1] + 1)

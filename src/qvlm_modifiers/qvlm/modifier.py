@@ -387,13 +387,39 @@ class QVLMModifier(Modifier, QuantizationMixin):
         rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         return kwargs["hidden_states"], "kw", tuple(args), rest
 
-    def _to_offload(self, value):
-        return tree_map(lambda x: x.detach().to(self._offload_device) if isinstance(x, torch.Tensor) else x, value)
+    def _to_offload(self, value, reuse=None):
+        """``value``'s tensors on the offload device; tensors equal to the same leaf of ``reuse``
+        (the previous layer's arguments of this batch: masks and rotary embeddings are usually
+        shared by all layers) are not copied again."""
+        from torch.utils._pytree import tree_flatten, tree_unflatten
+
+        leaves, spec = tree_flatten(value)
+        old_leaves, old_spec = tree_flatten(reuse) if reuse is not None else ([], None)
+        same_layout = old_spec == spec
+        out = []
+        for i, leaf in enumerate(leaves):
+            if not isinstance(leaf, torch.Tensor):
+                out.append(leaf)
+                continue
+            old = old_leaves[i] if same_layout else None
+            if (
+                isinstance(old, torch.Tensor) and old.shape == leaf.shape and old.dtype == leaf.dtype
+                and torch.equal(old, leaf.detach().to(old.device))
+            ):
+                out.append(old)
+            else:
+                out.append(leaf.detach().to(self._offload_device))
+        return tree_unflatten(out, spec)
 
     def _capture_call_hook(self, module, args, kwargs):
         k = self._layer_index[id(module)]
         hidden, mode, rest_args, rest_kwargs = self._split_hidden(args, kwargs)
-        self._templates[k].append((mode, self._to_offload(rest_args), self._to_offload(rest_kwargs)))
+        batch_index = len(self._templates[k])
+        previous = self._templates.get(k - 1)
+        shared = previous[batch_index] if previous and batch_index < len(previous) else None
+        self._templates[k].append(
+            (mode, self._to_offload(rest_args, shared and shared[1]), self._to_offload(rest_kwargs, shared and shared[2]))
+        )
         if k == 0:  # later blocks' inputs are the Modifier's own quantized / FP streams
             self._q_hidden.append(hidden.detach().to(self._offload_device))
 
