@@ -21,7 +21,7 @@ from transformers import AutoModelForImageTextToText  # noqa: E402
 
 import qvlm_modifiers  # noqa: E402,F401  (registers the packed loader)
 from qvlm_modifiers import packed_loader, zoo  # noqa: E402
-from qvlm_modifiers.packed_loader import PackedKernelsConfig, PackedLinear  # noqa: E402
+from qvlm_modifiers.packed_loader import PackedKernelsConfig  # noqa: E402
 
 SCHEMES = {"w4_asym": ("W4A16_ASYM", 4), "w3_sym": ("W3A16", 3)}
 NOT_QUANTIZED = ("model.vision_tower.", "model.multi_modal_projector.", "lm_head")
@@ -165,12 +165,14 @@ def test_triton_kernel_path_matches_reference_path(ckpts, monkeypatch):
     calls = []
     real = dispatch.packed_linear
     monkeypatch.setattr(dispatch, "packed_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: interpreter (set at the top)
+    model.to(device)
     with torch.no_grad():
         ref = reference(input_ids=ids).logits.float()
         packed_loader.set_backend(model, "reference")
-        torch_bf16 = model(input_ids=ids).logits.float()
+        torch_bf16 = model(input_ids=ids.to(device)).logits.float().cpu()
         packed_loader.set_backend(model, "triton")
-        triton_bf16 = model(input_ids=ids).logits.float()
+        triton_bf16 = model(input_ids=ids.to(device)).logits.float().cpu()
     err_torch = (torch_bf16 - ref).abs().max()
     err_triton = (triton_bf16 - ref).abs().max()
     assert err_triton <= 2 * err_torch + 0.01 * ref.abs().max(), (err_triton, err_torch)
