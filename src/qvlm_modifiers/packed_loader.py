@@ -242,6 +242,8 @@ def _supported_for_packing(module: nn.Module) -> bool:
     scheme = getattr(module, "quantization_scheme", None)
     if scheme is None or scheme.weights is None or not isinstance(module, nn.Linear):
         return False
+    if hasattr(module, "_hf_hook"):  # accelerate-offloaded (multi-device/disk maps): leave to upstream
+        return False
     args = scheme.weights
     return (
         getattr(module, "quantization_status", None) == QuantizationStatus.COMPRESSED
