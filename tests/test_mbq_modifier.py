@@ -19,6 +19,7 @@ from qvlm_modifiers.mbq.scale_search import activation_scales, alpha_grid
 from qvlm_modifiers.mbq.sensitivity import ModalitySensitivity, compute_modality_sensitivity
 
 RECORDED: dict[str, dict[str, torch.Tensor]] = {}
+BALANCE_NAMES: dict[str, list[str]] = {}
 
 W3_G128 = {"num_bits": 3, "type": "int", "symmetric": False, "strategy": "group", "group_size": 128}
 W4_CHANNEL_SYM = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel"}
@@ -28,6 +29,7 @@ IGNORE = ["lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
 
 def _record(tag, mapping, scales):
     RECORDED.setdefault(tag, {})[mapping.smooth_name] = scales.clone()
+    BALANCE_NAMES[mapping.smooth_name] = list(mapping.balance_names)
 
 
 class SpyMBQ(MBQModifier):
@@ -244,3 +246,54 @@ def test_recipe_fields_validate():
     for bad in ({"loss_mode": "l1"}, {"text_tokens": "prompt"}, {"vision_weight": -1}, {"act_bits": 1}):
         with pytest.raises(ValueError):
             MBQModifier(**bad)
+
+
+def _apply_scales_by_hand(model, scales):
+    """AWQ's smoothing, written out: smooth layer / s (rows of a Linear), balance layers' columns * s."""
+    with torch.no_grad():
+        for smooth_name, s in scales.items():
+            smooth = model.get_submodule(smooth_name)
+            if smooth.weight.ndim == 1:
+                smooth.weight.div_(s)
+            else:
+                smooth.weight[-s.numel():].div_(s.view(-1, 1))
+                if smooth.bias is not None:
+                    smooth.bias.div_(s)
+            for name in BALANCE_NAMES[smooth_name]:
+                model.get_submodule(name).weight.mul_(s.view(1, -1))
+
+
+def test_gptq_after_mbq_equals_gptq_on_the_smoothed_model(llava):
+    """MBQ scales, then GPTQ: llm-compressor 0.14 runs each Modifier in its own pipeline pass, so
+    GPTQ's Hessians come from the already-smoothed model. Checked against the same scales applied
+    by hand to a fresh model followed by GPTQ alone: identical weights and qparams."""
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    path, processor, rows = llava
+
+    def gptq():
+        return GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": W3_G128}},
+                            ignore=IGNORE, dampening_frac=0.01)
+
+    combined, rec = _run(path, processor, rows, SpyMBQ(vision_weight=0.3), gptq())
+    reference = _load(path)
+    _apply_scales_by_hand(reference, rec["mbq"])
+    qvlm_modifiers.oneshot(reference, processor=processor, dataset=rows, recipe=[gptq()],
+                           num_calibration_samples=len(rows), shuffle_calibration_samples=False)
+    n_quantized = 0
+    for name, module in combined.named_modules():
+        if name.startswith("model.language_model.layers.") and isinstance(module, torch.nn.Linear):
+            ref_module = reference.get_submodule(name)
+            assert torch.equal(module.weight, ref_module.weight), name
+            assert torch.equal(module.weight_scale, ref_module.weight_scale), name
+            assert torch.equal(module.weight_zero_point, ref_module.weight_zero_point), name
+            # int3 asymmetric: at most 8 levels per group of 128
+            assert module.weight[0, :128].unique().numel() <= 8
+            n_quantized += 1
+    assert n_quantized == 14  # 7 linears x 2 layers
+    # and the scales mattered: GPTQ on the unsmoothed model gives other weights
+    plain = _load(path)
+    qvlm_modifiers.oneshot(plain, processor=processor, dataset=rows, recipe=[gptq()],
+                           num_calibration_samples=len(rows), shuffle_calibration_samples=False)
+    name = "model.language_model.layers.0.mlp.down_proj"
+    assert not torch.equal(plain.get_submodule(name).weight, combined.get_submodule(name).weight)
