@@ -175,7 +175,6 @@ class MBQModifier(CPUSafeAWQMixin, AWQModifier):
     _wa_scales: torch.Tensor | None = PrivateAttr(default=None)
     _x_mean_for_wa: torch.Tensor | None = PrivateAttr(default=None)
     _all_token_stats: dict[str, list[torch.Tensor]] = PrivateAttr(default_factory=dict)
-    _chosen_alphas: dict[str, float] = PrivateAttr(default_factory=dict)
 
     @field_validator("sensitivity", mode="before")
     @classmethod
