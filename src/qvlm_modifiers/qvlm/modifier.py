@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
 
@@ -888,6 +889,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
             "thresholds": [round(float(h), 6) for h in part.thresholds],
             "entropy_threshold": self.entropy_threshold,
             "num_levels": self._num_levels,
+            "max_dependency": round(math.log(self._num_levels), 6),  # D <= log M (uniform levels)
             "estimator": self.entropy_estimator,
             "level_grid": self.entropy_level_grid,
             "temperature_scale": self.entropy_temperature_scale,
@@ -896,6 +898,12 @@ class QVLMModifier(Modifier, QuantizationMixin):
                 {k: (round(float(v), 8) if isinstance(v, float) else v) for k, v in r.items()} for r in self._block_losses
             ],
         }
+        if self._research_mode:
+            metadata["research_static_channel_activation_bits"] = self.research_static_channel_activation_bits
+            metadata["research_note"] = (
+                "static per-input-channel activation ranges were searched and applied as in-memory "
+                "fake-quant only; they are not part of this checkpoint"
+            )
         if self._veo_history is not None:
             metadata["visual_encoder_optimization"] = {
                 "lambda_ent": self.vision_lambda_ent, "lambda_err": self.vision_lambda_err,
