@@ -21,6 +21,7 @@ changes:
     compressed-tensors' ``unpack_from_int32``, dequantize, ``F.linear``, per call (transient
     dense weight, freed after the call).
 
+  Linears that accelerate offloads (multi-device or disk ``device_map``) keep upstream's route.
 - Modules in the checkpoint's ``ignore`` list stay plain ``nn.Linear`` with their stored weights,
   whether ``ignore`` holds in-memory names (``model.vision_tower...``) or the on-disk names
   compressed-tensors 0.19 writes (``vision_tower...``): on-disk names are mapped to in-memory
