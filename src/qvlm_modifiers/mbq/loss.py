@@ -39,6 +39,7 @@ __all__ = [
     "ModalityErrorSums",
     "modality_token_masks",
     "modality_error_sums",
+    "masked_error_sums",
     "modality_weighted_loss",
 ]
 
@@ -110,16 +111,28 @@ def modality_error_sums(
     :param loss_mask: ``(batch, seq)`` token classes 0/1/2
     :param loss_mode: ``"mae"`` sums ``|dY|`` (Eq. 17), ``"mse"`` sums ``dY**2``
     """
-    if loss_mode not in ("mae", "mse"):
-        raise ValueError(f"loss_mode must be 'mae' or 'mse', got {loss_mode!r}")
     if reference.shape[:-1] != loss_mask.shape:
         raise ValueError(
             f"loss_mask shape {tuple(loss_mask.shape)} does not match the block output's tokens "
             f"{tuple(reference.shape[:-1])}"
         )
+    text, vision = modality_token_masks(loss_mask.to(reference.device), text_tokens)
+    return masked_error_sums(reference, candidate, text, vision, loss_mode)
+
+
+@torch.no_grad()
+def masked_error_sums(
+    reference: torch.Tensor,
+    candidate: torch.Tensor,
+    text: torch.Tensor,
+    vision: torch.Tensor,
+    loss_mode: LossMode = "mae",
+) -> ModalityErrorSums:
+    """:func:`modality_error_sums` with precomputed boolean ``(batch, seq)`` text / vision masks."""
+    if loss_mode not in ("mae", "mse"):
+        raise ValueError(f"loss_mode must be 'mae' or 'mse', got {loss_mode!r}")
     diff = reference - candidate.to(reference.device)
     err = diff.abs() if loss_mode == "mae" else diff.pow(2)
-    text, vision = modality_token_masks(loss_mask.to(reference.device), text_tokens)
     acc = torch.float32 if err.dtype in (torch.float16, torch.bfloat16) else err.dtype
     per_token = err.sum(dim=-1, dtype=acc)  # reduce channels first: the masks then index (B, S) only
     return ModalityErrorSums(

@@ -77,7 +77,8 @@ from qvlm_modifiers.mbq.loss import (
     ModalityErrorSums,
     Normalization,
     TextTokens,
-    modality_error_sums,
+    masked_error_sums,
+    modality_token_masks,
     modality_weighted_loss,
 )
 from qvlm_modifiers.mbq.scale_search import AlphaGrid, activation_scales, alpha_grid, wa_candidate_input
@@ -175,6 +176,8 @@ class MBQModifier(CPUSafeAWQMixin, AWQModifier):
     _wa_scales: torch.Tensor | None = PrivateAttr(default=None)
     _x_mean_for_wa: torch.Tensor | None = PrivateAttr(default=None)
     _all_token_stats: dict[str, list[torch.Tensor]] = PrivateAttr(default_factory=dict)
+    _active_vision_weight: float | None = PrivateAttr(default=None)
+    _active_masks: list[tuple[torch.Tensor, torch.Tensor]] | None = PrivateAttr(default=None)
 
     @field_validator("sensitivity", mode="before")
     @classmethod
@@ -316,6 +319,8 @@ class MBQModifier(CPUSafeAWQMixin, AWQModifier):
         orig_layer_weights: dict[Module, torch.Tensor],
     ) -> torch.Tensor:
         self._active_mapping = mapping
+        self._active_vision_weight = self._vision_weight_for(mapping)
+        self._active_masks = self._token_masks(fp16_outputs)
         name = mapping.smooth_name
         if self.activation_stats_tokens == "all":
             # AWQ's loop reads x_mean from _smooth_activation_stats; give it the all-token statistics.
@@ -348,10 +353,25 @@ class MBQModifier(CPUSafeAWQMixin, AWQModifier):
             for handle in handles:
                 handle.remove()
             self._active_mapping = None
+            self._active_masks = None
             self._wa_scales = None
         if self._error_metrics:
-            self._error_metrics[-1]["vision_weight"] = self._vision_weight_for(mapping)
+            self._error_metrics[-1]["vision_weight"] = self._active_vision_weight
         return best
+
+    def _token_masks(self, fp16_outputs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per batch ``(text, vision)`` boolean masks, on the outputs' device (fixed per mapping)."""
+        loss_masks = active_session().state.loss_masks
+        masks = []
+        for batch_idx, reference in enumerate(fp16_outputs):
+            mask = loss_masks[batch_idx]
+            if mask is None:
+                raise CalibrationDataError(
+                    f"Calibration batch {batch_idx} has no loss_mask; every row needs one for MBQ."
+                )
+            mask = mask.to(reference.device).view(reference.shape[:-1])
+            masks.append(modality_token_masks(mask, self.text_tokens))
+        return masks
 
     def _get_grid_search_params(self):
         if self.duo_scaling is not False:
@@ -366,23 +386,15 @@ class MBQModifier(CPUSafeAWQMixin, AWQModifier):
     @torch.no_grad()
     def _compute_loss(self, fp16_outputs: list[torch.Tensor], int_w_outputs: list[torch.Tensor]) -> float:
         """Modality-weighted reconstruction error of the parent's output (Eq. 16-17)."""
-        loss_masks = active_session().state.loss_masks
         sums: ModalityErrorSums | None = None
-        for batch_idx, (reference, candidate) in enumerate(zip(fp16_outputs, int_w_outputs)):
-            mask = loss_masks[batch_idx]
-            if mask is None:
-                raise CalibrationDataError(
-                    f"Calibration batch {batch_idx} has no loss_mask; every row needs one for MBQ."
-                )
-            batch_sums = modality_error_sums(
-                reference, candidate, mask.view(reference.shape[:-1]), self.loss_mode, self.text_tokens
-            )
+        for (reference, candidate), (text, vision) in zip(zip(fp16_outputs, int_w_outputs), self._active_masks):
+            batch_sums = masked_error_sums(reference, candidate, text, vision, self.loss_mode)
             sums = batch_sums if sums is None else sums + batch_sums
         if is_distributed():
             sums = ModalityErrorSums.from_tensors(_allreduce_data_sum(sums.as_tensors()), sums.channels)
         loss = modality_weighted_loss(
             sums,
-            vision_weight=self._vision_weight_for(self._active_mapping),
+            vision_weight=self._active_vision_weight,
             text_weight=self.text_weight,
             loss_mode=self.loss_mode,
             normalization=self.loss_normalization,
