@@ -216,3 +216,14 @@ def test_mbq_recipe_gets_modality_labels(assets, tmp_path):
     assert quantize(assets, out, "mbq_w4", 2, "--quiet") == 0
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qcfg["config_groups"]["group_0"]["weights"]["num_bits"] == 4
+
+
+def test_quantize_with_the_model_offloaded(assets, tmp_path):
+    """--offload-dir loads through compressed-tensors' load_offloaded_model (accelerate device map
+    converted to compressed-tensors offloading); the sequential pipeline onloads layer by layer and
+    the checkpoint still reloads exactly."""
+    from qvlm_modifiers.inspect_ckpt import check_reload
+
+    out = tmp_path / "off"
+    assert quantize(assets, out, "gptq_w4a16", 2, "--quiet", "--offload-dir", tmp_path / "offload") == 0
+    assert check_reload(out)["exact"]

@@ -25,6 +25,38 @@ import time
 from pathlib import Path
 
 LOGIT_SCALE = 8.0
+# Search-effort settings that do not change what is written to quantization_config (scheme,
+# ignore list, format), only how long the search runs: this stage checks that vLLM accepts the
+# checkpoints, not the search quality (tests/test_qvlm*.py do that).
+FAST_OVERRIDES = {
+    "QVLMModifier": {"search_epochs": 1, "percentile_grid": [1.0, 0.99], "vision_epochs": 1},
+    "MBQModifier": {"n_grid": 2},
+    "AWQModifier": {"n_grid": 2},
+    "LMAWQModifier": {"n_grid": 2},
+}
+
+
+def fast_recipe(name: str, work: Path) -> str:
+    """The shipped recipe, or a copy with FAST_OVERRIDES applied to the Modifiers that have them."""
+    import yaml
+
+    import qvlm_modifiers
+
+    path = qvlm_modifiers.recipe_path(name)
+    data = yaml.safe_load(path.read_text())
+    changed = False
+    for stage in data.values():
+        for group in (stage or {}).values():
+            for mod_type, mod_args in (group or {}).items():
+                if mod_type in FAST_OVERRIDES and isinstance(mod_args, dict):
+                    mod_args.update(FAST_OVERRIDES[mod_type])
+                    changed = True
+    if not changed:
+        return name
+    out = work / "recipes" / f"{name}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"# {name} with fast search settings for the vLLM stage\n" + yaml.safe_dump(data, sort_keys=False))
+    return str(out)
 FAMILY = "qwen2_5_vl"
 QUESTION = "What shape is in the image?"
 
@@ -44,7 +76,7 @@ def main() -> int:
     parser.add_argument("workdir")
     parser.add_argument("--recipes", default="", help="comma-separated recipe names (default: all shipped)")
     parser.add_argument("--generate-weight-only", action="store_true")
-    parser.add_argument("--num-samples", type=int, default=4)
+    parser.add_argument("--num-samples", type=int, default=2)
     args = parser.parse_args()
 
     import torch
@@ -86,7 +118,7 @@ def main() -> int:
         out = work / "ckpt" / name
         if not (out / "config.json").is_file():
             t0 = time.perf_counter()
-            code = qvlm(["quantize", str(base), "--recipe", name, "--dataset", str(pairs), "--num-samples",
+            code = qvlm(["quantize", str(base), "--recipe", fast_recipe(name, work), "--dataset", str(pairs), "--num-samples",
                          str(args.num_samples), "--output", str(out), "--overwrite", "--quiet"])
             print(f"[prepare] qvlm quantize --recipe {name}: exit {code} in {time.perf_counter() - t0:.1f} s",
                   flush=True)
