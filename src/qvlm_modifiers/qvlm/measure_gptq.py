@@ -2,6 +2,10 @@
 
 ``python -m qvlm_modifiers.qvlm.measure_gptq [--rows 8] [--layers 4]``
 
+``python -m qvlm_modifiers.qvlm.measure_gptq --block-vs-layerwise --layers 6 --rows 4 --epochs 10``
+instead prints, per 3-layer block, the Eq. 3 block-output MSE of the layer-wise (Eq. 2) solution
+and of the joint block search started from it.
+
 Builds the zoo's tiny LLaVA with ``--layers`` decoder layers, calibrates ``QVLMModifier`` on
 ``--rows`` synthetic pairs for a few schemes, with ``gptq_rounding`` off and on, and prints per
 block the Eq. 3 block-output MSE of round-to-nearest inside the searched ranges vs GPTQ rounding
@@ -57,8 +61,11 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--block-vs-layerwise", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.block_vs_layerwise:
+        return block_vs_layerwise(args)
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -95,6 +102,30 @@ def main(argv=None) -> None:
             tail = f"| {held_mse[False]:.3e} / {held_mse[True]:.3e}" if i == 0 else ""
             print(f"{name:14s} {str(rec['layers']):10s} {rec['search_loss']:13.4e} {rec['gptq_loss']:14.4e}  "
                   f"{str(rec['gptq_kept']):6s} {tail}")
+
+
+def block_vs_layerwise(args) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import qvlm_modifiers
+    from qvlm_modifiers import data, zoo
+    from qvlm_modifiers.qvlm.modifier import QVLMModifier
+
+    path = tempfile.mkdtemp(prefix="qvlm-block-")
+    _build(args.layers, path)
+    processor = AutoProcessor.from_pretrained(path)
+    print(f"tiny LLaVA, {args.layers} decoder layers, {args.rows} calibration rows, blocks of 3 (h0 = -1)")
+    for name, group in SCHEMES.items():
+        model = AutoModelForImageTextToText.from_pretrained(path)
+        rows = data.build_calibration_dataset(zoo.sample_pairs(args.rows), processor, model, prompt_column="question")
+        modifier = QVLMModifier(config_groups={"g": {"targets": ["Linear"], **group}}, entropy_threshold=-1.0,
+                                search_epochs=args.epochs)
+        qvlm_modifiers.oneshot(model, processor=processor, dataset=rows, recipe=modifier,
+                               num_calibration_samples=len(rows), shuffle_calibration_samples=False)
+        for rec in model.config.qvlm_blocks["block_losses"]:
+            ratio = rec["search_loss"] / rec["layerwise_loss"]
+            print(f"{name:14s} {str(rec['layers']):10s} layer-wise {rec['layerwise_loss']:.4e}  "
+                  f"block {rec['search_loss']:.4e}  ratio {ratio:.3f}")
 
 
 if __name__ == "__main__":
