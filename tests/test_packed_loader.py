@@ -302,3 +302,20 @@ def test_qwen2_vl_on_disk_ignore_names(tmp_path):
     assert visual
     for name, module in visual:
         assert type(module) is torch.nn.Linear and torch.equal(module.weight, original.get_submodule(name).weight)
+
+
+def test_only_called_linears_are_taken_over():
+    """``nn.MultiheadAttention`` (SigLIP heads) reads ``out_proj.weight`` directly instead of
+    calling the module, so that Linear must keep upstream's dense route."""
+    from compressed_tensors.quantization import QuantizationScheme, QuantizationStatus, preset_name_to_scheme
+
+    def mark(module):
+        scheme: QuantizationScheme = preset_name_to_scheme("W4A16", ["Linear"])
+        scheme.format = "pack-quantized"
+        module.quantization_scheme = scheme
+        module.quantization_status = QuantizationStatus.COMPRESSED
+        module.weight_packed = torch.nn.Parameter(torch.zeros(8, 1, dtype=torch.int32), requires_grad=False)
+        return module
+
+    assert packed_loader._supported_for_packing(mark(torch.nn.Linear(8, 8)))
+    assert not packed_loader._supported_for_packing(mark(torch.nn.MultiheadAttention(8, 2).out_proj))

@@ -245,6 +245,8 @@ def _supported_for_packing(module: nn.Module) -> bool:
         return False
     if hasattr(module, "_hf_hook"):  # accelerate-offloaded (multi-device/disk maps): leave to upstream
         return False
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return False  # nn.MultiheadAttention reads out_proj.weight directly instead of calling it
     args = scheme.weights
     return (
         getattr(module, "quantization_status", None) == QuantizationStatus.COMPRESSED
