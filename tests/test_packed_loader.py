@@ -104,6 +104,8 @@ def test_reload_keeps_weights_packed_and_ignored_modules_untouched(ckpts, name):
         assert not mod_name.startswith(NOT_QUANTIZED)
         assert mod.weight_packed.dtype == torch.int32 and mod.layout.num_bits == bits
         assert not hasattr(mod, "weight")  # no dense copy kept
+    with pytest.raises(AttributeError, match="dequantized_weight"):
+        next(iter(packed.values())).weight
     assert not hasattr(model, "ct_decompress_hook")  # upstream's decompress-on-first-forward is gone
     original = AutoModelForImageTextToText.from_pretrained(base)
     orig_modules = dict(original.named_modules())

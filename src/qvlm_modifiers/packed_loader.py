@@ -181,6 +181,15 @@ class PackedLinear(nn.Module):
             bias,
         )
 
+    def __getattr__(self, name: str):
+        if name == "weight":
+            raise AttributeError(
+                "PackedLinear keeps its weight packed and has no dense `weight`: call `.dequantized_weight()` for "
+                "a dense copy, or load with QVLM_PACKED_KERNELS=0 (or "
+                "quantization_config=PackedKernelsConfig(packed_kernels=False)) to get dense Linears."
+            )
+        return super().__getattr__(name)
+
     def _use_triton(self, x: torch.Tensor) -> bool:
         if self.backend == "reference":
             return False
