@@ -85,14 +85,7 @@ def test_shipped_w4_recipe_on_every_family(family, saved_vlm, calib_pairs, tmp_p
 @pytest.fixture(scope="module")
 def deep_llava(tmp_path_factory):
     """LLaVA with 4 decoder layers (the zoo's has 2), so blocks of up to 3 layers can form."""
-    config, processor = zoo._BUILDERS["llava"]()
-    config.text_config.num_hidden_layers = 4
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(config)
-    path = tmp_path_factory.mktemp("deep_llava")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return zoo.save("llava", tmp_path_factory.mktemp("deep_llava"), seed=0, num_layers=4)
 
 
 def _layer_outputs(model, rows, quantized: bool):

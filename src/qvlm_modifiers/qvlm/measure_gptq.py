@@ -22,16 +22,9 @@ import torch
 
 
 def _build(layers: int, path: str):
-    from transformers import AutoModelForImageTextToText
-
     from qvlm_modifiers import zoo
 
-    config, processor = zoo._BUILDERS["llava"]()
-    config.text_config.num_hidden_layers = layers
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(config)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+    zoo.save("llava", path, seed=0, num_layers=layers)
 
 
 def _logits(model, rows):
