@@ -88,7 +88,7 @@ say "comparing vLLM with our transformers reload"
 if [ "${QVLM_VLLM_SERVE:-1}" != "0" ]; then
   say "serving w8a8 with vLLM's OpenAI-compatible server"
   unset VLLM_ENABLE_V1_MULTIPROCESSING
-  "$VENV/bin/python" "$ROOT/tests/vllm/serve_check.py" "$WORK" w8a8 "${QVLM_VLLM_PORT:-8765}" \
+  "$VENV/bin/python" "$ROOT/tests/vllm/serve_check.py" "$WORK" w8a8 "${QVLM_VLLM_PORT:-}" \
     || { tail -30 "$WORK/serve_w8a8.log"; say "FAILED: OpenAI server"; exit 1; }
 fi
 say "PASSED"

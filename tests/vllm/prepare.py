@@ -30,9 +30,9 @@ LOGIT_SCALE = 8.0
 # checkpoints, not the search quality (tests/test_qvlm*.py do that).
 FAST_OVERRIDES = {
     "QVLMModifier": {"search_epochs": 1, "percentile_grid": [1.0, 0.99], "vision_epochs": 1},
-    "MBQModifier": {"n_grid": 2},
-    "AWQModifier": {"n_grid": 2},
-    "LMAWQModifier": {"n_grid": 2},
+    "MBQModifier": {"n_grid": 4},
+    "AWQModifier": {"n_grid": 4},  # duo_scaling halves it; 2 points minimum
+    "LMAWQModifier": {"n_grid": 4},
 }
 
 

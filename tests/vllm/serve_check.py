@@ -34,7 +34,14 @@ def _get(url: str, timeout: float = 5):
 
 def main() -> int:
     work, name = Path(sys.argv[1]), sys.argv[2]
-    port = int(sys.argv[3]) if len(sys.argv) > 3 else 8765
+    if len(sys.argv) > 3 and sys.argv[3]:
+        port = int(sys.argv[3])
+    else:  # a free loopback port
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
     manifest = json.loads((work / "manifest.json").read_text())
     results = json.loads((work / "results.json").read_text())
     expected = results["checkpoints"][name]
