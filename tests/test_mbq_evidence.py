@@ -19,6 +19,7 @@ against the unquantized model (independent of either search's loss).
 
 from __future__ import annotations
 
+import pytest
 import torch
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from llmcompressor.modifiers.transform.awq.mappings import AWQMapping
@@ -32,6 +33,17 @@ from qvlm_modifiers.mbq.modifier import MBQModifier
 LAYER0 = r"re:model\.language_model\.layers\.0\."
 MAPPING = [AWQMapping(LAYER0 + "post_attention_layernorm$", [LAYER0 + r"mlp\.gate_proj$", LAYER0 + r"mlp\.up_proj$"])]
 W3_G128 = {"num_bits": 3, "type": "int", "symmetric": False, "strategy": "group", "group_size": 128}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and oversubscribed threads on a busy CI
+    machine slow every small matmul down by orders of magnitude; restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 
 
 def _conflicted_llava(path):
