@@ -19,9 +19,10 @@ load). Nothing is saved (saving is a separate step with its own memory profile).
 
 Printed per run: layers, width, weights, working memory, calibration time and time per layer.
 Then the checks the claim needs: working memory at the largest depth within 20% of the smallest
-depth (flat), and time per layer within 35% across depths (total time linear in depth; looser
-because two shared CPU cores make timings noisy). Finally a projection to 7B/13B/72B-class
-language models, fitted on the width series (see :func:`project`). Exit code 1 if a check fails.
+depth (flat), and calibration time linear in depth (least-squares ``fixed + per_layer * L``, every
+run within 15% of the line; the fixed part is tracing and caching the inputs). Finally a
+projection to 7B/13B/72B-class language models, fitted on the width series (see :func:`project`).
+``--summarize results.json`` re-prints the checks of an earlier ``--json-out``. Exit code 1 if a check fails.
 """
 
 from __future__ import annotations
@@ -208,6 +209,43 @@ def project(width_runs: list[dict], num_samples: int, seq_len: float) -> list[st
     return lines
 
 
+def summarize(results: list[dict], recipes: list[str], num_samples: int) -> tuple[bool, list[str]]:
+    """Checks and projection from the runs: memory flat in depth (+-20% between the shallowest and
+    the deepest model), time linear in depth (least-squares ``t = fixed + per_layer * L``, every run
+    within 15% of the line; the fixed part is tracing the model and caching the calibration inputs)."""
+    ok = True
+    lines = []
+    for recipe in recipes:
+        depth_runs = sorted((r for r in results if r["recipe"] == recipe and r["series"] == "depth"),
+                            key=lambda r: r["layers"])
+        if len(depth_runs) >= 2:
+            lo, hi = depth_runs[0], depth_runs[-1]
+            mem_ratio = hi["working_bytes"] / lo["working_bytes"]
+            weight_ratio = hi["weights_bytes"] / lo["weights_bytes"]
+            ls = [r["layers"] for r in depth_runs]
+            ts = [r["seconds"] for r in depth_runs]
+            n = len(ls)
+            ml, mt = sum(ls) / n, sum(ts) / n
+            per_layer = sum((x - ml) * (y - mt) for x, y in zip(ls, ts)) / sum((x - ml) ** 2 for x in ls)
+            fixed = mt - per_layer * ml
+            worst = max(abs(t - (fixed + per_layer * x)) / t for x, t in zip(ls, ts))
+            flat = abs(mem_ratio - 1) <= 0.20
+            linear = worst <= 0.15
+            ok &= flat and linear
+            lines.append(f"{recipe}: {lo['layers']} -> {hi['layers']} layers: weights x{weight_ratio:.2f}, working "
+                         f"memory x{mem_ratio:.3f} ({'FLAT' if flat else 'NOT flat'}, limit +-20%)")
+            lines.append(f"{recipe}: calibration time = {fixed:.1f} s + {per_layer:.2f} s/layer x L, worst run off the "
+                         f"line by {worst:.0%} ({'LINEAR' if linear else 'NOT linear'}, limit 15%)")
+        width_runs = sorted((r for r in results if r["recipe"] == recipe and r["series"] == "width"),
+                            key=lambda r: r["width"])
+        if width_runs:
+            lines.append(f"{recipe}: width series (" + ", ".join(
+                f"W={r['width']}: {r['working_bytes'] / 2**20:.1f} MiB" for r in width_runs) + ")")
+            seq = sum(r["mean_seq_len"] for r in width_runs) / len(width_runs)
+            lines += project(width_runs, num_samples, seq)
+    return ok, lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipes", default="gptq_w4a16", help="comma-separated shipped recipe names")
@@ -220,6 +258,8 @@ def main() -> int:
                         help="load the model offloaded (compressed-tensors auto_offload: CPU, then disk)")
     parser.add_argument("--workdir", default=None, help="keep built models here (default: a temp dir)")
     parser.add_argument("--json-out", default=None)
+    parser.add_argument("--summarize", default=None, metavar="JSON",
+                        help="only print the checks and projection of a previous --json-out")
     # internal
     parser.add_argument("--child-build", default=None)
     parser.add_argument("--child-measure", default=None)
@@ -229,6 +269,11 @@ def main() -> int:
     parser.add_argument("--offload-dir", default=None)
     args = parser.parse_args()
 
+    if args.summarize:
+        runs = json.loads(Path(args.summarize).read_text())["runs"]
+        ok, lines = summarize(runs, sorted({r["recipe"] for r in runs}), runs[0]["num_samples"])
+        print("\n".join(lines))
+        return 0 if ok else 1
     if args.child_build:
         build_model(args.layers, args.width, 0, Path(args.child_build))
         return 0
@@ -266,30 +311,7 @@ def main() -> int:
         tqdm.write(f"{recipe:<14} {series:<6} {res['layers']:>6} {res['width']:>6} {_mib(res['weights_bytes'])} "
                    f"{_mib(res['working_bytes'])} {res['seconds']:8.1f} {res['seconds_per_layer']:8.2f}")
 
-    ok = True
-    lines = []
-    for recipe in recipes:
-        depth_runs = sorted((r for r in results if r["recipe"] == recipe and r["series"] == "depth"),
-                            key=lambda r: r["layers"])
-        if len(depth_runs) >= 2:
-            lo, hi = depth_runs[0], depth_runs[-1]
-            mem_ratio = hi["working_bytes"] / lo["working_bytes"]
-            weight_ratio = hi["weights_bytes"] / lo["weights_bytes"]
-            tpl = [r["seconds_per_layer"] for r in depth_runs]
-            time_spread = max(tpl) / min(tpl)
-            flat = abs(mem_ratio - 1) <= 0.20
-            linear = time_spread <= 1.35
-            ok &= flat and linear
-            lines.append(f"{recipe}: {lo['layers']} -> {hi['layers']} layers: weights x{weight_ratio:.2f}, working "
-                         f"memory x{mem_ratio:.3f} ({'FLAT' if flat else 'NOT flat'}, limit +-20%); time per layer "
-                         f"max/min {time_spread:.2f} ({'LINEAR' if linear else 'NOT linear'}, limit 1.35)")
-        width_runs = sorted((r for r in results if r["recipe"] == recipe and r["series"] == "width"),
-                            key=lambda r: r["width"])
-        if width_runs:
-            lines.append(f"{recipe}: projection (" + ", ".join(
-                f"W={r['width']}: {r['working_bytes'] / 2**20:.1f} MiB" for r in width_runs) + ")")
-            seq = sum(r["mean_seq_len"] for r in width_runs) / len(width_runs)
-            lines += project(width_runs, args.num_samples, seq)
+    ok, lines = summarize(results, recipes, args.num_samples)
     print("\n".join(lines))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"runs": results, "summary": lines}, indent=2))

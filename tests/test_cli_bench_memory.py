@@ -1,0 +1,56 @@
+"""eval/bench_memory.py's verdicts on synthetic run records (the benchmark itself is run by hand:
+it builds and quantizes models up to 32 layers, too slow for CI)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "eval" / "bench_memory.py"
+spec = importlib.util.spec_from_file_location("bench_memory", _PATH)
+bench_memory = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench_memory)
+
+
+def _run(layers, width, working_mib, seconds, series="depth"):
+    return {"recipe": "gptq_w4a16", "series": series, "layers": layers, "width": width,
+            "weights_bytes": layers * 12 * width * width * 2, "working_bytes": working_mib * 2**20,
+            "seconds": seconds, "seconds_per_layer": seconds / layers, "mean_seq_len": 40.0, "num_samples": 8}
+
+
+def test_flat_memory_and_linear_time_pass():
+    runs = [_run(L, 256, 70 + 0.1 * L, 20 + 3 * L) for L in (4, 8, 16, 32)]
+    ok, lines = bench_memory.summarize(runs, ["gptq_w4a16"], 8)
+    assert ok, lines
+    assert "FLAT" in lines[0] and "LINEAR" in lines[1]
+    assert "3.00 s/layer" in lines[1] and "20.0 s" in lines[1]  # the exact line through the points
+
+
+def test_memory_growing_with_depth_fails():
+    runs = [_run(L, 256, 10 * L, 20 + 3 * L) for L in (4, 8, 16, 32)]
+    ok, lines = bench_memory.summarize(runs, ["gptq_w4a16"], 8)
+    assert not ok and "NOT flat" in lines[0]
+
+
+def test_superlinear_time_fails():
+    runs = [_run(L, 256, 70, 0.5 * L * L) for L in (4, 8, 16, 32)]
+    ok, lines = bench_memory.summarize(runs, ["gptq_w4a16"], 8)
+    assert not ok and "NOT linear" in lines[1]
+
+
+def test_projection_recovers_a_known_linear_law():
+    """Working memory generated as exactly 50 MiB + 1.0 x analytic(W) must be fitted back and
+    projected to the analytic value at 7B size."""
+    tokens = 8 * 40.0
+    runs = []
+    for w in (128, 256, 512):
+        mem = 50 * 2**20 + bench_memory.analytic_bytes(w, 2 * w, tokens)
+        r = _run(2, w, 0, 10.0, series="width")
+        r["working_bytes"] = mem
+        runs.append(r)
+    lines = bench_memory.project(runs, 8, 40.0)
+    assert "50.0 MiB + 1.00 x analytic(W)" in lines[0]
+    expected_7b = (50 * 2**20 + bench_memory.analytic_bytes(4096, 11008, tokens)) / 2**30
+    assert f"{expected_7b:6.2f} GiB" in lines[1]
