@@ -101,6 +101,14 @@ def test_overwrite_replaces_a_previous_checkpoint(assets, w8a8, tmp_path):
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qcfg["config_groups"]["group_0"]["weights"]["num_bits"] == 4
 
+    from qvlm_modifiers.inspect_ckpt import inspect_checkpoint
+
+    report = inspect_checkpoint(out)
+    down = [m for m in report.modules if m.name.endswith("layers.0.mlp.down_proj")]
+    assert len(down) == 1 and down[0].format == "pack-quantized"
+    assert down[0].weight_shape == (128, 256)  # zoo: hidden 128, MLP 256 (logical, unpacked shape)
+    assert 4.0 < report.effective_bits_quantized < 4.5  # 4-bit codes + one scale/zero per 128 weights
+
 
 # ------------------------------------------------------------------------------------ inspect
 def test_inspect_reports_schemes_ignored_bits_size_and_exact_reload(w8a8, capsys):

@@ -238,6 +238,13 @@ def _group_for(name: str, groups: dict[str, dict]) -> str | None:
     return class_targets[0] if class_targets else None
 
 
+def _read_small_tensor(path: Path, name: str) -> tuple[int, ...]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return tuple(int(v) for v in fh.get_tensor(name).flatten().tolist())
+
+
 def inspect_checkpoint(ckpt: str | Path, reload: bool = False) -> CheckpointReport:
     """Describe a checkpoint: per-module scheme, ignored modules, bits, size vs bf16 [, reload check]."""
     ckpt = Path(ckpt)
@@ -258,6 +265,7 @@ def inspect_checkpoint(ckpt: str | Path, reload: bool = False) -> CheckpointRepo
     ignore = list(qcfg.get("ignore") or [])
     quant_format = qcfg.get("format")
 
+    file_of = {name: h.path for h in headers for name in h.tensors}
     by_module: dict[str, dict[str, dict]] = defaultdict(dict)
     for name, info in tensors.items():
         module, _, leaf = name.rpartition(".")
@@ -293,6 +301,8 @@ def inspect_checkpoint(ckpt: str | Path, reload: bool = False) -> CheckpointRepo
             per_word = 32 // bits if bits else None
             cols = packed["shape"][1] * per_word if per_word and packed["dtype"] == "I32" else None
             shape = (rows, cols) if cols else tuple(packed["shape"])
+            if "weight_shape" in leaves:  # the logical shape, stored by compressed-tensors (exact for 3/5/6/7 bits)
+                shape = _read_small_tensor(file_of[f"{module}.weight_shape"], f"{module}.weight_shape")
         else:
             fmt = quant_format or "int-quantized"
             shape = tuple(leaves["weight"]["shape"])
