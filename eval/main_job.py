@@ -88,7 +88,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR),
                         help="VLM directory (assembled here first when it is the default and absent)")
-    parser.add_argument("--recipe", default="gptq_w4a16", help="shipped recipe name or YAML path")
+    parser.add_argument("--recipe", default=str(EVAL_DIR / "recipes" / "gptq_w4a16_g64.yaml"),
+                        help="shipped recipe name or YAML path (default: GPTQ W4A16 group 64, since SmolLM2's "
+                             "576/1536 columns are not multiples of the shipped recipes' group 128)")
     parser.add_argument("--output-dir", help="quantized checkpoint dir (default eval/results/<model>/<recipe>)")
     parser.add_argument("--results-dir", help="where the JSON record goes (default eval/results/<model>)")
     parser.add_argument("--calib-samples", type=int, default=32)
