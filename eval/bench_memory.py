@@ -177,8 +177,9 @@ def analytic_bytes(width: int, inter: int, tokens: int) -> float:
 def project(width_runs: list[dict], num_samples: int, seq_len: float) -> list[str]:
     """Least-squares fit ``working = a + b * analytic_bytes(W)`` over the width series (a: fixed
     overhead of the pipeline, b: how much of the analytic per-layer state is really resident), then
-    evaluated at real model sizes; time per layer is fitted as ``c * flops(W)`` with flops = the
-    two passes' forward FLOPs (2 * 2 * tokens * params of the layer) + GPTQ's O(in^3) inverse."""
+    evaluated at real model sizes; time per layer is fitted as ``t0 + c * flops(W)`` with flops = the
+    two passes' forward FLOPs (2 * 2 * tokens * params of the layer) + GPTQ's O(in^3) inverse.
+    Both fits extrapolate far beyond the measured widths: order-of-magnitude estimates."""
     if len(width_runs) < 2:
         return ["(projection needs at least two widths)"]
     tokens = num_samples * seq_len
@@ -195,14 +196,16 @@ def project(width_runs: list[dict], num_samples: int, seq_len: float) -> list[st
 
     fs = [flops(r["width"], 2 * r["width"], tokens) for r in width_runs]
     ts = [r["seconds_per_layer"] for r in width_runs]
-    c = sum(f * t for f, t in zip(fs, ts)) / sum(f * f for f in fs)
+    mf, mt = sum(fs) / n, sum(ts) / n
+    c = max(sum((f - mf) * (t - mt) for f, t in zip(fs, ts)) / max(sum((f - mf) ** 2 for f in fs), 1e-30), 0.0)
+    t0 = max(mt - c * mf, 0.0)  # per-layer overhead that does not scale with FLOPs (hooks, onload, Python)
     lines = [f"fit on widths {[r['width'] for r in width_runs]}: working = {a / 2**20:.1f} MiB + "
-             f"{b:.2f} x analytic(W); time/layer = {c:.3e} s/FLOP (this machine)"]
+             f"{b:.2f} x analytic(W); time/layer = {t0:.2f} s + {c:.3e} s/FLOP (this machine)"]
     for name, w, inter, layers in PROJECTION_TARGETS:
         for samples, seq in ((num_samples, seq_len), (128, 512)):
             tok = samples * seq
             mem = a + b * analytic_bytes(w, inter, tok)
-            t = c * flops(w, inter, tok) * layers
+            t = (t0 + c * flops(w, inter, tok)) * layers
             lines.append(f"  {name:<38} {samples:>4} samples x {seq:>5.0f} tokens: working memory ~ "
                          f"{mem / 2**30:6.2f} GiB above the weights (independent of its {layers} layers); "
                          f"calibration ~ {t / 3600:7.2f} h at this machine's speed")
