@@ -300,7 +300,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="short GPU run: W4/W3 g128 sym, shapes 4096x4096 and 4096x11008, M in {1, 16, 256}")
     p.add_argument("--strict", action="store_true", help="stop at the first failing measurement")
-    p.add_argument("--e2e", choices=["on", "off"], default="on", help="end-to-end decode line")
+    p.add_argument("--e2e", choices=["on", "off", "only"], default="on",
+                   help="end-to-end decode line: on (after the layer table), off, or only (skip the layer table)")
     p.add_argument("--e2e-layers", type=int, default=8)
     p.add_argument("--e2e-tokens", type=int, default=64)
     p.add_argument("--workdir", default=None, help="where the e2e checkpoints go (default: a temp dir)")
@@ -328,11 +329,13 @@ def main(argv=None) -> list[dict]:
               f"torch {torch.__version__}, triton {triton.__version__}")
         print("# !!! CPU run: tiny shapes, interpreted kernels. The timings below MEAN NOTHING; this run only "
               "checks that the benchmark works.")
-    t0 = time.perf_counter()
-    rows = bench_layers(args, device)
-    summarize(rows, device)
-    print(f"# layer table took {time.perf_counter() - t0:.0f} s (Triton compilation and tuning included)")
-    if args.e2e == "on":
+    rows: list[dict] = []
+    if args.e2e != "only":
+        t0 = time.perf_counter()
+        rows = bench_layers(args, device)
+        summarize(rows, device)
+        print(f"# layer table took {time.perf_counter() - t0:.0f} s (Triton compilation and tuning included)")
+    if args.e2e in ("on", "only"):
         try:
             if args.workdir:
                 bench_end_to_end(args, device, args.workdir)

@@ -195,16 +195,19 @@ def test_recipes_lists_every_shipped_recipe_with_its_header(capsys):
         assert line.endswith(first_comment) and recipe_description(path) == first_comment
 
 
-def test_bench_runs_the_script_with_its_arguments(tmp_path, monkeypatch, capsys):
+def test_bench_runs_the_script_with_its_arguments(tmp_path, monkeypatch, capfd):
     import qvlm_modifiers.cli as cli
 
     script = tmp_path / "bench.py"
     script.write_text("import sys; print('ARGS', sys.argv[1:]); sys.exit(3)\n")
-    monkeypatch.setattr(cli, "_bench_scripts", lambda: {"kernels": script, "e2e": tmp_path / "missing.py",
-                                                        "memory": script})
+    monkeypatch.setattr(cli, "_bench_scripts", lambda: {"kernels": script, "e2e": script,
+                                                        "memory": tmp_path / "missing.py"})
     assert main(["bench", "kernels", "--sizes", "64"]) == 3  # the script's exit code is passed on
-    code = main(["bench", "e2e"])
-    assert code == 2 and "not in this installation" in capsys.readouterr().err
+    assert "ARGS ['--sizes', '64']" in capfd.readouterr().out
+    assert main(["bench", "e2e"]) == 3
+    assert "ARGS ['--e2e', 'only']" in capfd.readouterr().out  # e2e = the kernel bench's decode line only
+    code = main(["bench", "memory"])
+    assert code == 2 and "not in this installation" in capfd.readouterr().err
 
 
 def test_console_script_and_module_entry_point(tmp_path):

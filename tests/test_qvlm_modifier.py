@@ -220,9 +220,12 @@ def test_shipped_weight_activation_recipes(name, bits):
     recipe = qvlm_modifiers.load_recipe(name)
     (mod,) = [m for m in recipe.modifiers if isinstance(m, QVLMModifier)]
     (scheme,) = mod.resolved_config.config_groups.values()
-    assert scheme.weights.num_bits == bits and scheme.weights.strategy == "channel" and not scheme.weights.symmetric
+    # W4A4/W6A6 are asymmetric (paper); W8A8 is symmetric so that vLLM's int8 W8A8 kernels serve it
+    assert scheme.weights.num_bits == bits and scheme.weights.strategy == "channel"
+    assert scheme.weights.symmetric is (bits == 8)
     act = scheme.input_activations
     assert act.num_bits == bits and act.dynamic is True and act.strategy == "token"
+    assert act.symmetric is (bits == 8)
     assert mod.max_block_layers == 3 and mod.percentile_grid == [1.0, 0.995, 0.99, 0.985, 0.98]
     assert mod.search_epochs == 10 and mod.quantize_vision_tower is False
     w4 = [m for m in qvlm_modifiers.load_recipe("qvlm_w4").modifiers if isinstance(m, QVLMModifier)][0]

@@ -670,7 +670,8 @@ def _bench_scripts() -> dict[str, Path]:
     repo = Path(__file__).resolve().parents[2]
     return {
         "kernels": Path(kernels.__file__).parent / "bench.py",
-        "e2e": repo / "eval" / "bench_e2e.py",
+        # kernels/bench.py prints the end-to-end decode line itself; "e2e" runs only that line
+        "e2e": Path(kernels.__file__).parent / "bench.py",
         "memory": repo / "eval" / "bench_memory.py",
     }
 
@@ -682,7 +683,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"The {args.which} benchmark ({script}) is not in this installation: the eval/ scripts ship with the "
             "source tree only. Run `qvlm bench` from a git checkout installed with `pip install -e .`."
         )
-    cmd = [sys.executable, str(script), *args.bench_args]
+    extra = ["--e2e", "only"] if args.which == "e2e" else []
+    cmd = [sys.executable, str(script), *extra, *args.bench_args]
     log.info("qvlm bench: %s", " ".join(cmd))
     env = dict(os.environ)
     if args.quiet:

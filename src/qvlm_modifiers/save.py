@@ -300,6 +300,10 @@ def save_pretrained(
     out = check_output_dir(output_dir, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    # mkdtemp creates the directory 0700; the checkpoint gets the mode a plain mkdir would give it.
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     try:
         modify_save_pretrained(model)  # llm-compressor's compressed save, per instance
         model.save_pretrained(str(tmp), save_compressed=save_compressed, **save_kwargs)
