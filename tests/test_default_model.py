@@ -137,7 +137,8 @@ def floor_data(reloaded):
     from qvlm_modifiers import metrics
 
     model, processor = reloaded
-    vqa = metrics.load_vqa_dataset("easy-vqa", split="test", num_samples=48, seed=0)
+    # 200 questions: one question is 0.5 points, so the 5-point floor is 10 questions, not 2.4
+    vqa = metrics.load_vqa_dataset("easy-vqa", split="test", num_samples=200, seed=0)
     kl_rows = metrics.load_vqa_dataset("easy-vqa", split="test", num_samples=8, seed=1)
     fp = metrics.evaluate_vqa(model, processor, vqa, batch_size=16, max_new_tokens=4)
     return vqa, kl_rows, fp, metrics.answer_logprobs(model, processor, kl_rows)
@@ -177,16 +178,15 @@ def test_w8a8_stays_close_to_full_precision(reloaded, floor_data):
     assert acc > CHANCE, acc
 
 
-@pytest.mark.slow  # GPTQ over 30 layers: several CPU-minutes
-@pytest.mark.xfail(strict=False, reason=(
-    "floor not met by the current default model: GPTQ W4A16 g64 with 8 calibration rows measured 39.6% vs FP 52.1% "
-    "on these 48 questions (2026-11-25); the FP model is weak (44% test), see eval/README.md"))
+@pytest.mark.slow  # GPTQ over 30 layers + 2 x 200 questions: ~2-3 CPU-minutes
 def test_gptq_w4a16_accuracy_within_5_points_of_full_precision(reloaded, floor_data):
+    """GPTQ W4A16 g64 on 32 easy-vqa train rows. Measured 2026-11-25: FP 46.5%, GPTQ 43.0% on these 200
+    test questions (with 8 rows and 48 questions it missed the floor: 39.6% vs 52.1%)."""
     from qvlm_modifiers import metrics
 
     model, processor = reloaded
     vqa, _, fp, _ = floor_data
-    q_model = _quantize(model, processor, str(GPTQ_G64), calib_rows=8)
+    q_model = _quantize(model, processor, str(GPTQ_G64), calib_rows=32)
     acc = metrics.evaluate_vqa(q_model, processor, vqa, batch_size=16, max_new_tokens=4)["accuracy"]
     assert acc > CHANCE, acc
     assert acc >= fp["accuracy"] - 0.05, (acc, fp["accuracy"])
