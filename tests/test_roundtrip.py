@@ -22,7 +22,6 @@ To add a recipe (e.g. an MBQ/Q-VLM one) to the round trip, append ``(recipe_name
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -61,24 +60,10 @@ LOGITS_ATOL = 1e-5
 
 
 
-@contextmanager
-def upstream_loading():
-    """Reload with transformers' own compressed-tensors quantizer.
-
-    ``import qvlm_modifiers`` also registers :mod:`qvlm_modifiers.packed_loader` (packed kernels,
-    and it repairs ``ignore`` lists on load). The checkpoint itself must reload exactly in a
-    process that never imported this package (and in vLLM), so reloads here go through upstream.
-    """
-    from qvlm_modifiers import packed_loader
-
-    was_registered = packed_loader.is_registered()
-    if was_registered:
-        packed_loader.unregister()
-    try:
-        yield
-    finally:
-        if was_registered:
-            packed_loader.register()
+# ``import qvlm_modifiers`` also registers qvlm_modifiers.packed_loader (packed kernels, and it
+# repairs ``ignore`` lists on load). The checkpoint itself must reload exactly in a process that
+# never imported this package (and in vLLM), so reloads here go through upstream.
+from qvlm_modifiers.packed_loader import upstream_loading  # noqa: E402
 
 
 def load_upstream(path):

@@ -11,7 +11,6 @@ missing/unexpected/mismatched keys (the symptom of the vision-tower re-initializ
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
@@ -335,26 +334,6 @@ def inspect_checkpoint(ckpt: str | Path, reload: bool = False) -> CheckpointRepo
     return report
 
 
-@contextlib.contextmanager
-def _plain_transformers_loading():
-    """Load as a user without this package would: ``import qvlm_modifiers`` registers a loader
-    (:mod:`qvlm_modifiers.packed_loader`) that also repairs ``ignore`` lists on load; the reload
-    check must judge the checkpoint itself, so transformers' own quantizer is restored meanwhile."""
-    try:
-        from qvlm_modifiers import packed_loader
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    was_registered = packed_loader.is_registered()
-    if was_registered:
-        packed_loader.unregister()
-    try:
-        yield
-    finally:
-        if was_registered:
-            packed_loader.register()
-
-
 def check_reload(ckpt: str | Path, headers: list[SafetensorsHeader] | None = None,
                  trust_remote_code: bool = False) -> dict[str, Any]:
     """Reload with transformers and compare every tensor with the file, bit for bit.
@@ -370,10 +349,12 @@ def check_reload(ckpt: str | Path, headers: list[SafetensorsHeader] | None = Non
     from transformers import AutoModelForImageTextToText
     from transformers.core_model_loading import revert_weight_conversion
 
+    from qvlm_modifiers.packed_loader import upstream_loading
+
     ckpt = Path(ckpt)
     headers = headers or [read_safetensors_header(f) for f in checkpoint_files(ckpt)]
     try:
-        with _plain_transformers_loading():
+        with upstream_loading():  # judge the checkpoint itself, as plain transformers loads it
             model, info = AutoModelForImageTextToText.from_pretrained(
                 ckpt, dtype="auto", use_safetensors=True, output_loading_info=True,
                 trust_remote_code=trust_remote_code,

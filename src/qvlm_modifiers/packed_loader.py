@@ -44,6 +44,8 @@ tensors needs ``TRITON_INTERPRET=1`` (tests only).
 
 from __future__ import annotations
 
+import contextlib
+
 import functools
 import os
 import re
@@ -396,3 +398,19 @@ def unregister() -> None:
 
 def is_registered() -> bool:
     return hf_auto.AUTO_QUANTIZER_MAPPING.get("compressed-tensors") is PackedCompressedTensorsHfQuantizer
+
+
+@contextlib.contextmanager
+def upstream_loading():
+    """Load with transformers' own compressed-tensors quantizer inside the block (then restore).
+
+    For judging a checkpoint itself, as a process that never imported this package (or vLLM)
+    would see it: this loader also repairs ``ignore`` lists on load, upstream does not."""
+    was_registered = is_registered()
+    if was_registered:
+        unregister()
+    try:
+        yield
+    finally:
+        if was_registered:
+            register()
