@@ -16,7 +16,6 @@ Fixtures for every test module:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -25,10 +24,10 @@ import torch
 
 from qvlm_modifiers import zoo
 
-# Under pytest-xdist (`pytest -n 2`, the README's test command) every worker gets one thread: the
-# tiny models gain nothing from intra-op threads, and 2 workers x N threads on 2 cores thrash.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+# One intra-op thread for the whole suite: the tiny models gain nothing from threads, and
+# oversubscribed threads on a busy 2-core CI machine (2 pytest-xdist workers with `-n 2`, the
+# README's test command) slow every small matmul down by orders of magnitude.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

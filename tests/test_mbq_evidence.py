@@ -35,16 +35,6 @@ MAPPING = [AWQMapping(LAYER0 + "post_attention_layernorm$", [LAYER0 + r"mlp\.gat
 W3_G128 = {"num_bits": 3, "type": "int", "symmetric": False, "strategy": "group", "group_size": 128}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and oversubscribed threads on a busy CI
-    machine slow every small matmul down by orders of magnitude; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 
 def _conflicted_llava(path):
     model = AutoModelForImageTextToText.from_pretrained(path)

@@ -27,16 +27,6 @@ A8_TOKEN = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token"
 IGNORE = ["lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and oversubscribed threads on a busy CI
-    machine slow every small matmul down by orders of magnitude; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 
 def _record(tag, mapping, scales):
     RECORDED.setdefault(tag, {})[mapping.smooth_name] = scales.clone()

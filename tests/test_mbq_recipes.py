@@ -23,16 +23,6 @@ MBQ_RECIPES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and oversubscribed threads on a busy CI
-    machine slow every small matmul down by orders of magnitude; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 
 def test_recipes_are_shipped_and_valid():
     assert set(MBQ_RECIPES) <= set(qvlm_modifiers.list_recipes())

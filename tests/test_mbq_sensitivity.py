@@ -21,16 +21,6 @@ from qvlm_modifiers.mbq.sensitivity import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and oversubscribed threads on a busy CI
-    machine slow every small matmul down by orders of magnitude; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 
 @pytest.fixture(scope="module")
 def llava_and_rows(saved_vlm, calib_pairs):

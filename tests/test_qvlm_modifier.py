@@ -18,15 +18,6 @@ from qvlm_modifiers.families import decoder_layers, get_family
 from qvlm_modifiers.qvlm.modifier import METADATA_ATTRIBUTE, QVLMModifier
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the CI box has 2 shared cores: intra-op threads only add contention for these tiny tensors
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _rows(path, calib_pairs, n=2):
     processor = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path)
