@@ -145,7 +145,8 @@ def oneshot(
     :param sequential_targets: defaults to the family's decoder layer class when calibrating
     :param data_collator: defaults to :func:`qvlm_modifiers.data.collate_fn` when available
     :param save_compressed: pack weights in the saved checkpoint
-    :param kwargs: every other ``llmcompressor.oneshot`` argument
+    :param kwargs: every other ``llmcompressor.oneshot`` argument; ``use_loss_mask`` defaults to
+        True when the recipe has one of this package's Modifiers (they weigh tokens by modality)
     :return: the calibrated model
     """
     import llmcompressor
@@ -195,6 +196,16 @@ def oneshot(
         getattr(m, "requires_calibration_data", False) for m in _recipe_modifiers(recipe)
     ):
         sequential_targets = [decoder_layer_class_name(model)]
+
+    if "use_loss_mask" not in kwargs and dataset is not None:
+        from qvlm_modifiers._registry import all_modifiers
+
+        # MBQ / Q-VLM read the per-token modality labels (loss_mask: text/vision) from
+        # state.loss_masks; llm-compressor fills it only when asked. Other recipes keep
+        # llm-compressor's default (AWQ would otherwise restrict its loss to answer tokens).
+        ours = tuple(all_modifiers())
+        if any(isinstance(m, ours) for m in _recipe_modifiers(recipe)):
+            kwargs["use_loss_mask"] = True
 
     if data_collator is _UNSET:
         data_collator = "truncation"  # llm-compressor's default

@@ -509,16 +509,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     }
     _install_save_extras(processor, record)
 
-    from qvlm_modifiers._registry import all_modifiers
-    from qvlm_modifiers.api import _recipe_modifiers, oneshot
+    from qvlm_modifiers.api import oneshot
 
-    oneshot_kwargs: dict[str, Any] = {}
-    ours = tuple(all_modifiers())
-    if any(isinstance(m, ours) for m in _recipe_modifiers(recipe)):
-        # MBQ / Q-VLM read the per-token modality labels (loss_mask: text/vision) from
-        # state.loss_masks; llm-compressor fills it only when asked. Other recipes keep
-        # llm-compressor's default (AWQ would otherwise restrict its loss to answer tokens).
-        oneshot_kwargs["use_loss_mask"] = True
+    oneshot_kwargs: dict[str, Any] = {}  # (use_loss_mask: set by the wrapper for MBQ / Q-VLM recipes)
     if args.offload_dir or (args.device_map and args.device_map not in ("cpu", "none")):
         oneshot_kwargs["sequential_offload_device"] = "cpu"
     oneshot(
