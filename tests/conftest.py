@@ -10,6 +10,8 @@ Fixtures for every test module:
   and save results elsewhere).
 * ``calib_pairs`` (session): ``zoo.sample_pairs(8, seed=0)``, a :class:`datasets.Dataset` with
   columns ``image`` (48 px PIL RGB), ``text`` (answer) and ``question`` (prompt). Do not modify it.
+* ``cli_assets`` (session): ``{"model": Path, "pairs": Path}``, a saved bf16 tiny LLaVA and 8 pairs
+  written with ``save_to_disk``, the inputs of the ``qvlm`` CLI tests. Read-only.
 * ``tiny_family_names``: the tuple of family names, for ``pytest.mark.parametrize`` use
   ``qvlm_modifiers.zoo.FAMILY_NAMES`` directly.
 """
@@ -55,3 +57,13 @@ def calib_pairs():
 @pytest.fixture(scope="session")
 def tiny_family_names() -> tuple[str, ...]:
     return zoo.FAMILY_NAMES
+
+
+@pytest.fixture(scope="session")
+def cli_assets(tmp_path_factory) -> dict[str, Path]:
+    """For the CLI tests: a saved bf16 tiny LLaVA (``model``) and 8 image-text pairs written with
+    ``save_to_disk`` (``pairs``). Read-only: write outputs elsewhere."""
+    root = tmp_path_factory.mktemp("cli-assets")
+    model = zoo.save("llava", root / "model", dtype=torch.bfloat16)
+    zoo.sample_pairs(8).save_to_disk(str(root / "pairs"))
+    return {"model": model, "pairs": root / "pairs"}

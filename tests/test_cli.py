@@ -15,19 +15,11 @@ import pytest
 import qvlm_modifiers
 from qvlm_modifiers.cli import RUN_RECORD_NAME, main, recipe_description
 
-FAMILY = "llava"
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    import torch
-
-    from qvlm_modifiers import zoo
-
-    root = tmp_path_factory.mktemp("cli-ok")
-    model = zoo.save(FAMILY, root / "model", dtype=torch.bfloat16)
-    zoo.sample_pairs(8).save_to_disk(str(root / "pairs"))
-    return {"root": root, "model": model, "pairs": root / "pairs"}
+def assets(cli_assets):
+    return cli_assets
 
 
 def quantize(assets, out, recipe="w8a8", n=4, *extra):

@@ -21,21 +21,12 @@ import pytest
 
 from qvlm_modifiers.cli import PAUSE_DURING_SAVE_ENV, RUN_RECORD_NAME, main
 
-FAMILY = "llava"
 
 
 # ------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A saved tiny VLM and 8 image-text pairs saved with ``save_to_disk``."""
-    import torch
-
-    from qvlm_modifiers import zoo
-
-    root = tmp_path_factory.mktemp("cli-assets")
-    model = zoo.save(FAMILY, root / "model", dtype=torch.bfloat16)
-    zoo.sample_pairs(8).save_to_disk(str(root / "pairs"))
-    return {"root": root, "model": model, "pairs": root / "pairs"}
+def assets(cli_assets):
+    return cli_assets
 
 
 def run_cli(capsys, *argv):
