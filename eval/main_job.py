@@ -64,6 +64,42 @@ def evaluate(model, processor, vqa_rows, kl_rows, text, ppl_tokens, batch_size):
     return {"vqa": vqa, "ppl": ppl, "eval_s": time.perf_counter() - t}, logprobs
 
 
+def fp_cache_key(model_dir: Path, args) -> str:
+    """Full-precision metrics depend on the model's files, the evaluation settings and metrics.py only."""
+    import hashlib
+
+    import qvlm_modifiers.metrics as metrics_module
+
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.json")):
+        digest.update(path.name.encode())
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(chunk)
+    settings = [args.vqa_questions, args.kl_rows, args.ppl_tokens, args.batch_size, args.seed]
+    digest.update(json.dumps(settings).encode())
+    digest.update(Path(metrics_module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def load_fp_cache(cache_dir: Path, key: str):
+    record, tensors = cache_dir / f"fp_{key}.json", cache_dir / f"fp_{key}.safetensors"
+    if not (record.exists() and tensors.exists()):
+        return None
+    from safetensors.torch import load_file
+
+    loaded = load_file(str(tensors))
+    return json.loads(record.read_text()), [loaded[f"row{i}"] for i in range(len(loaded))]
+
+
+def save_fp_cache(cache_dir: Path, key: str, fp: dict, logprobs) -> None:
+    from safetensors.torch import save_file
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    save_file({f"row{i}": t.contiguous() for i, t in enumerate(logprobs)}, str(cache_dir / f"fp_{key}.safetensors"))
+    (cache_dir / f"fp_{key}.json").write_text(json.dumps(fp, default=str))
+
+
 def reload_check(path, in_memory, processor, rows):
     """Reload with the Auto class; compare logits with the in-memory model on a few image rows."""
     from transformers import AutoModelForImageTextToText
@@ -100,6 +136,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--calib-seed", type=int,
+                        help="seed of the calibration-row draw only (default --seed); the evaluation rows stay "
+                             "those of --seed, so reruns with another --calib-seed measure calibration noise")
+    parser.add_argument("--group-size", type=int,
+                        help="run every group-quantized weight scheme of the recipe at this group size instead "
+                             "(for models whose widths are not multiples of the recipe's group, e.g. SmolLM2's 576)")
+    parser.add_argument("--fp-cache", help="folder caching the full-precision metrics (keyed by model files, "
+                                           "settings and metrics code) so that a matrix evaluates FP once")
     parser.add_argument("--reload-tolerance", type=float, default=1e-3,
                         help="max |logit difference| allowed between the reloaded and in-memory quantized model")
     args = parser.parse_args(argv)
@@ -122,17 +166,38 @@ def main(argv=None) -> int:
         recipe_name = Path(recipe).stem
         results_dir = Path(args.results_dir) if args.results_dir else EVAL_DIR / "results" / model_dir.name
         out_dir = Path(args.output_dir) if args.output_dir else results_dir / "quantized" / recipe_name
+        if args.group_size:
+            from qvlm_modifiers.recipe_check import override_group_size
+
+            text, changed = override_group_size(Path(recipe).read_text(), args.group_size)
+            if changed:
+                recipe = results_dir / "recipes_used" / f"{recipe_name}.yaml"
+                recipe.parent.mkdir(parents=True, exist_ok=True)
+                recipe.write_text(f"# {recipe_name} with group_size {args.group_size} (eval/main_job.py --group-size)\n"
+                                  + text)
+                recipe = str(recipe)
+                print(f"[main_job] {recipe_name}: {changed} weight scheme(s) at group {args.group_size}", flush=True)
 
         fp_model, processor = metrics.load_model_and_processor(model_dir, dtype=torch.float32)
         vqa_rows = metrics.load_vqa_dataset("easy-vqa", split="test", num_samples=args.vqa_questions, seed=args.seed)
         kl_rows = metrics.load_vqa_dataset("easy-vqa", split="test", num_samples=args.kl_rows, seed=args.seed + 1)
         text = metrics.load_text_corpus("lee")
 
-        print(f"[main_job] evaluating full precision on {len(vqa_rows)} easy-vqa test questions", flush=True)
-        fp, fp_logprobs = evaluate(fp_model, processor, vqa_rows, kl_rows, text, args.ppl_tokens, args.batch_size)
-        fp["size_bytes"] = metrics.checkpoint_size(model_dir)
+        cached = None
+        if args.fp_cache:
+            key = fp_cache_key(model_dir, args)
+            cached = load_fp_cache(Path(args.fp_cache), key)
+        if cached is not None:
+            fp, fp_logprobs = cached
+            print(f"[main_job] full-precision metrics from the cache ({args.fp_cache}, key {key})", flush=True)
+        else:
+            print(f"[main_job] evaluating full precision on {len(vqa_rows)} easy-vqa test questions", flush=True)
+            fp, fp_logprobs = evaluate(fp_model, processor, vqa_rows, kl_rows, text, args.ppl_tokens, args.batch_size)
+            fp["size_bytes"] = metrics.checkpoint_size(model_dir)
+            if args.fp_cache:
+                save_fp_cache(Path(args.fp_cache), key, fp, fp_logprobs)
 
-        calib = build_calibration_dataset(calibration_pairs(args.calib_samples, args.seed), processor, fp_model,
+        calib = build_calibration_dataset(calibration_pairs(args.calib_samples, args.seed if args.calib_seed is None else args.calib_seed), processor, fp_model,
                                           prompt_column="question", text_column="text")
         q_model = copy.deepcopy(fp_model)
         print(f"[main_job] quantizing with {recipe_name} on {len(calib)} calibration rows", flush=True)
@@ -173,7 +238,7 @@ def main(argv=None) -> int:
     print(Q4_NOTE)
 
     results_dir.mkdir(parents=True, exist_ok=True)
-    record = {"model": str(model_dir), "recipe": recipe, "args": vars(args), "fp": fp, "quantized": quant,
+    record = {"model": str(model_dir), "recipe": recipe, "recipe_text": Path(recipe).read_text(), "args": vars(args), "fp": fp, "quantized": quant,
               "answers_identical_to_fp": agree, "note": Q4_NOTE}
     (results_dir / f"main_job_{recipe_name}.json").write_text(json.dumps(record, indent=2, default=str))
 

@@ -1,21 +1,33 @@
-"""Run the experiment matrix of eval/experiments.yaml (models x recipes), skipping finished cells.
+"""Run the experiment matrix of eval/experiments.yaml (models x cells), skipping finished cells.
 
-    python eval/run_experiments.py                      # everything in experiments.yaml
-    python eval/run_experiments.py --recipes gptq_w4a16 w8a8 --vqa-questions 64
+    python eval/run_experiments.py                          # every cell of experiments.yaml
+    python eval/run_experiments.py --only rtn_w4a16 mbq_w3  # just these cells
+    python eval/run_experiments.py --list                   # the cells and whether each is done
 
-Each cell runs eval/main_job.py (quantize, evaluate FP vs quantized, reload check). Results go to
-eval/results/<model>/: results.json (all cells, keyed), results.md (table) and plots (accuracy with
-95% CI, KL, perplexity, size). A cell is skipped when results.json already holds its key: the hash
-of the recipe file, the model, the metric settings and the code (src/qvlm_modifiers, recipes/,
-eval/main_job.py, eval/run_experiments.py).
+A cell is one recipe (a shipped recipe name or a YAML under eval/recipes/) with a method and a
+scheme label, optionally with another calibration seed (noise reruns). Each cell runs
+eval/main_job.py: quantize with the recipe through qvlm_modifiers.oneshot -> save -> reload ->
+metrics (the full-precision metrics are computed once per model and cached). Results go to
+eval/results/<model>/: results.json (every cell, keyed), results.md (table by scheme) and
+metrics.png (accuracy and KL vs scheme, one line per method; calibration time per cell).
+
+A cell is skipped when results.json holds it under the same key: a hash of the recipe text (after
+any group-size override), the model, the metric settings and the code (src/qvlm_modifiers,
+recipes/, eval/main_job.py, this file). A results.json written by other code is refused with an
+error naming it, unless --rerun-stale (recompute its cells) is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import json
+import os
+import platform
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -27,6 +39,12 @@ sys.path.insert(0, str(EVAL_DIR))
 import main_job  # noqa: E402
 
 Q4_NOTE = main_job.Q4_NOTE
+# x axis of the plots and order of the table: weight-only schemes, then weight-activation ones
+SCHEME_ORDER = ["W3A16", "W4A16", "W4A4", "W6A6", "W4A8", "W8A8"]
+
+
+class StaleResultsError(RuntimeError):
+    """results.json holds cells computed by other code."""
 
 
 def code_version() -> str:
@@ -39,23 +57,103 @@ def code_version() -> str:
     return digest.hexdigest()[:16]
 
 
-def cell_key(recipe_file: str, model: str, settings: dict, version: str) -> str:
-    payload = json.dumps({"recipe": Path(recipe_file).read_text(), "model": model, "settings": settings,
-                          "code": version}, sort_keys=True)
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cell_key(recipe_text: str, model: str, settings: dict, version: str) -> str:
+    payload = json.dumps({"recipe": recipe_text, "model": model, "settings": settings, "code": version},
+                         sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def parse_cells(config: dict) -> list[dict]:
+    """``cells:`` entries ``{method, scheme, recipe[, calib_seed]}``; a bare ``recipes:`` list also works."""
+    cells = []
+    for entry in config.get("cells") or [{"recipe": r} for r in config.get("recipes", [])]:
+        if isinstance(entry, str):
+            entry = {"recipe": entry}
+        if "recipe" not in entry:
+            raise ValueError(f"experiments: cell {entry!r} has no 'recipe'")
+        cell = {"recipe": entry["recipe"], "method": entry.get("method", Path(entry["recipe"]).stem),
+                "scheme": entry.get("scheme", "?"), "calib_seed": entry.get("calib_seed")}
+        cell["id"] = Path(cell["recipe"]).stem + (f"@seed{cell['calib_seed']}" if cell["calib_seed"] is not None else "")
+        cells.append(cell)
+    ids = [c["id"] for c in cells]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"experiments: duplicate cells {sorted({i for i in ids if ids.count(i) > 1})}")
+    return cells
+
+
+def resolve_recipe(recipe: str) -> str:
+    """A path, an eval/recipes/<name>.yaml, or a shipped recipe name."""
+    local = EVAL_DIR / "recipes" / f"{recipe}.yaml"
+    return str(local) if not Path(recipe).is_file() and local.is_file() else main_job.recipe_location(recipe)
+
+
+def effective_recipe_text(recipe_file: str, group_size: int | None) -> str:
+    text = Path(recipe_file).read_text()
+    if group_size:
+        from qvlm_modifiers.recipe_check import override_group_size
+
+        new_text, changed = override_group_size(text, group_size)
+        if changed:
+            return new_text
+    return text
+
+
+def check_versions(results: dict, results_file: Path, version: str, rerun_stale: bool) -> None:
+    stale = sorted(cid for cid, cell in results.get("cells", {}).items() if cell.get("code_version") != version)
+    if stale and not rerun_stale:
+        raise StaleResultsError(
+            f"{results_file} holds cells computed by other code (code version "
+            f"{sorted({results['cells'][c].get('code_version') for c in stale})}, this code is {version}): "
+            f"{', '.join(stale)}. Recompute them with --rerun-stale, or write to another folder with --results-root."
+        )
+
+
+# ------------------------------------------------------------------------------------------ output
+def _acc(r: dict) -> str:
+    return f"{100 * r['accuracy']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
+
+
+def _scheme_rank(scheme: str) -> int:
+    return SCHEME_ORDER.index(scheme) if scheme in SCHEME_ORDER else len(SCHEME_ORDER)
+
+
 def markdown_table(cells: dict) -> str:
-    lines = ["| recipe | FP acc (95% CI) | quantized acc (95% CI) | KL(FP‖Q) | FP ppl | Q ppl | size MiB | calib s | peak RSS GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for recipe, cell in sorted(cells.items()):
-        fp, q = cell["fp"], cell["quantized"]
-        acc = lambda r: f"{100 * r['accuracy']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"  # noqa: E731
+    if not cells:
+        return "(no finished cells)\n"
+    first = next(iter(cells.values()))
+    fp = first["fp"]
+    lines = [
+        f"Full precision: accuracy {_acc(fp['vqa'])} on {fp['vqa']['n']} easy-vqa test questions, "
+        f"perplexity {fp['ppl']['perplexity']:.2f} (Lee corpus, {fp['ppl']['tokens']} tokens), "
+        f"{fp['size_bytes'] / 2**20:.1f} MiB.",
+        "",
+        "| scheme | method | cell | accuracy % (95% CI) | Δ vs FP | same answer as FP | KL(FP‖Q) mean / max | ppl | size MiB | calib s | peak RSS GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = sorted(cells, key=lambda c: (_scheme_rank(cells[c]["scheme"]), cells[c]["method"], c))
+    for cid in order:
+        cell = cells[cid]
+        q = cell["quantized"]
+        delta = 100 * (q["vqa"]["accuracy"] - cell["fp"]["vqa"]["accuracy"])
         lines.append(
-            f"| {recipe} | {acc(fp['vqa'])} | {acc(q['vqa'])} | {q['kl']['kl_mean']:.4f} | {fp['ppl']['perplexity']:.2f} | "
+            f"| {cell['scheme']} | {cell['method']} | {cid} | {_acc(q['vqa'])} | {delta:+.1f} | "
+            f"{100 * cell['answers_identical_to_fp']:.1f}% | {q['kl']['kl_mean']:.4f} / {q['kl']['kl_max']:.2f} | "
             f"{q['ppl']['perplexity']:.2f} | {q['size_bytes'] / 2**20:.1f} | {q['calibration']['wall_s']:.0f} | "
             f"{q['calibration']['peak_rss_bytes'] / 2**30:.2f} |")
-    return "\n".join(lines) + "\n\n" + Q4_NOTE.replace("\n", " ") + "\n"
+    versions = sorted({f"{c.get('git_commit')} ({c.get('code_version')})" for c in cells.values()})
+    lines += ["", f"Code: {', '.join(versions)}. " + Q4_NOTE.replace("\n", " ")]
+    return "\n".join(lines) + "\n"
 
 
 def plot(cells: dict, out_dir: Path) -> list[Path]:
@@ -64,24 +162,35 @@ def plot(cells: dict, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recipes = sorted(cells)
-    if not recipes:
+    main_cells = {cid: c for cid, c in cells.items() if "@seed" not in cid}
+    if not main_cells:
         return []
-    fig, axes = plt.subplots(1, 3, figsize=(4 + 1.2 * len(recipes), 4))
-    q_acc = [cells[r]["quantized"]["vqa"] for r in recipes]
-    fp_acc = cells[recipes[0]]["fp"]["vqa"]
-    err = [[100 * (a["accuracy"] - a["ci_low"]) for a in q_acc], [100 * (a["ci_high"] - a["accuracy"]) for a in q_acc]]
-    axes[0].bar(recipes, [100 * a["accuracy"] for a in q_acc], yerr=err, capsize=3)
-    axes[0].axhline(100 * fp_acc["accuracy"], color="k", ls="--", label="full precision")
+    schemes = [s for s in SCHEME_ORDER if any(c["scheme"] == s for c in main_cells.values())]
+    schemes += sorted({c["scheme"] for c in main_cells.values()} - set(schemes))
+    x_of = {s: i for i, s in enumerate(schemes)}
+    methods = sorted({c["method"] for c in main_cells.values()})
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    for method in methods:
+        mine = sorted((x_of[c["scheme"]], c) for c in main_cells.values() if c["method"] == method)
+        xs = [x for x, _ in mine]
+        acc = [100 * c["quantized"]["vqa"]["accuracy"] for _, c in mine]
+        kl = [max(c["quantized"]["kl"]["kl_mean"], 1e-5) for _, c in mine]
+        axes[0].plot(xs, acc, marker="o", label=method)
+        axes[1].plot(xs, kl, marker="o", label=method)
+    fp_acc = 100 * next(iter(main_cells.values()))["fp"]["vqa"]["accuracy"]
+    axes[0].axhline(fp_acc, color="k", ls="--", label="full precision")
     axes[0].set_ylabel("easy-vqa test accuracy (%)")
-    axes[0].legend()
-    axes[1].bar(recipes, [cells[r]["quantized"]["kl"]["kl_mean"] for r in recipes])
-    axes[1].set_ylabel("KL(FP || Q), answer tokens (nats)")
-    axes[2].bar(recipes, [cells[r]["quantized"]["ppl"]["perplexity"] for r in recipes])
-    axes[2].axhline(cells[recipes[0]]["fp"]["ppl"]["perplexity"], color="k", ls="--")
-    axes[2].set_ylabel("perplexity (Lee corpus)")
-    for ax in axes:
-        ax.tick_params(axis="x", rotation=45)
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("KL(FP || Q) over answer tokens (nats, log)")
+    for ax in axes[:2]:
+        ax.set_xticks(range(len(schemes)), schemes)
+        ax.set_xlabel("scheme")
+    axes[0].legend(fontsize=7, ncol=2)
+    order = sorted(main_cells, key=lambda c: (_scheme_rank(main_cells[c]["scheme"]), main_cells[c]["method"]))
+    axes[2].barh(order, [main_cells[c]["quantized"]["calibration"]["wall_s"] for c in order])
+    axes[2].invert_yaxis()
+    axes[2].tick_params(axis="y", labelsize=7)
+    axes[2].set_xlabel("calibration wall time (s)")
     fig.suptitle("LM weights come from a Q4_1 GGUF: W4 looks easier than on a bf16 model", fontsize=9)
     fig.tight_layout()
     path = out_dir / "metrics.png"
@@ -90,59 +199,102 @@ def plot(cells: dict, out_dir: Path) -> list[Path]:
     return [path]
 
 
+def machine() -> dict:
+    import torch
+
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(EVAL_DIR / "experiments.yaml"))
-    parser.add_argument("--recipes", nargs="*", help="only these recipes")
+    parser.add_argument("--only", "--recipes", dest="only", nargs="*", help="only these cell ids (recipe names)")
     parser.add_argument("--vqa-questions", type=int)
     parser.add_argument("--force", action="store_true", help="rerun cells that are already done")
+    parser.add_argument("--rerun-stale", action="store_true",
+                        help="recompute cells that results.json holds from other code (default: refuse)")
+    parser.add_argument("--list", action="store_true", help="print the cells and whether each is done, run nothing")
     parser.add_argument("--results-root", default=str(EVAL_DIR / "results"), help="results go to ROOT/<model>/")
     args = parser.parse_args(argv)
     config = yaml.safe_load(Path(args.config).read_text())
     settings = dict(config.get("settings", {}))
     if args.vqa_questions:
         settings["vqa_questions"] = args.vqa_questions
-    version = code_version()
+    cells = parse_cells(config)
+    if args.only:
+        unknown = sorted(set(args.only) - {c["id"] for c in cells})
+        if unknown:
+            print(f"error: no cell {unknown} in {args.config}; cells: {', '.join(c['id'] for c in cells)}",
+                  file=sys.stderr)
+            return 2
+        cells = [c for c in cells if c["id"] in args.only]
+    version, commit = code_version(), git_commit()
     failures = 0
     for model in config["models"]:
         name = model["name"]
         path = str(main_job.DEFAULT_MODEL_DIR) if model["path"] == "default" else model["path"]
+        group_size = model.get("group_size")
         out_dir = Path(args.results_root) / name
         out_dir.mkdir(parents=True, exist_ok=True)
         results_file = out_dir / "results.json"
         results = json.loads(results_file.read_text()) if results_file.exists() else {"cells": {}}
-        for recipe in args.recipes or config["recipes"]:
-            recipe_file = main_job.recipe_location(recipe)
-            key = cell_key(recipe_file, path, settings, version)
-            done = results["cells"].get(recipe)
+        try:
+            check_versions(results, results_file, version, args.rerun_stale or args.force)
+        except StaleResultsError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        for index, cell in enumerate(cells, 1):
+            recipe_file = resolve_recipe(cell["recipe"])
+            key = cell_key(effective_recipe_text(recipe_file, group_size), path,
+                           {**settings, "calib_seed": cell["calib_seed"]}, version)
+            done = results["cells"].get(cell["id"])
+            tag = f"[run_experiments {index}/{len(cells)}] {name} x {cell['id']} ({cell['method']} {cell['scheme']})"
             if done and done.get("key") == key and not args.force:
-                print(f"[run_experiments] {name} x {recipe}: done (key {key}), skipped")
+                print(f"{tag}: done (key {key}), skipped", flush=True)
                 continue
-            print(f"[run_experiments] {name} x {recipe}: running", flush=True)
-            rc = main_job.main([
-                "--model", path, "--recipe", recipe,
+            if args.list:
+                print(f"{tag}: to run", flush=True)
+                continue
+            print(f"{tag}: running", flush=True)
+            started = time.time()
+            job_argv = [
+                "--model", path, "--recipe", recipe_file,
                 "--vqa-questions", str(settings.get("vqa_questions", 200)),
                 "--kl-rows", str(settings.get("kl_rows", 32)),
                 "--ppl-tokens", str(settings.get("ppl_tokens", 2048)),
                 "--calib-samples", str(settings.get("calib_samples", 64)),
                 "--batch-size", str(settings.get("batch_size", 16)),
-                "--results-dir", str(out_dir), "--output-dir", str(out_dir / "quantized" / Path(recipe_file).stem),
-            ])
+                "--seed", str(settings.get("seed", 0)),
+                "--fp-cache", str(out_dir / ".fp_cache"),
+                "--results-dir", str(out_dir), "--output-dir", str(out_dir / "quantized" / cell["id"]),
+            ]
+            if cell["calib_seed"] is not None:
+                job_argv += ["--calib-seed", str(cell["calib_seed"])]
+            if group_size:
+                job_argv += ["--group-size", str(group_size)]
+            rc = main_job.main(job_argv)
             record_path = out_dir / f"main_job_{Path(recipe_file).stem}.json"
             if rc != 0 or not record_path.exists():
-                print(f"[run_experiments] {name} x {recipe}: FAILED (exit {rc})", file=sys.stderr)
+                print(f"{tag}: FAILED (exit {rc})", file=sys.stderr)
                 failures += 1
                 continue
             record = json.loads(record_path.read_text())
             record_path.unlink()  # folded into results.json
-            record["key"] = key
-            record["code_version"] = version
+            record.update(key=key, code_version=version, git_commit=commit, method=cell["method"],
+                          scheme=cell["scheme"], calib_seed=cell["calib_seed"], group_size=group_size,
+                          date=datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
+                          wall_s=round(time.time() - started, 1), machine=machine())
             for part in ("fp", "quantized"):
                 record[part]["vqa"].pop("predictions", None)
-            results["cells"][recipe] = record
+            results["cells"][cell["id"]] = record
             results_file.write_text(json.dumps(results, indent=2, default=str))
-        (out_dir / "results.md").write_text(f"# {name}\n\n" + markdown_table(results["cells"]))
-        plot(results["cells"], out_dir)
+            (out_dir / "results.md").write_text(f"# {name}\n\n" + markdown_table(results["cells"]))
+            plot(results["cells"], out_dir)
+        if not args.list:
+            (out_dir / "results.md").write_text(f"# {name}\n\n" + markdown_table(results["cells"]))
+            plot(results["cells"], out_dir)
     return 1 if failures else 0
 
 

@@ -29,23 +29,60 @@ def test_run_experiments_writes_results_and_skips_done_cells(saved_vlm, tmp_path
     monkeypatch.setattr(run, "code_version", lambda: "pinned")
     config = tmp_path / "experiments.yaml"
     config.write_text(yaml.safe_dump({
-        "models": [{"name": "zoo-idefics3", "path": str(saved_vlm("idefics3"))}],
-        "recipes": ["w8a8"],
+        "models": [{"name": "zoo-idefics3", "path": str(saved_vlm("idefics3")), "group_size": 16}],
+        "cells": [{"method": "RTN", "scheme": "W8A8", "recipe": "w8a8"},
+                  {"method": "RTN", "scheme": "W4A16", "recipe": "rtn_w4a16"}],
         "settings": {"vqa_questions": 4, "kl_rows": 2, "ppl_tokens": 64, "calib_samples": 2, "batch_size": 4},
     }))
     argv = ["--config", str(config), "--results-root", str(tmp_path / "results")]
     assert run.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "full-precision metrics from the cache" in out  # FP evaluated once, reused by the second cell
     out_dir = tmp_path / "results" / "zoo-idefics3"
     results = json.loads((out_dir / "results.json").read_text())
     cell = results["cells"]["w8a8"]
     assert cell["quantized"]["reload"]["max_abs_logit_diff"] <= 1e-3
     assert cell["quantized"]["vqa"]["n"] == 4
+    assert cell["method"] == "RTN" and cell["scheme"] == "W8A8" and cell["wall_s"] > 0
+    # the group override reached the recipe that ran (the zoo model's widths are not multiples of 128)
+    assert "group_size: 16" in results["cells"]["rtn_w4a16"]["recipe_text"]
+    assert results["cells"]["rtn_w4a16"]["fp"] == cell["fp"]
     table = (out_dir / "results.md").read_text()
-    assert "| w8a8 |" in table and "Q4_1" in table
+    assert "| W8A8 | RTN | w8a8 |" in table and "| W4A16 | RTN | rtn_w4a16 |" in table and "Q4_1" in table
     assert (out_dir / "metrics.png").stat().st_size > 0
-    capsys.readouterr()
     assert run.main(argv) == 0  # same code, recipe, model, settings: skipped
-    assert "done (key" in capsys.readouterr().out
+    assert capsys.readouterr().out.count("done (key") == 2
     # a different setting is a different cell key
-    assert run.cell_key(run.main_job.recipe_location("w8a8"), "m", {"a": 1}, "v") != \
-        run.cell_key(run.main_job.recipe_location("w8a8"), "m", {"a": 2}, "v")
+    text = Path(run.main_job.recipe_location("w8a8")).read_text()
+    assert run.cell_key(text, "m", {"a": 1}, "v") != run.cell_key(text, "m", {"a": 2}, "v")
+    # results written by other code: refused with an error naming the file, unless --rerun-stale
+    monkeypatch.setattr(run, "code_version", lambda: "changed")
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "results.json" in err and "other code" in err and "--rerun-stale" in err
+    assert run.main(argv + ["--list", "--rerun-stale"]) == 0
+    assert capsys.readouterr().out.count(": to run") == 2
+
+
+def test_unknown_cell_is_a_clear_error(tmp_path, capsys):
+    run = _load("run_experiments")
+    config = tmp_path / "experiments.yaml"
+    config.write_text(yaml.safe_dump({"models": [{"name": "m", "path": str(tmp_path)}],
+                                      "cells": [{"recipe": "w8a8"}], "settings": {}}))
+    assert run.main(["--config", str(config), "--only", "nope", "--results-root", str(tmp_path / "r")]) == 2
+    assert "no cell ['nope']" in capsys.readouterr().err
+
+
+def test_group_size_override_expands_presets_and_leaves_channel_schemes():
+    from qvlm_modifiers import recipe_path
+    from qvlm_modifiers.recipe_check import override_group_size
+
+    text, changed = override_group_size(recipe_path("rtn_w4a16").read_text(), 64)
+    recipe = yaml.safe_load(text)
+    args = recipe["quant_stage"]["quant_modifiers"]["QuantizationModifier"]
+    assert changed == 1 and "scheme" not in args
+    assert args["config_groups"]["group_0"]["weights"] == {
+        "num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 64, "dynamic": False}
+    assert "lm_head" in args["ignore"]
+    # per-channel W4A8 weights have no group: unchanged
+    assert override_group_size(recipe_path("mbq_w4a8").read_text(), 64)[1] == 0

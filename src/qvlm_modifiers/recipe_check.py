@@ -30,7 +30,7 @@ import yaml
 
 from qvlm_modifiers.errors import RecipeError
 
-__all__ = ["load_recipe", "known_modifiers", "SUPPORTED_WEIGHT_BITS", "SUPPORTED_ACTIVATION_BITS"]
+__all__ = ["load_recipe", "known_modifiers", "override_group_size", "SUPPORTED_WEIGHT_BITS", "SUPPORTED_ACTIVATION_BITS"]
 
 SUPPORTED_WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
 SUPPORTED_ACTIVATION_BITS = (8,)
@@ -219,3 +219,46 @@ def load_recipe(path_or_name: str | os.PathLike):
     for (location, _, _), modifier in zip(entries, recipe.modifiers):
         _check_bits(location, modifier)
     return recipe
+
+
+# weight-argument keys written when a preset scheme is expanded (the rest are compressed-tensors defaults)
+_WEIGHT_KEYS = ("num_bits", "type", "symmetric", "strategy", "group_size", "dynamic")
+
+
+def override_group_size(recipe_text: str, group_size: int) -> tuple[str, int]:
+    """Rewrite every group-quantized weight scheme of a recipe to ``group_size``.
+
+    For models whose Linear input widths are not multiples of a recipe's group (SmolLM2-135M's
+    hidden size 576 = 4.5 x 128; llm-compressor refuses such a group), the same method can run
+    at a group that divides them. Preset schemes (``scheme: W4A16_ASYM``) are expanded into the
+    equivalent ``config_groups`` (compressed-tensors' ``preset_name_to_scheme``) first; per-channel
+    and per-tensor schemes are left alone. Returns the new YAML text and how many weight schemes
+    were changed (0 when the recipe has no group-quantized weights).
+    """
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    if group_size < 1:
+        raise RecipeError(f"group_size must be a positive integer, got {group_size}.")
+    obj = yaml.safe_load(recipe_text)
+    if not isinstance(obj, dict):
+        raise RecipeError(f"A recipe must be a YAML mapping to override its group size. {_LAYOUT_HINT}")
+    changed = 0
+    for location, _mod_type, args in _iter_modifier_entries(obj):
+        if not isinstance(args, dict):
+            continue
+        if isinstance(args.get("scheme"), str):
+            targets = args.get("targets", ["Linear"])
+            scheme = preset_name_to_scheme(args.pop("scheme"), targets if isinstance(targets, list) else [targets])
+            group = {"targets": list(scheme.targets)}
+            for kind in ("weights", "input_activations", "output_activations"):
+                quant_args = getattr(scheme, kind)
+                if quant_args is not None:
+                    dumped = quant_args.model_dump()
+                    group[kind] = {k: dumped[k] for k in _WEIGHT_KEYS if dumped.get(k) is not None}
+            args["config_groups"] = {"group_0": group}
+        for group in (args.get("config_groups") or {}).values():
+            weights = group.get("weights") if isinstance(group, dict) else None
+            if isinstance(weights, dict) and weights.get("strategy") == "group":
+                weights["group_size"] = group_size
+                changed += 1
+    return yaml.safe_dump(obj, sort_keys=False), changed
