@@ -196,3 +196,35 @@ def test_gptq_w4a16_accuracy_within_5_points_of_full_precision(reloaded, floor_d
 GPTQ_G64 = Path(__file__).resolve().parents[1] / "eval" / "recipes" / "gptq_w4a16_g64.yaml"
 CHANCE = 0.37  # share of the most frequent answer ("yes") in the easy-vqa test split
 W8A8_KL_BOUND = 0.05
+
+
+def test_ensure_default_model_reassembles_when_the_vision_weights_change(tmp_path, monkeypatch):
+    """A folder assembled from other (e.g. retrained) vision weights is rebuilt, not silently reused."""
+    import json
+
+    calls = []
+
+    def fake_save(path, **kwargs):
+        calls.append(kwargs.get("vision_weights"))
+        path.mkdir(parents=True)
+        (path / "config.json").write_text("{}")
+        (path / "model.safetensors").write_bytes(b"x")
+        (path / dm.ASSEMBLY_RECORD).write_text(json.dumps({"vision_weights_sha256": dm._file_sha256(kwargs["vision_weights"])}))
+        return path
+
+    monkeypatch.setattr(dm, "save_default_model", fake_save)
+    weights_a, weights_b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    weights_a.write_bytes(b"weights a")
+    weights_b.write_bytes(b"weights b")
+    folder = tmp_path / "model"
+    dm.ensure_default_model(folder, vision_weights=weights_a)
+    dm.ensure_default_model(folder, vision_weights=weights_a)  # up to date: reused
+    assert calls == [weights_a]
+    dm.ensure_default_model(folder, vision_weights=weights_b)  # other weights: rebuilt
+    assert calls == [weights_a, weights_b]
+    other = tmp_path / "not_a_model"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(OutputDirError, match="does not hold an assembled default model"):
+        dm.ensure_default_model(other, vision_weights=weights_a)
+    assert (other / "notes.txt").exists()

@@ -274,6 +274,7 @@ def save_default_model(output: str | os.PathLike, vision_weights=DEFAULT_VISION_
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        (tmp / ASSEMBLY_RECORD).write_text(json.dumps({"vision_weights_sha256": _file_sha256(vision_weights)}))
         if output.exists():
             output.rmdir()
         os.replace(tmp, output)
@@ -283,11 +284,37 @@ def save_default_model(output: str | os.PathLike, vision_weights=DEFAULT_VISION_
     return output
 
 
+ASSEMBLY_RECORD = "qvlm_default_model.json"
+
+
+def _file_sha256(path) -> str | None:
+    import hashlib
+
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def ensure_default_model(path: str | os.PathLike, **kwargs) -> Path:
-    """Return ``path`` if it already holds an assembled model, else assemble it there."""
+    """Return ``path`` if it holds the default model assembled from the current vision weights, else
+    (re)assemble it there: a folder assembled from other (e.g. retrained) weights is replaced."""
+    import shutil
+
     path = Path(path)
-    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-        return path
+    record = path / ASSEMBLY_RECORD
+    wanted = _file_sha256(kwargs.get("vision_weights", DEFAULT_VISION_WEIGHTS))
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")) and record.is_file():
+        if json.loads(record.read_text()).get("vision_weights_sha256") == wanted:
+            return path
+    if path.exists() and any(path.iterdir()):
+        if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+            raise OutputDirError(f"{path} is not empty and does not hold an assembled default model. Fix: pick "
+                                 "another folder or delete it.")
+        shutil.rmtree(path)  # stale assembly (other vision weights, or written before the record existed)
     return save_default_model(path, **kwargs)
 
 
