@@ -20,19 +20,34 @@ searches, ``r_mlp[i]`` in ``post_attention_layernorm -> gate/up`` and ``up_proj 
 
 Departures, each explicit: samples lacking one modality are skipped for that modality (the reference
 would average a NaN in); the median of an even count is the mean of the two middle values.
+
+Memory (``checkpoint_layers=True``, the default): the backward is layer by layer. Each decoder
+layer runs under non-reentrant :func:`torch.utils.checkpoint.checkpoint`, so the forward keeps only
+every layer's *input* hidden states (plus the loss head's graph), and the backward recomputes one
+layer at a time from its stored input, passes ``dL/dY`` through it (the ``o_proj`` / ``down_proj``
+gradient hooks fire on the original graph, once per sample) and hands ``dL/dh`` to the layer
+below. Alive at once: the ``L`` boundary states of one sample (``L x tokens x hidden`` elements, which
+do grow with depth, but are one hidden vector per token and layer) and one layer's autograd
+intermediates (attention probabilities, MLP activations: several times larger, and constant in
+depth). ``checkpoint_layers=False`` is one plain backward through the whole model (every layer's
+intermediates alive at once); both give the same gradients (the recomputed forward is the same
+computation).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import statistics
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from loguru import logger
 from torch import nn
 
@@ -226,6 +241,27 @@ def _model_device(model: nn.Module) -> torch.device:
         return next(model.parameters()).device
 
 
+@contextlib.contextmanager
+def layerwise_checkpointing(layers: Iterable[nn.Module]) -> Iterator[None]:
+    """Run every layer's ``forward`` under non-reentrant :func:`torch.utils.checkpoint.checkpoint`
+    while the context is open (the instance's current ``forward`` is wrapped, so offloading
+    wrappers that patch ``forward`` keep working and also run on the recompute); restored after."""
+    patched = []
+    try:
+        for layer in layers:
+            had_own = "forward" in layer.__dict__
+            previous = layer.__dict__.get("forward")
+            layer.forward = functools.partial(torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False)
+            patched.append((layer, had_own, previous))
+        yield
+    finally:
+        for layer, had_own, previous in reversed(patched):
+            if had_own:
+                layer.forward = previous
+            else:
+                del layer.forward
+
+
 def compute_modality_sensitivity(
     model: nn.Module,
     data: Any,
@@ -235,6 +271,7 @@ def compute_modality_sensitivity(
     layers: Iterable[nn.Module] | None = None,
     collate_fn: Callable | None = None,
     save_path: str | Path | None = None,
+    checkpoint_layers: bool = True,
 ) -> ModalitySensitivity:
     """Run MBQ's gradient pass on an unquantized VLM and return per-layer vision weights.
 
@@ -250,11 +287,16 @@ def compute_modality_sensitivity(
     :param layers: decoder layers to measure (default: the family's language-model layers)
     :param collate_fn: row collator for a ``datasets.Dataset`` (default: ``qvlm_modifiers.data.collate_fn``)
     :param save_path: also write the result as JSON there (reusable as ``MBQModifier(sensitivity=...)``)
+    :param checkpoint_layers: backward one decoder layer at a time (recomputing it from its stored
+        input), so that only one layer's autograd intermediates are alive (see the module
+        docstring); ``False``: one backward through the whole model (same result, memory grows
+        with every layer's intermediates)
     """
     if layers is None:
         from qvlm_modifiers.families import decoder_layers
 
         layers = decoder_layers(model)
+    layers = list(layers)
     taps = sensitivity_taps(layers)
     vision_means: dict[tuple[int, str], list[float]] = {key: [] for key in taps}
     text_means: dict[tuple[int, str], list[float]] = {key: [] for key in taps}
@@ -286,6 +328,7 @@ def compute_modality_sensitivity(
     handles = [m.register_forward_hook(make_tap(key)) for key, m in taps.items()]
     handles.append(model.get_input_embeddings().register_forward_hook(embeddings_need_grad))
     n_used = 0
+    checkpointing = functools.partial(layerwise_checkpointing, layers) if checkpoint_layers else contextlib.nullcontext
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -310,7 +353,7 @@ def compute_modality_sensitivity(
             }
             labels = torch.where(loss_mask == TEXT_TOKEN, inputs["input_ids"].cpu(), -100).to(device)
             current_mask["mask"] = loss_mask
-            with torch.enable_grad():
+            with torch.enable_grad(), checkpointing():
                 loss = model(**inputs, labels=labels, use_cache=False).loss
                 loss.backward()
             n_used += 1
