@@ -9,7 +9,9 @@ model widened to ``W`` and deepened to ``L`` decoder layers; MLP 2W, head dim 64
 recipe through :func:`qvlm_modifiers.oneshot`, i.e. llm-compressor's sequential pipeline over
 the decoder layers. Three processes per run: one builds and saves the model, one measures, and
 the parent collects. The measuring process loads the saved bf16 model, records its RSS
-(``rss_after_load``) and the bytes of its weights, resets the kernel's peak-RSS counter
+(``rss_after_load``, after reading every weight once: transformers memory-maps the safetensors
+files and pages weights in lazily, which would otherwise count the model itself as working memory
+growing with depth) and the bytes of its weights, resets the kernel's peak-RSS counter
 (``echo 5 > /proc/self/clear_refs``), calibrates, and reads the peak (``VmHWM``) back:
 
     working memory = peak RSS during calibration - RSS after loading the model
@@ -110,6 +112,15 @@ def measure(model_dir: Path, pairs_dir: Path, recipe: str, num_samples: int, off
 
     import gc
 
+    rss_before_paging = _status_kib("VmRSS") * 1024
+    if not offload_dir and not cuda:
+        # transformers 5 memory-maps the safetensors files: weights that match the file's dtype are
+        # paged in only when first read. Read every weight once here, so that "RSS after load"
+        # holds the whole model; otherwise calibration's first pass over the weights (which grows
+        # with depth) would be counted as working memory.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.sum()
     gc.collect()
     rss_after_load = _status_kib("VmRSS") * 1024
     peak_reset = _reset_peak_rss()
@@ -131,6 +142,7 @@ def measure(model_dir: Path, pairs_dir: Path, recipe: str, num_samples: int, off
         "num_samples": num_samples, "mean_seq_len": sum(seq_lens) / len(seq_lens),
         "weights_bytes": weights, "rss_after_load": rss_after_load, "peak_rss": peak,
         "peak_counter_reset": peak_reset, "working_bytes": peak - rss_after_load,
+        "paged_in_at_load_bytes": rss_after_load - rss_before_paging,
         "seconds": seconds, "seconds_per_layer": seconds / n_layers, "device": "cuda" if cuda else "cpu",
         "offload_dir": offload_dir,
     }
