@@ -1,0 +1,84 @@
+"""eval/sweep_vision_opt.py end to end on the tiny Idefics3 zoo model (the default model's sweep is
+recorded in eval/results/smolvlm-tiny/veo_sweep.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SWEEP = Path(__file__).resolve().parents[1] / "eval" / "sweep_vision_opt.py"
+
+
+def _load_sweep():
+    spec = importlib.util.spec_from_file_location("sweep_vision_opt", SWEEP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_writes_baseline_and_veo_rows(saved_vlm, tmp_path, capsys):
+    sweep = _load_sweep()
+    results = tmp_path / "results"
+    rc = sweep.main([
+        "--model", str(saved_vlm("idefics3")), "--configs", "none", "0.1,1,0.5",
+        "--calib-samples", "2", "--vqa-questions", "4", "--kl-rows", "2", "--vision-epochs", "1",
+        "--vision-lr", "1e-2", "--batch-size", "4", "--results-dir", str(results),
+    ])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "| no VEO |" in out and "| (0.1, 1, 0.5) |" in out
+    record = json.loads((results / "veo_sweep.json").read_text())
+    md = (results / "veo_sweep.md").read_text()
+    assert record["complete"] is True and "complete" in md and "INCOMPLETE" not in md
+    assert "Q4_1 GGUF" in md and "| no VEO | no |" in md
+    base, veo = record["configs"]
+    # the baseline has no visual-encoder optimization, the other row ran it with the swept weights
+    assert base["optimize_vision_encoder"] is False and base["veo"] is None
+    assert veo["optimize_vision_encoder"] is True
+    assert (veo["lambda_ent"], veo["lambda_err"], veo["eta"]) == (0.1, 1.0, 0.5)
+    assert veo["veo"]["epochs"] == 1 and len(veo["veo"]["history"]) == 2  # 1 training pass + 1 measuring pass
+    # the LM side is identical (search_epochs 0: lp-norm ranges from the weights only) ...
+    assert base["language_model_weights_sha"] == veo["language_model_weights_sha"]
+    # ... and VEO moved the vision tower's learned ranges away from the baseline's lp-norm ones
+    assert base["vision_scales_sha"] != veo["vision_scales_sha"]
+    assert veo["vision_scale_mean_abs_log_ratio_vs_baseline"] > 0
+    for row in (base, veo):
+        assert row["vqa"]["n"] == 4 and len(row["predictions"]) == 4
+        assert row["kl"]["tokens"] == sum(row["kl_row_tokens"]) > 0 and row["kl"]["kl_mean"] >= 0
+        assert row["kl"]["kl_mean"] == pytest.approx(sum(row["kl_row_sums"]) / sum(row["kl_row_tokens"]), rel=1e-5)
+        assert row["visual_rel_mse"] > 0  # the vision tower is quantized in both
+        assert row["calibration"]["wall_s"] > 0
+    # the baseline compared with itself: no difference, all answers identical
+    assert base["vs_baseline"]["accuracy"]["diff"] == 0 and base["vs_baseline"]["kl_mean"]["diff"] == 0
+    assert base["vs_baseline"]["answers_identical_to_baseline"] == 1.0
+
+
+def test_paired_bootstrap_against_direct_computation():
+    sweep = _load_sweep()
+    rng = np.random.default_rng(1)
+    a = rng.random(50)
+    shifted = sweep.paired_bootstrap(a, a + 0.25)
+    # a constant paired shift: every resample has exactly that difference (up to float rounding)
+    assert shifted["diff"] == pytest.approx(0.25) and shifted["ci_low"] == pytest.approx(0.25)
+    assert shifted["ci_high"] == pytest.approx(0.25) and shifted["significant"]
+    sums_a, sums_b, tokens = rng.random(40), rng.random(40), rng.integers(1, 4, 40).astype(float)
+    ratio = sweep.paired_bootstrap(sums_a, sums_b, weights=tokens)
+    assert ratio["diff"] == pytest.approx(sums_b.sum() / tokens.sum() - sums_a.sum() / tokens.sum())
+    assert ratio["ci_low"] <= ratio["diff"] <= ratio["ci_high"]
+    same = sweep.paired_bootstrap(a, a.copy())
+    assert same["diff"] == same["ci_low"] == same["ci_high"] == 0 and not same["significant"]
+
+
+def test_config_syntax():
+    sweep = _load_sweep()
+    assert sweep.parse_config("none")["optimize_vision_encoder"] is False
+    c = sweep.parse_config("0.1,1,0.5@3")
+    assert (c["lambda_ent"], c["lambda_err"], c["eta"], c["calib_seed"]) == (0.1, 1.0, 0.5, 3)
+    with pytest.raises(SystemExit, match="LAMBDA_ENT,LAMBDA_ERR,ETA"):
+        sweep.parse_config("0.1,1")
+    with pytest.raises(SystemExit, match="negative"):
+        sweep.parse_config("0.1,-1,0.5")
