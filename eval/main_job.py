@@ -100,6 +100,25 @@ def save_fp_cache(cache_dir: Path, key: str, fp: dict, logprobs) -> None:
     (cache_dir / f"fp_{key}.json").write_text(json.dumps(fp, default=str))
 
 
+def load_dense(path):
+    """Reload with the packed kernels off (transformers decompresses to dense weights)."""
+    import os
+
+    from transformers import AutoModelForImageTextToText
+
+    from qvlm_modifiers.packed_loader import ENV_KERNELS
+
+    before = os.environ.get(ENV_KERNELS)
+    os.environ[ENV_KERNELS] = "0"
+    try:
+        return AutoModelForImageTextToText.from_pretrained(str(path)).eval()
+    finally:
+        if before is None:
+            os.environ.pop(ENV_KERNELS)
+        else:
+            os.environ[ENV_KERNELS] = before
+
+
 def reload_check(path, in_memory, processor, rows):
     """Reload with the Auto class; compare logits with the in-memory model on a few image rows."""
     from transformers import AutoModelForImageTextToText
@@ -144,6 +163,9 @@ def main(argv=None) -> int:
                              "(for models whose widths are not multiples of the recipe's group, e.g. SmolLM2's 576)")
     parser.add_argument("--fp-cache", help="folder caching the full-precision metrics (keyed by model files, "
                                            "settings and metrics code) so that a matrix evaluates FP once")
+    parser.add_argument("--packed-eval", choices=["auto", "always"], default="auto",
+                        help="auto: on CPU evaluate a dense reload (the packed reference path is slow there); "
+                             "always: evaluate the packed reload itself")
     parser.add_argument("--reload-tolerance", type=float, default=1e-3,
                         help="max |logit difference| allowed between the reloaded and in-memory quantized model")
     args = parser.parse_args(argv)
@@ -208,6 +230,12 @@ def main(argv=None) -> int:
         print(f"[main_job] saved {out_dir}; reloading with AutoModelForImageTextToText", flush=True)
         reloaded, reload = reload_check(out_dir, q_model, processor, [kl_rows[i] for i in range(min(4, len(kl_rows)))])
         del q_model
+        if not torch.cuda.is_available() and args.packed_eval == "auto":
+            # The reload check above went through our packed loader (weights stay packed; on CPU its
+            # reference path unpacks every Linear on every forward, ~5x slower). Evaluate a dense reload of
+            # the same checkpoint instead: same numbers (the check compared the logits), minutes faster.
+            del reloaded
+            reloaded = load_dense(out_dir)
         quant, q_logprobs = evaluate(reloaded, processor, vqa_rows, kl_rows, text, args.ppl_tokens, args.batch_size)
         quant["size_bytes"] = metrics.checkpoint_size(out_dir)
         quant["kl"] = metrics.mean_kl(fp_logprobs, q_logprobs)
