@@ -1,5 +1,7 @@
 """Triton device helpers shared by the packed kernels: reading ``b``-bit fields out of the
-compressed-tensors dense int32 bit stream (see ``packing.py`` for the layout).
+compressed-tensors dense int32 bit stream (see ``packing.py`` for the layout) and dequantizing
+them, ``W = (q - z) * s`` (``scale_and_zero``, ``dequant_tile``), so that every kernel reads the
+layout through the same code.
 
 Interpreter note: the kernels use only ``triton.language`` builtins and our own ``@triton.jit``
 helpers, never the ``@jit`` functions of ``triton.language.standard`` (``tl.zeros``, ``tl.sum``,
@@ -79,6 +81,61 @@ def unpack_tile(row_ptrs, k0, n_words, n_mask, BITS: tl.constexpr, BLOCK_K: tl.c
             fields = fields | tl.where(overlaps[None, :, None], part, 0)
         fields = tl.reshape(fields, (BLOCK_K, BLOCK_N))
     return (fields & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def scale_and_zero(s_ptr, z_ptr, offs_n, g, mask, ZW, stride_sn, stride_sg, stride_zw, stride_zg,
+                   BITS: tl.constexpr, HAS_ZP: tl.constexpr):
+    """Float32 scale and unsigned int32 zero point of output row(s) ``offs_n`` in group(s) ``g``.
+
+    ``offs_n``, ``g`` and ``mask`` broadcast against each other: ``[BLOCK_N]`` with a scalar
+    group (the GEMM kernels: one group per K step, or group 0 per channel) or ``[BLOCK_N, 1]``
+    with ``[1, BLOCK_K]`` (the dequantize kernel: a group per element). The scale is
+    ``weight_scale[n, g]``; the zero point is field ``n`` of column ``g`` of ``weight_zero_point``
+    (packed along N, read with ``unpack_fields``) when ``HAS_ZP``, else the symmetric offset
+    ``2**(BITS-1)`` (values are stored unsigned). Masked lanes read scale 0 and zero point 0."""
+    s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZP:
+        z = unpack_fields(z_ptr + g * stride_zg, offs_n, stride_zw, ZW, mask, BITS)
+    else:
+        z = tl.full(offs_n.shape, 1 << (BITS - 1), tl.int32)
+    return s, z
+
+
+@triton.jit
+def dequant_tile(row_ptrs, k0, K, n_words, n_mask, s, z, DTYPE: tl.constexpr, BITS: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, WORD_TILE: tl.constexpr, APPLY_SCALE: tl.constexpr):
+    """The dequantized ``W^T`` tile ``[BLOCK_K, BLOCK_N]`` (fields ``k0 .. k0 + BLOCK_K`` of the
+    ``BLOCK_N`` packed rows at ``row_ptrs``), ready for ``tl.dot`` with an x tile ``[M, BLOCK_K]``.
+
+    ``(q - z) * s`` computed in float32 and rounded once to ``DTYPE`` (the activation dtype);
+    ``s`` and ``z`` are ``[BLOCK_N]`` (``scale_and_zero``): one group per tile, which is why
+    callers make ``BLOCK_K`` divide the group size. ``APPLY_SCALE=False`` (per channel) returns
+    ``q - z``, small integers that are exact in fp16/bf16; the caller scales the accumulator once
+    at the end. ``k0`` and ``BLOCK_K`` are multiples of 32.
+    - ``WORD_TILE``: ``unpack_tile`` (every packed word loaded once; words past ``n_words`` read 0).
+    - otherwise ``unpack_fields`` (one word gather per field, a second one for 3-bit fields
+      straddling two words; fields ``k >= K`` read 0).
+    Either way lanes past the row end hold finite values and the caller zeroes the matching x."""
+    if WORD_TILE:
+        q = unpack_tile(row_ptrs, k0, n_words, n_mask, BITS, BLOCK_K, BLOCK_N)
+    else:
+        k = k0 + tl.arange(0, BLOCK_K)
+        q = unpack_fields(row_ptrs[None, :], k[:, None], 1, n_words, (k < K)[:, None] & n_mask[None, :], BITS)
+    w = (q - z[None, :]).to(tl.float32)
+    if APPLY_SCALE:
+        w = w * s[None, :]
+    return w.to(DTYPE)
+
+
+@triton.jit
+def dot_f32(x, w, UPCAST_DOT: tl.constexpr):
+    """``tl.dot(x, w)`` with a float32 result; ``UPCAST_DOT`` (interpreter only, see
+    ``interpreter_upcast``) multiplies float32 copies instead."""
+    if UPCAST_DOT:
+        x = x.to(tl.float32)
+        w = w.to(tl.float32)
+    return tl.dot(x, w)
 
 
 @triton.jit

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._unpack import unpack_fields
+from ._unpack import scale_and_zero, unpack_fields
 from .packing import PackedLayout, reference_dequantize
 
 __all__ = ["dequantize_packed", "dequant_linear", "reference"]
@@ -40,11 +40,8 @@ def _dequant_kernel(
         g = offs_k * 0
     else:
         g = offs_k // GROUP_K
-    s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg, mask=mask, other=0.0).to(tl.float32)
-    if HAS_ZP:
-        z = unpack_fields(z_ptr + g[None, :] * stride_zg, offs_n[:, None], stride_zw, ZW, mask, BITS)
-    else:
-        z = 1 << (BITS - 1)
+    s, z = scale_and_zero(s_ptr, z_ptr, offs_n[:, None], g[None, :], mask, ZW, stride_sn, stride_sg, stride_zw,
+                          stride_zg, BITS, HAS_ZP)  # [BN, BK], [BN, BK] (asym) or [BN, 1] (sym)
     w = (q - z).to(tl.float32) * s
     tl.store(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, w.to(w_ptr.dtype.element_ty), mask=mask)
 

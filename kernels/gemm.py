@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._unpack import interpreter_upcast, unpack_fields, unpack_tile
+from ._unpack import dequant_tile, dot_f32, interpreter_upcast, scale_and_zero
 from .packing import PackedLayout, reference_linear
 
 __all__ = ["gemm_linear", "reference", "default_config"]
@@ -51,15 +51,11 @@ def _gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    w_rows1d = wq_ptr + offs_n * stride_wn
-    w_rows = w_rows1d[None, :]
+    w_rows = wq_ptr + offs_n * stride_wn  # word 0 of each packed row
 
-    if GROUP_K == 0:
-        s_col = tl.load(s_ptr + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
-        if HAS_ZP:
-            z_col = unpack_fields(z_ptr, offs_n, stride_zw, ZW, n_mask, BITS)
-        else:
-            z_col = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.int32)
+    if GROUP_K == 0:  # per channel: scale / zero point constant along K, loaded once
+        s_col, z_col = scale_and_zero(s_ptr, z_ptr, offs_n, 0, n_mask, ZW, stride_sn, stride_sg, stride_zw, stride_zg,
+                                      BITS, HAS_ZP)
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -70,24 +66,13 @@ def _gemm_kernel(
             mask=m_mask[:, None] & k_mask[None, :],
             other=0.0,
         )
-        if WORD_TILE:  # every packed word loaded once, fields split in registers
-            q = unpack_tile(w_rows1d, k0, KW, n_mask, BITS, BLOCK_K, BLOCK_N)
-        else:  # one (3-bit: up to two) word gather per field
-            q = unpack_fields(w_rows, k[:, None], 1, KW, k_mask[:, None] & n_mask[None, :], BITS)
         if GROUP_K == 0:
-            w = (q - z_col[None, :]).to(tl.float32).to(x.dtype)
-        else:
-            g = k0 // GROUP_K
-            s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0.0).to(tl.float32)
-            if HAS_ZP:
-                z = unpack_fields(z_ptr + g * stride_zg, offs_n, stride_zw, ZW, n_mask, BITS)
-            else:
-                z = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.int32)
-            w = ((q - z[None, :]).to(tl.float32) * s[None, :]).to(x.dtype)
-        if UPCAST_DOT:  # interpreter only (see _unpack.interpreter_upcast)
-            acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
-        else:
-            acc += tl.dot(x, w)
+            w = dequant_tile(w_rows, k0, K, KW, n_mask, s_col, z_col, x.dtype, BITS, BLOCK_K, BLOCK_N, WORD_TILE, False)
+        else:  # BLOCK_K divides GROUP_K: one group per K step
+            s, z = scale_and_zero(s_ptr, z_ptr, offs_n, k0 // GROUP_K, n_mask, ZW, stride_sn, stride_sg, stride_zw,
+                                  stride_zg, BITS, HAS_ZP)
+            w = dequant_tile(w_rows, k0, K, KW, n_mask, s, z, x.dtype, BITS, BLOCK_K, BLOCK_N, WORD_TILE, True)
+        acc += dot_f32(x, w, UPCAST_DOT)
 
     if GROUP_K == 0:
         acc = acc * s_col[None, :]

@@ -24,8 +24,11 @@ if not torch.cuda.is_available():  # must happen before triton.jit decorates our
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from qvlm_modifiers.kernels import dequant, dispatch, gemm, gemv_splitk  # noqa: E402
+from qvlm_modifiers.kernels._unpack import dequant_tile, scale_and_zero  # noqa: E402
 from qvlm_modifiers.kernels.packing import (  # noqa: E402
     PackedLayout,
     quantize_and_pack,
@@ -162,6 +165,51 @@ def test_dequant_kernel_bitwise(layout_args):
         assert ((wbf.float() - ref32).abs() <= ULP[torch.bfloat16] * ref32.abs()).all()
     else:
         assert torch.equal(wbf, ref32.to(torch.bfloat16))
+
+
+@triton.jit
+def _dequant_tile_probe(wq_ptr, s_ptr, z_ptr, w_ptr, N, K, KW, ZW,
+                        stride_wn, stride_sn, stride_sg, stride_zw, stride_zg, stride_ok, stride_on,
+                        BITS: tl.constexpr, GROUP_K: tl.constexpr, HAS_ZP: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, WORD_TILE: tl.constexpr):
+    """Writes ``_unpack.dequant_tile``'s ``W^T`` tiles (what the GEMM kernels feed ``tl.dot``)
+    to a dense ``[K, N]`` fp16 buffer."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    k = k0 + tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    if GROUP_K == 0:
+        g = 0
+    else:
+        g = k0 // GROUP_K
+    s, z = scale_and_zero(s_ptr, z_ptr, offs_n, g, n_mask, ZW, stride_sn, stride_sg, stride_zw, stride_zg, BITS, HAS_ZP)
+    w = dequant_tile(wq_ptr + offs_n * stride_wn, k0, K, KW, n_mask, s, z, tl.float16, BITS, BLOCK_K, BLOCK_N,
+                     WORD_TILE, True)
+    tl.store(w_ptr + k[:, None] * stride_ok + offs_n[None, :] * stride_on, w,
+             mask=(k < K)[:, None] & n_mask[None, :])
+
+
+@pytest.mark.parametrize("word_tile", [True, False])
+@pytest.mark.parametrize("bits, group, sym, k", [(3, 64, False, 256), (3, None, True, 200), (4, 32, False, 128),
+                                                 (3, 32, True, 96)])
+def test_dequant_tile_bitwise(bits, group, sym, k, word_tile):
+    """The shared per-tile dequantizer of the GEMM kernels (``_unpack.dequant_tile`` with
+    ``scale_and_zero``), both unpack variants: every field of the tile, at every K offset (3-bit
+    fields 10 and 21 of each 32-field pack straddle two words; K=200 ends the row inside a word;
+    N=33 straddles zero-point words), equals compressed-tensors' unpack + dequantize in float32
+    rounded to fp16, bit for bit (the interpreter's fp16 conversion is round-to-nearest)."""
+    _, tensors, layout, _ = _make(bits, group, sym, torch.float16, 1, 33, k)
+    wq, sc, zp = tensors
+    zp = zp if zp is not None else sc  # dummy pointer when symmetric, as the launchers do
+    out = torch.full((k, 33), float("nan"), dtype=torch.float16, device=DEVICE)
+    block_k, block_n = 32, 16
+    _dequant_tile_probe[(triton.cdiv(33, block_n), triton.cdiv(k, block_k))](
+        wq, sc, zp, out, 33, k, wq.shape[1], zp.shape[0],
+        wq.stride(0), sc.stride(0), sc.stride(1), zp.stride(0), zp.stride(1), out.stride(0), out.stride(1),
+        BITS=bits, GROUP_K=group or 0, HAS_ZP=not sym, BLOCK_K=block_k, BLOCK_N=block_n, WORD_TILE=word_tile,
+    )
+    ref32 = reference_dequantize(*[t.cpu() if t is not None else None for t in tensors], layout)
+    assert torch.equal(out.cpu(), ref32.T.to(torch.float16))
 
 
 def test_batched_input_and_bias():
