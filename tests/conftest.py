@@ -67,3 +67,24 @@ def cli_assets(tmp_path_factory) -> dict[str, Path]:
     model = zoo.save("llava", root / "model", dtype=torch.bfloat16)
     zoo.sample_pairs(8).save_to_disk(str(root / "pairs"))
     return {"model": model, "pairs": root / "pairs"}
+
+
+@pytest.fixture
+def eval_script():
+    """Load a script of eval/ (not a package) by name, with eval/ importable for its own imports."""
+    import importlib.util
+    import sys
+
+    eval_dir = Path(__file__).resolve().parents[1] / "eval"
+
+    def load(name: str):
+        sys.path.insert(0, str(eval_dir))
+        try:
+            spec = importlib.util.spec_from_file_location(name, eval_dir / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        finally:
+            sys.path.remove(str(eval_dir))
+
+    return load

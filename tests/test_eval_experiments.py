@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import yaml
 
-EVAL = Path(__file__).resolve().parents[1] / "eval"
 
 
-def _load(name):
-    sys.path.insert(0, str(EVAL))
-    try:
-        spec = importlib.util.spec_from_file_location(name, EVAL / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(EVAL))
-
-
-def test_run_experiments_writes_results_and_skips_done_cells(saved_vlm, tmp_path, capsys, monkeypatch):
-    run = _load("run_experiments")
+def test_run_experiments_writes_results_and_skips_done_cells(saved_vlm, tmp_path, capsys, monkeypatch, eval_script):
+    run = eval_script("run_experiments")
     # pin the code version: in a shared working tree other edits would change it between the runs
     monkeypatch.setattr(run, "code_version", lambda: "pinned")
     config = tmp_path / "experiments.yaml"
@@ -64,8 +50,8 @@ def test_run_experiments_writes_results_and_skips_done_cells(saved_vlm, tmp_path
     assert capsys.readouterr().out.count(": to run") == 2
 
 
-def test_unknown_cell_is_a_clear_error(tmp_path, capsys):
-    run = _load("run_experiments")
+def test_unknown_cell_is_a_clear_error(tmp_path, capsys, eval_script):
+    run = eval_script("run_experiments")
     config = tmp_path / "experiments.yaml"
     config.write_text(yaml.safe_dump({"models": [{"name": "m", "path": str(tmp_path)}],
                                       "cells": [{"recipe": "w8a8"}], "settings": {}}))

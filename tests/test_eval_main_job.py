@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-MAIN_JOB = Path(__file__).resolve().parents[1] / "eval" / "main_job.py"
 
 
-def _load_main_job():
-    spec = importlib.util.spec_from_file_location("main_job", MAIN_JOB)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_main_job_quantizes_evaluates_and_reloads(saved_vlm, tmp_path, capsys):
-    main_job = _load_main_job()
+def test_main_job_quantizes_evaluates_and_reloads(saved_vlm, tmp_path, capsys, eval_script):
+    main_job = eval_script("main_job")
     rc = main_job.main([
         "--model", str(saved_vlm("idefics3")), "--recipe", "gptq_w4a16",
         "--output-dir", str(tmp_path / "q"), "--results-dir", str(tmp_path / "results"),
@@ -40,8 +30,8 @@ def test_main_job_quantizes_evaluates_and_reloads(saved_vlm, tmp_path, capsys):
     assert "quantization_config" in config
 
 
-def test_main_job_reports_an_unknown_recipe_clearly(saved_vlm, tmp_path, capsys):
-    main_job = _load_main_job()
+def test_main_job_reports_an_unknown_recipe_clearly(saved_vlm, tmp_path, capsys, eval_script):
+    main_job = eval_script("main_job")
     rc = main_job.main(["--model", str(saved_vlm("idefics3")), "--recipe", "no_such_recipe",
                         "--output-dir", str(tmp_path / "q"), "--results-dir", str(tmp_path / "r")])
     assert rc != 0

@@ -3,25 +3,15 @@ recorded in eval/results/smolvlm-tiny/veo_sweep.md)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SWEEP = Path(__file__).resolve().parents[1] / "eval" / "sweep_vision_opt.py"
 
 
-def _load_sweep():
-    spec = importlib.util.spec_from_file_location("sweep_vision_opt", SWEEP)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_sweep_writes_baseline_and_veo_rows(saved_vlm, tmp_path, capsys):
-    sweep = _load_sweep()
+def test_sweep_writes_baseline_and_veo_rows(saved_vlm, tmp_path, capsys, eval_script):
+    sweep = eval_script("sweep_vision_opt")
     results = tmp_path / "results"
     rc = sweep.main([
         "--model", str(saved_vlm("idefics3")), "--configs", "none", "0.1,1,0.5",
@@ -57,8 +47,8 @@ def test_sweep_writes_baseline_and_veo_rows(saved_vlm, tmp_path, capsys):
     assert base["vs_baseline"]["answers_identical_to_baseline"] == 1.0
 
 
-def test_paired_bootstrap_against_direct_computation():
-    sweep = _load_sweep()
+def test_paired_bootstrap_against_direct_computation(eval_script):
+    sweep = eval_script("sweep_vision_opt")
     rng = np.random.default_rng(1)
     a = rng.random(50)
     shifted = sweep.paired_bootstrap(a, a + 0.25)
@@ -73,8 +63,8 @@ def test_paired_bootstrap_against_direct_computation():
     assert same["diff"] == same["ci_low"] == same["ci_high"] == 0 and not same["significant"]
 
 
-def test_config_syntax():
-    sweep = _load_sweep()
+def test_config_syntax(eval_script):
+    sweep = eval_script("sweep_vision_opt")
     assert sweep.parse_config("none")["optimize_vision_encoder"] is False
     c = sweep.parse_config("0.1,1,0.5@3")
     assert (c["lambda_ent"], c["lambda_err"], c["eta"], c["calib_seed"]) == (0.1, 1.0, 0.5, 3)
