@@ -5,7 +5,8 @@
   ``dequant.dequant_linear`` (Triton dequantize + cuBLAS), whichever is faster.
 
 On CUDA the first call for a key ``(path, M bucket, N, K, bits, group, sym, dtype, device)``
-times a small candidate list (CUDA events, a few repetitions; selection only, not a benchmark)
+times a small candidate list (CUDA events over a CUDA-graph replay of a few calls, so launch
+overhead does not decide; selection only, not a benchmark)
 and caches the winner for the process: decode tunes inner product (tensor-core ``tl.dot`` vs
 CUDA-core GEMV at M == 1), unpack variant (word tile vs per-field gather), tile sizes, then
 split-K; prefill tunes GEMM tiles and unpack variant against dequantize + cuBLAS. ``QVLM_KERNEL_TUNE=0`` skips tuning and uses each
@@ -97,13 +98,35 @@ _RUNNERS = {
 
 
 def _time_cuda(fn, reps: int = 10) -> float:
+    """GPU time (ms) of one call of ``fn``: ``reps`` calls captured in one CUDA graph and replayed,
+    so the host's launch overhead (tens of microseconds per Triton launch, more than a decode
+    kernel's run time) does not decide the ranking. Falls back to back-to-back eager calls when
+    the graph cannot be captured."""
     for _ in range(3):
         fn()
+    torch.cuda.synchronize()
+    runner = None
+    try:
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            with torch.cuda.graph(graph, stream=stream):
+                for _ in range(reps):
+                    fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        runner = graph.replay
+        runner()
+    except Exception:  # capture unsupported here: time eagerly (launch overhead included)
+        torch.cuda.synchronize()
+
+        def runner():
+            for _ in range(reps):
+                fn()
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(reps):
-        fn()
+    runner()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / reps
@@ -120,6 +143,8 @@ def choose(x2d: torch.Tensor, tensors: tuple, layout: PackedLayout) -> tuple[str
     device = x2d.device
     candidates = _decode_candidates(m, layout, device) if decode else _prefill_candidates(m, layout, device)
     tune = device.type == "cuda" and os.environ.get("QVLM_KERNEL_TUNE", "1") != "0"
+    if tune and torch.cuda.is_current_stream_capturing():
+        tune = False  # first call inside a user's graph capture: no synchronising timings allowed
     if not tune:
         best = candidates[0]
     else:
