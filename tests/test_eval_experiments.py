@@ -72,3 +72,28 @@ def test_group_size_override_expands_presets_and_leaves_channel_schemes():
     assert "lm_head" in args["ignore"]
     # per-channel W4A8 weights have no group: unchanged
     assert override_group_size(recipe_path("mbq_w4a8").read_text(), 64)[1] == 0
+
+
+def test_every_matrix_cell_and_eval_recipe_is_valid(eval_script, tmp_path):
+    """Each cell of eval/experiments.yaml resolves to a recipe that passes the recipe check (known
+    Modifiers and fields, supported bits), also after the model's group-size override, and every
+    eval-only recipe is used by some cell or by the main job (no stale files)."""
+    from pathlib import Path
+
+    from qvlm_modifiers.recipe_check import load_recipe
+
+    run = eval_script("run_experiments")
+    eval_dir = Path(run.__file__).resolve().parent
+    config = yaml.safe_load((eval_dir / "experiments.yaml").read_text())
+    used = set()
+    for k, cell in enumerate(config["cells"]):
+        path = Path(run.resolve_recipe(cell["recipe"]))
+        used.add(path.resolve())
+        for model in config["models"]:
+            patched = tmp_path / f"{k}_{model['name']}.yaml"
+            patched.write_text(run.effective_recipe_text(str(path), model.get("group_size")))
+            load_recipe(patched)
+    used |= {p.resolve() for p in (eval_dir / "recipes").glob("*.yaml")
+             if p.name in (eval_dir / "main_job.py").read_text()}  # the main job's default recipe
+    eval_only = {p.resolve() for p in (eval_dir / "recipes").glob("*.yaml")}
+    assert eval_only - used == set(), f"eval recipes no cell uses: {sorted(p.name for p in eval_only - used)}"
