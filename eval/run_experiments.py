@@ -12,9 +12,10 @@ eval/results/<model>/: results.json (every cell, keyed), results.md (table by sc
 metrics.png (accuracy and KL vs scheme, one line per method; calibration time per cell).
 
 A cell is skipped when results.json holds it under the same key: a hash of the recipe text (after
-any group-size override), the model, the metric settings and the code (src/qvlm_modifiers,
-recipes/, eval/main_job.py, this file). A results.json written by other code is refused with an
-error naming it, unless --rerun-stale (recompute its cells) is given.
+any group-size override), the model's files, the metric settings and the code the cell runs
+(src/qvlm_modifiers without the method subpackages its recipe does not name, eval/main_job.py, this
+file). A results.json with cells from other code or another model is refused with an error naming
+it, unless --rerun-stale (recompute those cells) is given.
 """
 
 from __future__ import annotations
@@ -47,13 +48,41 @@ class StaleResultsError(RuntimeError):
     """results.json holds cells computed by other code."""
 
 
-def code_version() -> str:
+# Method subpackages: a cell's code version covers one only when its recipe names that Modifier, so
+# work on Q-VLM does not invalidate the GPTQ cells (which never run Q-VLM code).
+METHOD_PACKAGES = {"MBQModifier": "mbq", "QVLMModifier": "qvlm"}
+
+
+def code_files(recipe_text: str | None = None) -> list[Path]:
+    """The code a cell runs: src/qvlm_modifiers minus the method subpackages its recipe does not name
+    (all of them when ``recipe_text`` is None), eval/main_job.py and this file."""
+    src = REPO / "src" / "qvlm_modifiers"
+    skipped = set()
+    if recipe_text is not None:
+        skipped = {src / pkg for name, pkg in METHOD_PACKAGES.items() if name not in recipe_text}
+    files = [f for f in sorted(src.rglob("*.py")) if not any(d in f.parents for d in skipped)]
+    return files + [EVAL_DIR / "main_job.py", Path(__file__).resolve()]
+
+
+def code_version(recipe_text: str | None = None) -> str:
+    """Hash of :func:`code_files` (the recipe text itself is part of the cell key)."""
     digest = hashlib.sha256()
-    files = sorted((REPO / "src" / "qvlm_modifiers").rglob("*.py")) + sorted((REPO / "recipes").glob("*.yaml"))
-    files += [EVAL_DIR / "main_job.py", Path(__file__).resolve()]
-    for path in files:
+    for path in code_files(recipe_text):
         digest.update(str(path.relative_to(REPO)).encode())
         digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """Hash of a model folder's weights and configs: a retrained or re-assembled model is a new model
+    even at the same path."""
+    digest = hashlib.sha256()
+    folder = Path(model_dir)
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.json")):
+        digest.update(path.name.encode())
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(chunk)
     return digest.hexdigest()[:16]
 
 
@@ -109,13 +138,19 @@ def effective_recipe_text(recipe_file: str, group_size: int | None) -> str:
     return text
 
 
-def check_versions(results: dict, results_file: Path, version: str, rerun_stale: bool) -> None:
-    stale = sorted(cid for cid, cell in results.get("cells", {}).items() if cell.get("code_version") != version)
+def check_versions(results: dict, results_file: Path, rerun_stale: bool, fingerprint: str | None = None) -> None:
+    """Refuse a results.json whose cells were computed by other code (the code each cell runs, see
+    :func:`code_version`) or on another model (same path, other files)."""
+    stale = []
+    for cid, cell in results.get("cells", {}).items():
+        if cell.get("code_version") != code_version(cell.get("recipe_text")):
+            stale.append(f"{cid} (code)")
+        elif fingerprint is not None and cell.get("model_fingerprint") != fingerprint:
+            stale.append(f"{cid} (model files)")
     if stale and not rerun_stale:
         raise StaleResultsError(
-            f"{results_file} holds cells computed by other code (code version "
-            f"{sorted({results['cells'][c].get('code_version') for c in stale})}, this code is {version}): "
-            f"{', '.join(stale)}. Recompute them with --rerun-stale, or write to another folder with --results-root."
+            f"{results_file} holds cells computed by other code or on another model: {', '.join(sorted(stale))}. "
+            f"Recompute them with --rerun-stale, or write to another folder with --results-root."
         )
 
 
@@ -230,25 +265,31 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         cells = [c for c in cells if c["id"] in args.only]
-    version, commit = code_version(), git_commit()
+    commit = git_commit()
     failures = 0
     for model in config["models"]:
         name = model["name"]
         path = str(main_job.DEFAULT_MODEL_DIR) if model["path"] == "default" else model["path"]
+        if model["path"] == "default":
+            from qvlm_modifiers.default_model import ensure_default_model
+
+            ensure_default_model(path)  # re-assembled when the committed vision weights changed
+        fingerprint = model_fingerprint(path) if Path(path).is_dir() else None
         group_size = model.get("group_size")
         out_dir = Path(args.results_root) / name
         out_dir.mkdir(parents=True, exist_ok=True)
         results_file = out_dir / "results.json"
         results = json.loads(results_file.read_text()) if results_file.exists() else {"cells": {}}
         try:
-            check_versions(results, results_file, version, args.rerun_stale or args.force)
+            check_versions(results, results_file, args.rerun_stale or args.force, fingerprint)
         except StaleResultsError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         for index, cell in enumerate(cells, 1):
             recipe_file = resolve_recipe(cell["recipe"])
-            key = cell_key(effective_recipe_text(recipe_file, group_size), path,
-                           {**settings, "calib_seed": cell["calib_seed"]}, version)
+            recipe_text = effective_recipe_text(recipe_file, group_size)
+            version = code_version(recipe_text)
+            key = cell_key(recipe_text, f"{path}@{fingerprint}", {**settings, "calib_seed": cell["calib_seed"]}, version)
             done = results["cells"].get(cell["id"])
             tag = f"[run_experiments {index}/{len(cells)}] {name} x {cell['id']} ({cell['method']} {cell['scheme']})"
             if done and done.get("key") == key and not args.force:
@@ -282,7 +323,7 @@ def main(argv=None) -> int:
                 continue
             record = json.loads(record_path.read_text())
             record_path.unlink()  # folded into results.json
-            record.update(key=key, code_version=version, git_commit=commit, method=cell["method"],
+            record.update(key=key, code_version=version, model_fingerprint=fingerprint, git_commit=commit, method=cell["method"],
                           scheme=cell["scheme"], calib_seed=cell["calib_seed"], group_size=group_size,
                           date=datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
                           wall_s=round(time.time() - started, 1), machine=machine())

@@ -12,7 +12,7 @@ import yaml
 def test_run_experiments_writes_results_and_skips_done_cells(saved_vlm, tmp_path, capsys, monkeypatch, eval_script):
     run = eval_script("run_experiments")
     # pin the code version: in a shared working tree other edits would change it between the runs
-    monkeypatch.setattr(run, "code_version", lambda: "pinned")
+    monkeypatch.setattr(run, "code_version", lambda *a: "pinned")
     config = tmp_path / "experiments.yaml"
     config.write_text(yaml.safe_dump({
         "models": [{"name": "zoo-idefics3", "path": str(saved_vlm("idefics3")), "group_size": 16}],
@@ -42,12 +42,27 @@ def test_run_experiments_writes_results_and_skips_done_cells(saved_vlm, tmp_path
     text = Path(run.main_job.recipe_location("w8a8")).read_text()
     assert run.cell_key(text, "m", {"a": 1}, "v") != run.cell_key(text, "m", {"a": 2}, "v")
     # results written by other code: refused with an error naming the file, unless --rerun-stale
-    monkeypatch.setattr(run, "code_version", lambda: "changed")
+    monkeypatch.setattr(run, "code_version", lambda *a: "changed")
     assert run.main(argv) == 2
     err = capsys.readouterr().err
     assert "results.json" in err and "other code" in err and "--rerun-stale" in err
     assert run.main(argv + ["--list", "--rerun-stale"]) == 0
     assert capsys.readouterr().out.count(": to run") == 2
+    # the same path holding other model files is another model: refused the same way
+    monkeypatch.setattr(run, "code_version", lambda *a: "pinned")
+    monkeypatch.setattr(run, "model_fingerprint", lambda *a: "retrained")
+    assert run.main(argv) == 2
+    assert "(model files)" in capsys.readouterr().err
+
+
+def test_code_version_covers_only_the_method_packages_a_recipe_names(eval_script):
+    run = eval_script("run_experiments")
+    gptq = [str(p) for p in run.code_files("GPTQModifier: {}")]
+    qvlm = [str(p) for p in run.code_files("QVLMModifier: {}")]
+    assert not any("/qvlm_modifiers/qvlm/" in p or "/qvlm_modifiers/mbq/" in p for p in gptq)
+    assert any("/qvlm_modifiers/qvlm/" in p for p in qvlm) and not any("/qvlm_modifiers/mbq/" in p for p in qvlm)
+    assert any(p.endswith("main_job.py") for p in gptq) and any(p.endswith("/data.py") for p in gptq)
+    assert run.code_version("GPTQModifier: {}") != run.code_version("QVLMModifier: {}")
 
 
 def test_unknown_cell_is_a_clear_error(tmp_path, capsys, eval_script):
