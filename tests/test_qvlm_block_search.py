@@ -11,7 +11,9 @@ from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle import fake_quantize
 
 from qvlm_modifiers.qvlm.block_search import (
+    BlockObjective,
     RangeVariable,
+    block_mse_objective,
     coordinate_descent,
     flatten_for_ranges,
     fake_quantize_observed,
@@ -20,6 +22,7 @@ from qvlm_modifiers.qvlm.block_search import (
     percentile_range,
     range_qparams,
     search_block,
+    spread_batch_indices,
 )
 
 GROUP4 = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=16)
@@ -317,3 +320,100 @@ def test_exhaustive_small_block_bound():
         best = min(best, toy.block_loss(range(2), toy.inputs, targets[-1]))
     assert best <= res.loss + 1e-12
     assert res.loss <= res.layerwise_loss
+
+
+# ----------------------------------------------------------------------------------------------
+# exact shortcuts of the fast search (memo, prefix cache, early stop) vs the plain reference
+# ----------------------------------------------------------------------------------------------
+
+
+def test_coordinate_descent_memo_changes_nothing_but_the_cost():
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(5, 5, generator=g)
+    runs = []
+    for memo in (False, True):
+        box = _Box(5)
+        variables = _scalar_vars(box, [[-1.0, -0.5, 0.0, 0.5, 1.0]] * 5)
+
+        def objective():
+            x = torch.tensor(box.values)
+            return float(x @ (a @ a.T) @ x - 2 * x.sum())
+
+        res = coordinate_descent(objective, variables, epochs=10, memo=memo)
+        runs.append((res, [v.current for v in variables]))
+    (plain, plain_choice), (memo_res, memo_choice) = runs
+    assert memo_choice == plain_choice and memo_res.history == plain.history and memo_res.loss == plain.loss
+    assert memo_res.memo_hits > 0 and memo_res.evaluations + memo_res.memo_hits == plain.evaluations
+
+
+def test_block_objective_equals_plain_objective_with_prefix_cache_and_early_stop():
+    toy = _ToyStack(seed=1)
+    variables = [toy.variables(j)[0] for j in range(3)]
+    targets = toy.fp_targets(range(3), toy.inputs)[-1]
+    plain = block_mse_objective([toy.layer(j) for j in range(3)], toy.inputs, targets)
+    fast = BlockObjective([toy.layer(j) for j in range(3)], toy.inputs, targets, variables=variables, variable_layers=[0, 1, 2])
+    g = torch.Generator().manual_seed(0)
+    with toy.quantized(True):
+        for _ in range(12):  # random walk over states, focusing a random variable each time
+            for v in variables:
+                v.current = int(torch.randint(len(v.candidates), (1,), generator=g))
+                v.set(v.current)
+            position = int(torch.randint(3, (1,), generator=g))
+            fast.focus(position)
+            trial = int(torch.randint(len(variables[position].candidates), (1,), generator=g))
+            variables[position].set(trial)
+            exact = plain()
+            assert fast() == exact  # same layers, same summation order: bit-identical
+            assert fast(bound=exact * 2) == exact  # bound not reached: the full loss
+            early = fast(bound=exact * 0.3)  # stops once the partial sum passes the bound
+            assert exact * 0.3 <= early <= exact
+            variables[position].set(variables[position].current)
+
+
+@pytest.mark.parametrize("use_fp_targets,init", [(True, "layerwise"), (False, "layerwise"), (True, "lp_norm")])
+def test_fast_search_gives_the_reference_search_exactly(use_fp_targets, init):
+    results = []
+    for reference in (True, False):
+        toy = _ToyStack(seed=3)
+        variables = [toy.variables(j) for j in range(3)]
+        targets = toy.fp_targets(range(3), toy.inputs) if use_fp_targets else None
+        res = search_block([toy.layer(j) for j in range(3)], variables, toy.quantized, toy.inputs, targets,
+                           epochs=10, init=init, reference=reference)
+        evaluations = sum(r.evaluations for r in res.layerwise) + res.block.evaluations
+        results.append((res, [v[0].current for v in variables], evaluations))
+    (ref, ref_choice, ref_evals), (fast, fast_choice, fast_evals) = results
+    assert fast_choice == ref_choice
+    assert fast.loss == ref.loss and (fast.layerwise_loss == ref.layerwise_loss or init == "lp_norm")
+    assert fast.block.history == ref.block.history
+    assert fast_evals < ref_evals
+
+
+def test_spread_batch_indices():
+    assert spread_batch_indices(8, None) == list(range(8))
+    assert spread_batch_indices(8, 8) == list(range(8)) == spread_batch_indices(8, 20)
+    assert spread_batch_indices(8, 4) == [0, 2, 4, 6]
+    assert spread_batch_indices(128, 32) == list(range(0, 128, 4))
+    assert len(spread_batch_indices(10, 3)) == 3
+    with pytest.raises(ValueError):
+        spread_batch_indices(8, 0)
+
+
+@pytest.mark.parametrize("seed", [0, 2, 4])
+def test_search_on_a_batch_subset_reports_all_batches_and_never_loses_to_layerwise(seed):
+    toy = _ToyStack(seed=seed)
+    toy.inputs = toy.inputs + [torch.randn(6, 32, generator=torch.Generator().manual_seed(seed + 9)) for _ in range(3)]
+    variables = [toy.variables(j) for j in range(3)]
+    targets = toy.fp_targets(range(3), toy.inputs)
+    res = search_block([toy.layer(j) for j in range(3)], variables, toy.quantized, toy.inputs, targets, epochs=10,
+                       search_batches=2)
+    assert res.search_batches == 2
+    # the searched objective used batches [0, 3] only ...
+    sub = [0, 3]
+    assert res.block.loss == pytest.approx(
+        toy.block_loss(range(3), [toy.inputs[i] for i in sub], [targets[-1][i] for i in sub]), rel=1e-6)
+    # ... but the reported loss is the block-output MSE of the final ranges on all six batches,
+    assert res.loss == pytest.approx(toy.block_loss(range(3), toy.inputs, targets[-1]), rel=1e-6)
+    # and it is never worse there than the layer-wise solution (kept where the joint one loses)
+    assert res.loss <= res.layerwise_loss
+    if res.kept_layerwise:
+        assert res.loss == res.layerwise_loss

@@ -110,7 +110,10 @@ def _mse(a, b):
     return sum((x - y).pow(2).sum().item() for x, y in zip(a, b)) / sum(y.numel() for y in b)
 
 
-def test_block_partition_and_eq3_objective_match_an_independent_forward(deep_llava, calib_pairs):
+@pytest.mark.parametrize("search_samples", [None, 1])
+def test_block_partition_and_eq3_objective_match_an_independent_forward(deep_llava, calib_pairs, search_samples):
+    """With ``search_samples: 1`` the search sees one of the two samples, but the reported Eq. 3
+    objective must still be that of both samples (checked by the independent forward)."""
     fp_model, processor, rows = _rows(deep_llava, calib_pairs, n=2)
     fp_outs = _layer_outputs(fp_model, rows, quantized=False)
     model = AutoModelForImageTextToText.from_pretrained(deep_llava)
@@ -118,13 +121,14 @@ def test_block_partition_and_eq3_objective_match_an_independent_forward(deep_lla
         config_groups={"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "channel"},
                              "input_activations": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "token", "dynamic": True}}},
         entropy_threshold=-1.0,  # every link "dependent": blocks fill up to max_block_layers
-        max_block_layers=3, search_epochs=1,
+        max_block_layers=3, search_epochs=1, search_samples=search_samples,
     )
     _oneshot(model, processor, rows, recipe)
     meta = model.config.qvlm_blocks
     assert meta["blocks"] == [[0, 1, 2], [3]]
     assert meta["num_levels"] == 16  # 2**4 of the A4 activation quantizer
     first, second = meta["block_losses"]
+    assert first["search_samples"] == (search_samples or 2)
     assert first["loss"] <= first["layerwise_loss"]  # block search never worse than layer-wise
     q_outs = _layer_outputs(model, rows, quantized=True)
     # Eq. 3 objective of block [0,1,2]: quantized path vs FP path at the block's last layer, from the
@@ -335,3 +339,29 @@ def test_captured_layer_arguments_share_equal_tensors():
     assert second["position_embeddings"][0] is first["position_embeddings"][0]
     assert second["position_embeddings"][1] is not first["position_embeddings"][1]  # different: own copy
     torch.testing.assert_close(second["position_embeddings"][1], cos_sin[1] + 1)
+
+
+def test_fast_search_gives_the_reference_search_exactly(deep_llava, calib_pairs):
+    """``search_implementation: fast`` (cached block-input prefix, cached fake-quantized weights,
+    early stop, memo) must choose the same ranges with bit-identical losses as the plain search,
+    with weight and dynamic per-token activation quantization in the loop, in fewer evaluations."""
+    runs = {}
+    for impl in ("reference", "fast"):
+        model, processor, rows = _rows(deep_llava, calib_pairs, n=2)
+        recipe = QVLMModifier(
+            config_groups={"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 16},
+                                 "input_activations": {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "token", "dynamic": True}}},
+            entropy_threshold=-1.0, search_epochs=3, search_implementation=impl, search_samples=None,
+        )
+        _oneshot(model, processor, rows, recipe)
+        runs[impl] = (model.config.qvlm_blocks["block_losses"], model.state_dict())
+    (ref_blocks, ref_state), (fast_blocks, fast_state) = runs["reference"], runs["fast"]
+    for ref, fast in zip(ref_blocks, fast_blocks, strict=True):
+        assert fast["layers"] == ref["layers"] and fast["choices"] == ref["choices"]
+        assert fast["loss"] == ref["loss"] and fast["layerwise_loss"] == ref["layerwise_loss"]
+        assert fast["evaluations"] < ref["evaluations"]
+    assert ref_state.keys() == fast_state.keys()
+    for key in ref_state:
+        assert torch.equal(ref_state[key], fast_state[key]), key
+    # and the search leaves no cache behind on the modules
+    assert not any("_qvlm_fq_weight" in m.__dict__ or "_qvlm_weight_key" in m.__dict__ for m in model.modules())

@@ -33,6 +33,7 @@ Here (pure functions, no llm-compressor state):
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -57,6 +58,8 @@ __all__ = [
     "BlockSearchResult",
     "search_block",
     "block_mse_objective",
+    "BlockObjective",
+    "spread_batch_indices",
 ]
 
 DEFAULT_PERCENTILES = (1.0, 0.995, 0.99, 0.985, 0.98)  # paper, Sec. 3.3
@@ -182,43 +185,94 @@ class DescentResult:
     loss: float
     initial_loss: float
     epochs_run: int
-    evaluations: int
+    evaluations: int  # objective evaluations actually run (memo hits not counted)
     history: list[float] = field(default_factory=list)
+    memo_hits: int = 0  # candidate states whose verdict was known from an earlier evaluation
 
 
 def coordinate_descent(
-    objective: Callable[[], float], variables: Sequence[RangeVariable], epochs: int
+    objective: Callable[..., float],
+    variables: Sequence[RangeVariable],
+    epochs: int,
+    initial_loss: float | None = None,
+    memo: bool = True,
 ) -> DescentResult:
     """Minimise ``objective()`` over the variables' candidates, one variable at a time.
 
     Starts from each variable's ``current`` candidate; a pass tries every other candidate of each
     variable (others fixed) and keeps the best if it strictly improves. Stops after ``epochs``
     passes or a pass without change. Leaves every variable applied at its chosen candidate.
+
+    Exact shortcuts (the visited states, the choices and the losses are those of the plain
+    procedure above, for any deterministic objective):
+
+    * a memo of the states already evaluated (tuple of every variable's candidate index): a
+      state seen before is not evaluated again (typically half of the last, confirming pass);
+    * if ``objective`` has a ``focus(variable_index)`` method (:class:`BlockObjective`), it is
+      called before the candidates of that variable are tried, so that the objective can reuse
+      what does not depend on that variable;
+    * if ``objective.supports_bound`` is true, it is called as ``objective(bound=best)`` and may
+      stop early and return any value ``>= bound`` once the candidate provably cannot be
+      strictly better than ``best`` (it is rejected either way).
+
+    :param initial_loss: the objective at the starting state, if the caller already knows it
+    :param memo: keep the memo of evaluated states (``False``: re-evaluate every candidate, the
+        plain procedure's cost)
     """
+    focus = getattr(objective, "focus", None)
+    bounded = bool(getattr(objective, "supports_bound", False))
     for var in variables:
         var.set(var.current)
-    best = objective()
+    if initial_loss is None:
+        if focus is not None:
+            focus(None)
+        best = objective()
+        evaluations = 1
+    else:
+        best, evaluations = float(initial_loss), 0
     initial = best
-    evaluations = 1
     history = [best]
     epochs_run = 0
+    state = [var.current for var in variables]
+    # memo: state -> the loss, or a lower bound of it that was >= the best loss at the time
+    seen: dict[tuple[int, ...], float] = {tuple(state): best}
+    memo_hits = 0
     for _ in range(max(0, epochs)):
         epochs_run += 1
         changed = False
-        for var in variables:
+        for position, var in enumerate(variables):
+            focused = False
             for index in range(len(var.candidates)):
                 if index == var.current:
                     continue
-                var.set(index)
-                loss = objective()
-                evaluations += 1
+                state[position] = index
+                key = tuple(state)
+                known = seen.get(key) if memo else None
+                if known is not None:
+                    # deterministic objective: the stored loss gives the same verdict again; a
+                    # stored lower bound was >= an earlier best >= the current best: rejected
+                    memo_hits += 1
+                    loss = known
+                else:
+                    if focus is not None and not focused:
+                        focus(position)
+                        focused = True
+                    var.set(index)
+                    loss = objective(bound=best) if bounded else objective()
+                    evaluations += 1
+                    if memo:
+                        seen[key] = loss
                 if loss < best:
                     best, var.current, changed = loss, index, True
+            state[position] = var.current
             var.set(var.current)
         history.append(best)
         if not changed:
             break
-    return DescentResult(loss=best, initial_loss=initial, epochs_run=epochs_run, evaluations=evaluations, history=history)
+    return DescentResult(
+        loss=best, initial_loss=initial, epochs_run=epochs_run, evaluations=evaluations, history=history,
+        memo_hits=memo_hits,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,15 +286,19 @@ LayerFn = Callable[[torch.Tensor, int], torch.Tensor]  # (hidden states, batch i
 class BlockSearchResult:
     layerwise: list[DescentResult]
     block: DescentResult | None
-    loss: float  # final block-output MSE (Eq. 3 objective / numel)
-    layerwise_loss: float  # block-output MSE of the layer-wise solution
+    loss: float  # final block-output MSE (Eq. 3 objective / numel), on ALL batches
+    layerwise_loss: float  # block-output MSE of the layer-wise solution, on ALL batches
+    search_loss: float = float("nan")  # the searched objective (on the search batches) at the end
+    search_batches: int = 0  # number of batches the search objective used
+    kept_layerwise: bool = False  # searched on a subset and the joint solution was worse on all batches
 
 
 def block_mse_objective(
     layers: Sequence[LayerFn], inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]
 ) -> Callable[[], float]:
     """Eq. 3's objective as a closure: mean squared error of ``layers`` applied to ``inputs``
-    against ``targets`` (summed over batches, divided by the number of target elements)."""
+    against ``targets`` (summed over batches, divided by the number of target elements).
+    The plain reference: every call runs every layer on every batch."""
     def objective() -> float:
         total, count = 0.0, 0
         for batch_index, (x, y) in enumerate(zip(inputs, targets)):
@@ -254,14 +312,117 @@ def block_mse_objective(
     return objective
 
 
-def _run(layers: Sequence[LayerFn], inputs: Sequence[torch.Tensor], keep: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+class BlockObjective:
+    """Eq. 3's objective (the same value as :func:`block_mse_objective`, same summation order)
+    with two exact shortcuts for :func:`coordinate_descent`:
+
+    * **prefix cache** -- ``focus(i)`` before the candidates of variable ``i`` (which lives in
+      layer ``variable_layers[i]``) are tried: the block's hidden states at the *input* of that
+      layer do not depend on the variable, so they are computed once (from the nearest still-valid
+      cached layer input) and each candidate only runs the layers from there on;
+    * **early stop** -- ``objective(bound=b)``: the squared errors are summed batch by batch; as
+      soon as ``partial_sum / count >= b`` the final loss cannot be ``< b`` any more (the terms are
+      non-negative and float addition/division are monotone), so the candidate is rejected
+      without running the remaining batches and the partial value is returned.
+
+    :param layers: the block's layers ``(hidden, batch_index) -> hidden``
+    :param inputs: the block input, one tensor per evaluated batch
+    :param targets: the targets, one per evaluated batch
+    :param batch_indices: the batch index passed to the layers for each evaluated batch (default
+        ``0..len(inputs)-1``; a subset when the search uses only some calibration batches)
+    :param variables: the range variables of the descent, and ``variable_layers[i]`` the index of
+        the layer (in ``layers``) that ``variables[i]`` belongs to. Without them no prefix cache
+    :param keep: where cached hidden states are kept (e.g. the offload device)
+    """
+
+    supports_bound = True
+
+    def __init__(
+        self,
+        layers: Sequence[LayerFn],
+        inputs: Sequence[torch.Tensor],
+        targets: Sequence[torch.Tensor],
+        batch_indices: Sequence[int] | None = None,
+        variables: Sequence[RangeVariable] | None = None,
+        variable_layers: Sequence[int] | None = None,
+        keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    ):
+        if len(inputs) != len(targets):
+            raise ValueError("one target per input batch is required")
+        self.layers = list(layers)
+        self.targets = list(targets)
+        self.batch_indices = list(range(len(inputs))) if batch_indices is None else list(batch_indices)
+        if len(self.batch_indices) != len(inputs):
+            raise ValueError("one batch index per input batch is required")
+        if (variables is None) != (variable_layers is None):
+            raise ValueError("pass both variables and variable_layers, or neither")
+        self.variables = list(variables) if variables is not None else None
+        self.variable_layers = list(variable_layers) if variable_layers is not None else None
+        self.keep = keep
+        self.count = max(sum(t.numel() for t in self.targets), 1)
+        # layer index -> (state of the variables of the layers before it, hidden states at its input)
+        self._prefix: dict[int, tuple[tuple[int, ...], list[torch.Tensor]]] = {0: ((), list(inputs))}
+        self._start = 0
+
+    def _state_before(self, layer_index: int) -> tuple[int, ...]:
+        return tuple(v.current for v, j in zip(self.variables, self.variable_layers) if j < layer_index)
+
+    def focus(self, variable_index: int | None) -> None:
+        """Prepare for trying the candidates of ``variables[variable_index]`` (``None``: the whole
+        block). Every variable must be applied at its ``current`` candidate."""
+        if variable_index is None or self.variables is None:
+            self._start = 0
+            return
+        start = self.variable_layers[variable_index]
+        key = self._state_before(start)
+        cached = self._prefix.get(start)
+        if cached is None or cached[0] != key:
+            # nearest earlier layer whose cached input is still valid (layer 0 always is)
+            origin = max(j for j, (k, _) in self._prefix.items() if j <= start and k == self._state_before(j))
+            hidden = self._prefix[origin][1]
+            for j in range(origin, start):
+                hidden = [self.keep(self.layers[j](h, b)) for h, b in zip(hidden, self.batch_indices)]
+                self._prefix[j + 1] = (self._state_before(j + 1), hidden)
+        self._start = start
+
+    def __call__(self, bound: float = math.inf) -> float:
+        total = 0.0
+        hidden = self._prefix[self._start][1]
+        run = self.layers[self._start:]
+        for x, y, b in zip(hidden, self.targets, self.batch_indices):
+            out = x
+            for layer in run:
+                out = layer(out, b)
+            total += (out.float() - y.to(out.device).float()).pow(2).sum().item()
+            if total / self.count >= bound:
+                return total / self.count  # a lower bound of the loss, >= bound: rejected
+        return total / self.count
+
+
+def _run(
+    layers: Sequence[LayerFn],
+    inputs: Sequence[torch.Tensor],
+    keep: Callable[[torch.Tensor], torch.Tensor],
+    batch_indices: Sequence[int] | None = None,
+) -> list[torch.Tensor]:
     outputs = []
-    for batch_index, x in enumerate(inputs):
+    indices = range(len(inputs)) if batch_indices is None else batch_indices
+    for batch_index, x in zip(indices, inputs):
         out = x
         for layer in layers:
             out = layer(out, batch_index)
         outputs.append(keep(out))
     return outputs
+
+
+def spread_batch_indices(num_batches: int, search_batches: int | None) -> list[int]:
+    """``search_batches`` batch indices spread evenly over ``0..num_batches-1`` (all when
+    ``None`` or not smaller): the fixed calibration subset the search objective is evaluated on."""
+    if search_batches is None or search_batches >= num_batches:
+        return list(range(num_batches))
+    if search_batches < 1:
+        raise ValueError(f"search_batches must be >= 1, got {search_batches}")
+    return sorted({int(i * num_batches // search_batches) for i in range(search_batches)})
 
 
 def search_block(
@@ -273,6 +434,8 @@ def search_block(
     epochs: int,
     init: Literal["layerwise", "lp_norm"] = "layerwise",
     keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    search_batches: int | None = None,
+    reference: bool = False,
 ) -> BlockSearchResult:
     """Search the ranges of one block of consecutive layers.
 
@@ -289,42 +452,98 @@ def search_block(
         from candidate 0 = the lp-norm ranges; no layer-wise stage unless the block has one layer,
         and ``layerwise_loss`` is then NaN)
     :param keep: where to keep intermediate per-batch tensors (e.g. move to the offload device)
+    :param search_batches: evaluate the search objectives on this many batches only (spread
+        evenly, :func:`spread_batch_indices`); ``None`` = all (exact). The reported ``loss`` and
+        ``layerwise_loss`` are always measured on all batches, and if the joint (Eq. 3) solution
+        is worse there than the layer-wise one, the layer-wise one is kept, so the block result
+        is never worse than layer-wise on the full calibration objective
+    :param reference: use the plain objective (:func:`block_mse_objective`: every candidate
+        re-runs the whole block on every batch) instead of :class:`BlockObjective`'s exact
+        shortcuts. Same choices and losses, slower: for tests and benchmarks
     """
     if len(layers) != len(variables):
         raise ValueError("one list of range variables per layer is required")
+    num_batches = len(q_inputs)
+    indices = spread_batch_indices(num_batches, search_batches)
+    subset = len(indices) < num_batches
+
+    def make_objective(obj_layers, inputs, targets, batch_ids, obj_vars=None, var_layers=None):
+        if reference:
+            def objective() -> float:
+                total, count = 0.0, 0
+                for b, x, y in zip(batch_ids, inputs, targets):
+                    out = x
+                    for layer in obj_layers:
+                        out = layer(out, b)
+                    total += (out.float() - y.to(out.device).float()).pow(2).sum().item()
+                    count += y.numel()
+                return total / max(count, 1)
+
+            return objective
+        return BlockObjective(obj_layers, inputs, targets, batch_ids, obj_vars, var_layers, keep)
+
+    def pick(seq):
+        return [seq[i] for i in indices]
+
     layerwise_results: list[DescentResult] = []
     for layer_vars in variables:
         for var in layer_vars:
             var.set(var.current)
     # Eq. 2: greedy layer-wise search, feeding the quantized outputs forward
     run_layerwise = init == "layerwise" or len(layers) == 1
-    x_q = list(q_inputs)
+    x_q = pick(q_inputs)
     for j, (layer, layer_vars) in enumerate(zip(layers, variables) if run_layerwise else []):
         if fp_targets is not None:
-            target = fp_targets[j]
+            target = pick(fp_targets[j])
         else:
             with quantized(False):
-                target = _run([layer], x_q, keep)
+                target = _run([layer], x_q, keep, indices)
         with quantized(True):
-            layerwise_results.append(coordinate_descent(block_mse_objective([layer], x_q, target), layer_vars, epochs))
+            objective = make_objective([layer], x_q, target, indices)
+            layerwise_results.append(coordinate_descent(objective, layer_vars, epochs, memo=not reference))
             if j < len(layers) - 1:
-                x_q = _run([layer], x_q, keep)
+                x_q = _run([layer], x_q, keep, indices)
     if fp_targets is not None:
-        block_target = fp_targets[-1]
+        block_target = list(fp_targets[-1])
     else:
         with quantized(False):
             block_target = _run(list(layers), q_inputs, keep)
     all_vars = [v for layer_vars in variables for v in layer_vars]
-    block_objective = block_mse_objective(list(layers), q_inputs, block_target)
+    var_layers = [j for j, layer_vars in enumerate(variables) for _ in layer_vars]
+    full_objective = make_objective(list(layers), list(q_inputs), block_target, list(range(num_batches)))
     with quantized(True):
         if len(layers) == 1:
             result = layerwise_results[0]
-            return BlockSearchResult(layerwise=layerwise_results, block=None, loss=result.loss, layerwise_loss=result.loss)
+            loss = full_objective() if subset else result.loss
+            return BlockSearchResult(
+                layerwise=layerwise_results, block=None, loss=loss, layerwise_loss=loss,
+                search_loss=result.loss, search_batches=len(indices),
+            )
         if init == "lp_norm":
             for var in all_vars:
                 var.current = 0
-        layerwise_loss = block_objective() if run_layerwise else float("nan")
-        block_result = coordinate_descent(block_objective, all_vars, epochs)
+                var.set(0)
+        layerwise_loss = full_objective() if run_layerwise else float("nan")
+        layerwise_choice = [v.current for v in all_vars]
+        if subset:
+            search_objective = make_objective(list(layers), pick(q_inputs), pick(block_target), indices, all_vars, var_layers)
+            block_result = coordinate_descent(search_objective, all_vars, epochs, memo=not reference)
+            loss = full_objective()
+        else:
+            search_objective = make_objective(list(layers), list(q_inputs), block_target, indices, all_vars, var_layers)
+            block_result = coordinate_descent(
+                search_objective, all_vars, epochs,
+                initial_loss=layerwise_loss if run_layerwise and not reference else None, memo=not reference,
+            )
+            loss = block_result.loss
+        kept_layerwise = False
+        if subset and run_layerwise and not loss < layerwise_loss and layerwise_choice != [v.current for v in all_vars]:
+            # searched on a subset: keep the layer-wise solution where it is better on all batches
+            for var, index in zip(all_vars, layerwise_choice):
+                var.current = index
+                var.set(index)
+            loss, kept_layerwise = layerwise_loss, True
     return BlockSearchResult(
-        layerwise=layerwise_results, block=block_result, loss=block_result.loss, layerwise_loss=layerwise_loss
+        layerwise=layerwise_results, block=block_result, loss=loss, layerwise_loss=layerwise_loss,
+        search_loss=block_result.loss, search_batches=len(indices), kept_layerwise=kept_layerwise,
     )

@@ -38,7 +38,8 @@ Where the partition is stored: ``model.config.qvlm_blocks`` in memory, and in th
 ``config.json`` as the top-level key ``"qvlm_blocks"`` (outside ``quantization_config``):
 ``{"blocks": [[0, 1], [2], ...], "dependencies": [D(0,1), ...], "thresholds": [h0 used per link],
 "num_levels": M, "estimator": "soft", "block_losses": [{"layers", "loss", "search_loss",
-"layerwise_loss", "choices": {"<module>.weight": "p=0.99" | "init", ...}}, ...]}`` (plus
+"layerwise_loss", "search_samples", "search_objective", "kept_layerwise", "search_s",
+"search_cpu_s", "evaluations", "choices": {"<module>.weight": "p=0.99" | "init", ...}}, ...]}`` (plus
 ``"visual_encoder_optimization"`` when VEO ran); also logged at INFO level. It is written by
 :func:`qvlm_modifiers.save.save_pretrained` / ``qvlm_modifiers.oneshot(output_dir=...)`` (plain
 llm-compressor saves rewrite ``config.json`` from the original file and drop it) and reloads as
@@ -55,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import time
 from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
 
@@ -125,6 +127,20 @@ class QVLMModifier(Modifier, QuantizationMixin):
     :param init_norm: p of the lp-norm initialisation (reference code: 0.5)
     :param search_epochs: coordinate-descent passes per block (paper: 10 epochs); stops earlier
         once a pass changes nothing
+    :param search_samples: evaluate the search objective (Eq. 2 and Eq. 3) on this many
+        calibration samples only, spread evenly over the calibration set (``null`` = all samples,
+        the exact search). An approximation that makes the search proportionally cheaper: the
+        block-output MSE stored in ``qvlm_blocks.block_losses`` is still measured on all samples,
+        and where the joint solution is worse there than the layer-wise one, the layer-wise one is
+        kept (``"kept_layerwise"``), so a block is never worse than layer-wise on the full
+        calibration objective. See ``eval/bench_qvlm_search.py`` for its measured effect
+    :param search_implementation: ``"fast"`` (default): the search with exact shortcuts -- the
+        block input of the layer being searched is cached (layers before it are not re-run per
+        candidate), each Linear's fake-quantized weight is computed once per candidate instead of
+        once per forward, candidates stop being evaluated as soon as their partial error already
+        exceeds the best, and states already evaluated are not evaluated again. Same choices and
+        losses as ``"reference"``: the plain search in which every candidate re-runs the whole
+        block on every sample (kept for tests and as the benchmark baseline)
     :param block_target: ``"fp"`` (Eq. 3: the FP path from the FP block input) or
         ``"quant_input"`` (FP block applied to the quantized-path input, GPTQ-style)
     :param block_init: ``"layerwise"``: Eq. 2 per layer, then Eq. 3 over the block starting from
@@ -173,6 +189,8 @@ class QVLMModifier(Modifier, QuantizationMixin):
     init_shrink_factors: list[float] = Field(default_factory=lambda: list(DEFAULT_SHRINK_FACTORS))
     init_norm: float = Field(default=0.5, gt=0)
     search_epochs: int = Field(default=10, ge=0)
+    search_samples: int | None = Field(default=None, ge=1)
+    search_implementation: Literal["fast", "reference"] = "fast"
     block_target: Literal["fp", "quant_input"] = "fp"
     block_init: Literal["layerwise", "lp_norm"] = "layerwise"
     search_activations: bool = True
@@ -480,6 +498,58 @@ class QVLMModifier(Modifier, QuantizationMixin):
             for m, value in zip(modules, previous):
                 m.quantization_enabled = value
 
+    @contextlib.contextmanager
+    def _cached_weight_forward(self, layer_ids: Iterable[int]):
+        """During the search, each quantized Linear of the block fake-quantizes its weight once per
+        candidate range instead of once per forward call (compressed-tensors' quantized forward
+        re-quantizes the weight on every call). Inside, a Linear's forward is compressed-tensors'
+        ``quantized_forward`` with the weight QDQ taken from a one-entry cache keyed by the weight
+        range variable's current candidate (set by its ``apply``); the input QDQ (dynamic or
+        static) is computed per call as before, so outputs are identical. Restored on exit."""
+        from compressed_tensors.quantization import QuantizationStatus
+        from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+        from compressed_tensors.utils import patch_attr
+
+        modules = [m for k in layer_ids for _, m in self._layer_linears[k] if isinstance(m, torch.nn.Linear)]
+        saved = {}
+
+        def make(module, original):
+            def forward(input: torch.Tensor) -> torch.Tensor:
+                scheme = getattr(module, "quantization_scheme", None)
+                status = getattr(module, "quantization_status", None)
+                key = getattr(module, "_qvlm_weight_key", None)
+                if (
+                    not getattr(module, "quantization_enabled", True) or scheme is None or scheme.weights is None
+                    or status is None or status >= QuantizationStatus.COMPRESSED or key is None
+                    or scheme.output_activations is not None
+                ):
+                    return original(input)
+                weight = module.weight
+                if scheme.input_activations:
+                    input = forward_quantize(module, input, "input", scheme.input_activations)
+                cached = module.__dict__.get("_qvlm_fq_weight")
+                if cached is None or cached[0] != key or cached[1].device != weight.device:
+                    cached = (key, forward_quantize(module, weight.data, "weight", scheme.weights))
+                    module.__dict__["_qvlm_fq_weight"] = cached
+                with patch_attr(weight, "data", cached[1]):
+                    return module.__class__.forward(module, input)
+
+            return forward
+
+        try:
+            for m in modules:
+                saved[id(m)] = (m, m.__dict__.get("forward"))
+                m.forward = make(m, m.forward)
+            yield
+        finally:
+            for m, original in saved.values():
+                if original is None:
+                    m.__dict__.pop("forward", None)
+                else:
+                    m.forward = original
+                m.__dict__.pop("_qvlm_fq_weight", None)
+                m.__dict__.pop("_qvlm_weight_key", None)
+
     def _keep(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(self._offload_device)
 
@@ -512,16 +582,22 @@ class QVLMModifier(Modifier, QuantizationMixin):
                 [v for name, m in self._layer_linears[k] for v in self._range_variables(m, act_samples.get(id(m)))]
                 for k in block
             ]
-            result = search_block(
-                layer_fns,
-                variables,
-                lambda enabled: self._quantized(block, enabled),
-                self._q_hidden,
-                fp_targets,
-                self.search_epochs,
-                init=self.block_init,
-                keep=self._keep,
-            )
+            started, started_cpu = time.perf_counter(), time.process_time()
+            fast = self.search_implementation == "fast"
+            with self._cached_weight_forward(block) if fast else contextlib.nullcontext():
+                result = search_block(
+                    layer_fns,
+                    variables,
+                    lambda enabled: self._quantized(block, enabled),
+                    self._q_hidden,
+                    fp_targets,
+                    self.search_epochs,
+                    init=self.block_init,
+                    keep=self._keep,
+                    search_batches=self.search_samples,
+                    reference=not fast,
+                )
+            search_seconds, search_cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
             gptq_loss, final_loss = None, result.loss
             if self.gptq_rounding:
                 originals = {id(m): m.weight.data.clone() for k in block for _, m in self._layer_linears[k]}
@@ -547,6 +623,12 @@ class QVLMModifier(Modifier, QuantizationMixin):
             "loss": final_loss,
             "search_loss": result.loss,
             "layerwise_loss": result.layerwise_loss,
+            "search_samples": result.search_batches,
+            "search_objective": result.search_loss,
+            "kept_layerwise": result.kept_layerwise,
+            "search_s": round(search_seconds, 3),  # wall / process CPU time of the range search
+            "search_cpu_s": round(search_cpu_seconds, 3),
+            "evaluations": sum(r.evaluations for r in result.layerwise) + (result.block.evaluations if result.block else 0),
             "choices": choices,
         }
         if gptq_loss is not None:
@@ -705,6 +787,8 @@ class QVLMModifier(Modifier, QuantizationMixin):
             getattr(_m, f"{_b}_scale").data.copy_(setting["scale"])
             if "zero_point" in setting:
                 getattr(_m, f"{_b}_zero_point").data.copy_(setting["zero_point"])
+            if _b == "weight":  # the key of _cached_weight_forward's fake-quantized weight
+                _m.__dict__["_qvlm_weight_key"] = id(setting)
 
         name = f"{self._module_names.get(id(module), '?')}.{base_name}"
         var = RangeVariable(name=name, candidates=candidates, labels=labels, apply=apply)
@@ -745,6 +829,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
                 )
             observed = flatten_for_ranges(m.weight.detach(), "weight", scheme.weights)
             self._variable(m, "weight", observed, scheme.weights)  # applies the lp-norm range
+            m.__dict__.pop("_qvlm_weight_key", None)
             self._commit_qparams(m)
             self._done.add(id(m))
 
