@@ -91,6 +91,10 @@ def easy_vqa_labels(texts, answers, image_ids) -> dict[int, tuple[str, str]]:
     return {i: (color[i], shape[i]) for i in color if i in shape}
 
 
+def question_type(answer: str) -> str:
+    return "yes/no" if answer in ("yes", "no") else "colour" if answer in COLORS else "shape"
+
+
 def description_ids(tokenizer, descriptions: list[str], n_tokens: int) -> torch.Tensor:
     """Token ids of each description, cycled to n_tokens."""
     out = []
@@ -177,12 +181,21 @@ def main(argv=None) -> int:
     parser.add_argument("--align-lr", type=float, default=2e-3)
     parser.add_argument("--align-ce", type=float, default=1.0, help="weight of the stage-1 token-decoding loss")
     parser.add_argument("--align-temperature", type=float, default=0.05)
-    parser.add_argument("--steps", type=int, default=400, help="stage 2: answer cross-entropy through the frozen LM")
+    parser.add_argument("--steps", type=int, default=600, help="stage 2: answer cross-entropy through the frozen LM")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--stage2-align", type=float, default=0.5,
+                        help="stage 2: weight of the stage-1 loss (MSE + token decoding) kept as a regulariser, so the "
+                             "image tokens stay readable as colour/shape words while the answer loss trains them")
+    parser.add_argument("--stage2-align-tokens", type=int, default=2,
+                        help="stage 2: the regulariser holds only the first N image tokens (one copy of the colour "
+                             "and shape words); the others are free to learn what the yes/no questions need")
+    parser.add_argument("--type-mix", default="0.6,0.2,0.2",
+                        help="stage 2: share of yes/no, colour and shape questions per batch (easy-vqa train is "
+                             "74/13/13%%; colour questions were at chance with the natural mix)")
     parser.add_argument("--photo-fraction", type=float, default=0.06, help="share of photo examples per batch")
-    parser.add_argument("--val-questions", type=int, default=64, help="train-split questions held out for progress")
+    parser.add_argument("--val-questions", type=int, default=192, help="train-split questions held out for progress")
     parser.add_argument("--val-every", type=int, default=100)
     parser.add_argument("--test-questions", type=int, default=1000, help="easy-vqa test questions for the final check")
     parser.add_argument("--seed", type=int, default=0)
@@ -229,7 +242,8 @@ def main(argv=None) -> int:
     train_vqa, val_vqa = [], []
     for q, a, i in zip(texts, answers, image_ids):
         ids, start = encode_example(processor, q, a)
-        (val_vqa if i in val_images else train_vqa).append({"ids": ids, "answer_start": start, "pixel_index": row_of[i]})
+        (val_vqa if i in val_images else train_vqa).append(
+            {"ids": ids, "answer_start": start, "pixel_index": row_of[i], "type": question_type(a)})
     rng.shuffle(val_vqa)
     val_vqa = val_vqa[: args.val_questions]
 
@@ -257,7 +271,7 @@ def main(argv=None) -> int:
 
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16)
 
-    def evaluate(examples, batch_size=32) -> float:
+    def evaluate(examples, batch_size=32, by_type: bool = False):
         model.eval()
         hits = []
         with torch.no_grad(), autocast:
@@ -265,7 +279,12 @@ def main(argv=None) -> int:
                 _, h = answer_loss_and_hits(model, collate(examples[k : k + batch_size], pixels, pixel_masks, pad_id))
                 hits.append(h)
         model.train()
-        return torch.cat(hits).float().mean().item()
+        hits = torch.cat(hits).float()
+        if not by_type:
+            return hits.mean().item()
+        types = [e.get("type", "?") for e in examples]
+        per = {t: hits[[k for k, u in enumerate(types) if u == t]].mean().item() for t in sorted(set(types))}
+        return hits.mean().item(), per
 
     # --- stage 1: align image tokens with the LM's embeddings of a short description -------------
     # (no LM layers: cheap). easy-vqa: "{color} {shape}" read off the train questions; photos: the
@@ -337,26 +356,53 @@ def main(argv=None) -> int:
 
     steps = args.measure or args.steps
     n_photo = max(0, round(args.batch_size * args.photo_fraction))
-    order = list(range(len(train_vqa)))
-    rng.shuffle(order)
-    cursor = 0
+    mix = [float(v) for v in args.type_mix.split(",")]
+    if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
+        raise SystemExit(f"--type-mix needs three non-negative shares (yes/no, colour, shape), got {args.type_mix!r}")
+    type_names = ("yes/no", "colour", "shape")
+    pools = {t: [k for k, e in enumerate(train_vqa) if e["type"] == t] for t in type_names}
+    for pool in pools.values():
+        rng.shuffle(pool)
+    cursors = {t: 0 for t in type_names}
+    # image tokens of the batch (the connector's output), for the stage-1 regulariser
+    align_index = {pixel_row: k for k, pixel_row in enumerate(align_rows)}
+    captured = {}
+    hook = model.model.connector.register_forward_hook(lambda m, a, out: captured.__setitem__("tokens", out))
     model.train()
     start = time.time()
     running = None
     for step in range(steps):
         picked = []
-        for _ in range(args.batch_size - n_photo):
-            if cursor == len(order):
-                rng.shuffle(order)
-                cursor = 0
-            picked.append(train_vqa[order[cursor]])
-            cursor += 1
+        n_vqa = args.batch_size - n_photo
+        counts = [int(n_vqa * share / sum(mix)) for share in mix]
+        counts[0] += n_vqa - sum(counts)
+        for t, count in zip(type_names, counts):
+            pool = pools[t]
+            for _ in range(count):
+                if cursors[t] == len(pool):
+                    rng.shuffle(pool)
+                    cursors[t] = 0
+                picked.append(train_vqa[pool[cursors[t]]])
+                cursors[t] += 1
         picked += rng.sample(train_photo, n_photo)
         batch = collate(picked, pixels, pixel_masks, pad_id)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         with autocast:
             loss, hits = answer_loss_and_hits(model, batch)
+        if args.stage2_align > 0:
+            rows_in_align = [align_index.get(e["pixel_index"], -1) for e in picked]
+            keep = torch.tensor([r >= 0 for r in rows_in_align])
+            if keep.any():
+                held = args.stage2_align_tokens
+                features = captured.pop("tokens").float()[keep][:, :held]
+                pick = torch.tensor([r for r in rows_in_align if r >= 0])
+                reg = (features - targets_all[pick][:, :held]).pow(2).mean() / target_scale
+                if args.align_ce > 0:
+                    logits = torch.nn.functional.normalize(features, dim=-1) @ unit_table.T / args.align_temperature
+                    reg = reg + args.align_ce * torch.nn.functional.cross_entropy(
+                        logits.flatten(0, 1), target_ids[pick][:, :held].flatten())
+                loss = loss + args.stage2_align * reg
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -367,7 +413,10 @@ def main(argv=None) -> int:
             log(f"step {step + 1}/{steps} loss {loss.item():.3f} (ema {running:.3f}) batch-acc {hits.float().mean():.2f} "
                 f"lr {lr_at(step):.2e} {elapsed / (step + 1):.2f}s/step")
         if not args.measure and ((step + 1) % args.val_every == 0 or step == steps - 1):
-            log(f"step {step + 1}: val exact-match {evaluate(val_vqa):.3f} on {len(val_vqa)} held-out train-split questions")
+            acc, per = evaluate(val_vqa, by_type=True)
+            per_s = ", ".join(f"{t} {v:.2f}" for t, v in per.items())
+            log(f"step {step + 1}: val exact-match {acc:.3f} ({per_s}) on {len(val_vqa)} held-out train-split questions")
+    hook.remove()
     if args.measure:
         log(f"measured {(time.time() - start) / steps:.2f}s/step at batch {args.batch_size}")
         return 0
@@ -390,9 +439,11 @@ def main(argv=None) -> int:
     test_examples = []
     for k in pick:
         ids, st = encode_example(processor, t_texts[k], t_answers[k])
-        test_examples.append({"ids": ids, "answer_start": st, "pixel_index": used.index(t_image_ids[k])})
-    log(f"easy-vqa TEST exact-match (teacher-forced greedy, bf16 autocast): {evaluate(test_examples):.3f} "
-        f"on {len(test_examples)} questions")
+        test_examples.append({"ids": ids, "answer_start": st, "pixel_index": used.index(t_image_ids[k]),
+                              "type": question_type(t_answers[k])})
+    acc, per = evaluate(test_examples, by_type=True)
+    log(f"easy-vqa TEST exact-match (teacher-forced greedy, bf16 autocast): {acc:.3f} "
+        f"({', '.join(f'{t} {v:.3f}' for t, v in per.items())}) on {len(test_examples)} questions")
     return 0
 
 
