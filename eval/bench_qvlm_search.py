@@ -9,8 +9,10 @@ Modes (each a fresh copy of the model through llm-compressor's ``oneshot``):
 - ``exact``: ``search_implementation: fast, search_samples: null`` -- the exact shortcuts only
   (cached block-input prefix, cached fake-quantized weights, early stop of hopeless candidates,
   memo of evaluated states); must give the reference's choices and losses exactly;
-- ``default``: the Modifier's defaults (``fast`` + the default ``search_samples`` subset), the
-  setting the shipped recipes use.
+- ``default``: the Modifier's defaults, the setting the shipped recipes use (at present
+  ``fast`` with ``search_samples: null``, i.e. the same as ``exact``: the subset has not been
+  measured on the default model yet), or ``fast`` with ``--search-samples N`` (the approximation:
+  search on N evenly spread calibration samples; losses still reported on all samples).
 
 Model: the first ``--layers`` decoder layers of the default eval model (SmolLM2-135M LM,
 ``qvlm_modifiers.default_model``), calibration rows as ``eval/main_job.py`` builds them (easy-vqa
@@ -25,8 +27,8 @@ block-output MSE on ALL calibration samples (Eq. 3 objective) and its relative d
 reference. Blocks after the first start from different quantized inputs in different modes, so
 their losses compare the whole pipeline, not one search.
 
-    nice -n 19 python eval/bench_qvlm_search.py --layers 3 --samples 128
-    nice -n 19 python eval/bench_qvlm_search.py --layers 3 --samples 32 --modes reference exact default
+    nice -n 19 python eval/bench_qvlm_search.py --layers 3 --samples 128 --search-samples 32
+    nice -n 19 python eval/bench_qvlm_search.py --layers 3 --samples 4 --modes reference exact
 
 ``--json PATH`` also writes the figures.
 """

@@ -538,15 +538,23 @@ class QVLMModifier(Modifier, QuantizationMixin):
 
         try:
             for m in modules:
-                saved[id(m)] = (m, m.__dict__.get("forward"))
-                m.forward = make(m, m.forward)
+                # compressed-tensors' offloading wraps ``forward`` (moves the inputs to the onload
+                # device) around ``_original_forward_func``: patch inside that wrapper if present
+                slot = "_original_forward_func" if "_original_forward_func" in m.__dict__ else "forward"
+                previous = m.__dict__.get(slot)
+                saved[id(m)] = (m, slot, previous)
+                if slot == "forward":
+                    m.forward = make(m, m.forward)
+                else:
+                    inner = make(m, lambda x, _f=previous, _m=m: _f(_m, x))
+                    m.__dict__[slot] = lambda _self, x, _inner=inner: _inner(x)
             yield
         finally:
-            for m, original in saved.values():
-                if original is None:
-                    m.__dict__.pop("forward", None)
+            for m, slot, previous in saved.values():
+                if previous is None:
+                    m.__dict__.pop(slot, None)
                 else:
-                    m.forward = original
+                    m.__dict__[slot] = previous
                 m.__dict__.pop("_qvlm_fq_weight", None)
                 m.__dict__.pop("_qvlm_weight_key", None)
 
