@@ -294,14 +294,18 @@ class BlockSearchResult:
 
 
 def block_mse_objective(
-    layers: Sequence[LayerFn], inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]
+    layers: Sequence[LayerFn], inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+    batch_ids: Sequence[int] | None = None,
 ) -> Callable[[], float]:
     """Eq. 3's objective as a closure: mean squared error of ``layers`` applied to ``inputs``
     against ``targets`` (summed over batches, divided by the number of target elements).
-    The plain reference: every call runs every layer on every batch."""
+    The plain reference: every call runs every layer on every batch. ``batch_ids`` are the
+    calibration batch indices the layers receive (default ``0..len(inputs)-1``)."""
+    ids = list(range(len(inputs))) if batch_ids is None else list(batch_ids)
+
     def objective() -> float:
         total, count = 0.0, 0
-        for batch_index, (x, y) in enumerate(zip(inputs, targets)):
+        for batch_index, x, y in zip(ids, inputs, targets):
             out = x
             for layer in layers:
                 out = layer(out, batch_index)
@@ -469,17 +473,7 @@ def search_block(
 
     def make_objective(obj_layers, inputs, targets, batch_ids, obj_vars=None, var_layers=None):
         if reference:
-            def objective() -> float:
-                total, count = 0.0, 0
-                for b, x, y in zip(batch_ids, inputs, targets):
-                    out = x
-                    for layer in obj_layers:
-                        out = layer(out, b)
-                    total += (out.float() - y.to(out.device).float()).pow(2).sum().item()
-                    count += y.numel()
-                return total / max(count, 1)
-
-            return objective
+            return block_mse_objective(obj_layers, inputs, targets, batch_ids)
         return BlockObjective(obj_layers, inputs, targets, batch_ids, obj_vars, var_layers, keep)
 
     def pick(seq):
