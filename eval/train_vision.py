@@ -271,7 +271,8 @@ def main(argv=None) -> int:
 
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16)
 
-    def evaluate(examples, batch_size=32, by_type: bool = False):
+    def evaluate(examples, batch_size=32) -> tuple[float, dict[str, float]]:
+        """Exact match over ``examples`` and per question type."""
         model.eval()
         hits = []
         with torch.no_grad(), autocast:
@@ -280,8 +281,6 @@ def main(argv=None) -> int:
                 hits.append(h)
         model.train()
         hits = torch.cat(hits).float()
-        if not by_type:
-            return hits.mean().item()
         types = [e.get("type", "?") for e in examples]
         per = {t: hits[[k for k, u in enumerate(types) if u == t]].mean().item() for t in sorted(set(types))}
         return hits.mean().item(), per
@@ -323,6 +322,19 @@ def main(argv=None) -> int:
         shape_hit = [words[len(COLORS) + sims[k, n_color[labels[i][0]], len(COLORS):].argmax()] == labels[i][1]
                      for k, i in enumerate(held)]
         return sum(c and s for c, s in zip(color_hit, shape_hit)) / max(1, len(held))
+    def alignment_loss(features: torch.Tensor, pick: torch.Tensor, n_tokens: int | None = None) -> torch.Tensor:
+        """Stage-1 loss of image tokens ``features`` (rows ``pick`` of the descriptions), on their first
+        ``n_tokens`` tokens (all when None): MSE to the description embeddings, scaled by their mean square,
+        plus ``align_ce`` x a decode loss: each image token's nearest LM embedding (cosine, whole vocabulary)
+        should be its description token; MSE alone barely separates the three shape words' embeddings."""
+        features = features.float()[:, :n_tokens]
+        loss = (features - targets_all[pick][:, :n_tokens]).pow(2).mean() / target_scale
+        if args.align_ce > 0:
+            logits = torch.nn.functional.normalize(features, dim=-1) @ unit_table.T / args.align_temperature
+            loss = loss + args.align_ce * torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), target_ids[pick][:, :n_tokens].flatten())
+        return loss
+
     log(f"stage 1: {len(align_rows)} images with descriptions ({len(labels)} easy-vqa labelled)")
     align_opt = torch.optim.AdamW(trainable, lr=args.align_lr, weight_decay=0.01)
     align_steps = 0 if args.measure else args.align_steps
@@ -336,13 +348,7 @@ def main(argv=None) -> int:
         features = model.model.get_image_features(
             pixels[rows].unsqueeze(1), pixel_masks[rows].unsqueeze(1), return_dict=True
         ).pooler_output
-        loss = (features - targets_all[pick]).pow(2).mean() / target_scale
-        if args.align_ce > 0:
-            # decode loss: each image token's nearest LM embedding (cosine, whole vocabulary) should be its
-            # description token; MSE alone barely separates the three shape words' embeddings
-            logits = torch.nn.functional.normalize(features.float(), dim=-1) @ unit_table.T / args.align_temperature
-            loss = loss + args.align_ce * torch.nn.functional.cross_entropy(
-                logits.flatten(0, 1), target_ids[pick].flatten())
+        loss = alignment_loss(features, pick)
         align_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -352,7 +358,7 @@ def main(argv=None) -> int:
     if align_steps:
         log(f"stage 1 took {(time.time() - t1) / 60:.1f} min; held-out images whose image tokens decode to their "
             f"own color and shape words: {decode_accuracy():.3f}; val exact-match after it "
-            f"{evaluate(val_vqa):.3f} on {len(val_vqa)} held-out train-split questions")
+            f"{evaluate(val_vqa)[0]:.3f} on {len(val_vqa)} held-out train-split questions")
 
     steps = args.measure or args.steps
     n_photo = max(0, round(args.batch_size * args.photo_fraction))
@@ -371,11 +377,11 @@ def main(argv=None) -> int:
     model.train()
     start = time.time()
     running = None
+    n_vqa = args.batch_size - n_photo
+    counts = [int(n_vqa * share / sum(mix)) for share in mix]  # questions of each type per batch
+    counts[0] += n_vqa - sum(counts)
     for step in range(steps):
         picked = []
-        n_vqa = args.batch_size - n_photo
-        counts = [int(n_vqa * share / sum(mix)) for share in mix]
-        counts[0] += n_vqa - sum(counts)
         for t, count in zip(type_names, counts):
             pool = pools[t]
             for _ in range(count):
@@ -394,14 +400,8 @@ def main(argv=None) -> int:
             rows_in_align = [align_index.get(e["pixel_index"], -1) for e in picked]
             keep = torch.tensor([r >= 0 for r in rows_in_align])
             if keep.any():
-                held = args.stage2_align_tokens
-                features = captured.pop("tokens").float()[keep][:, :held]
                 pick = torch.tensor([r for r in rows_in_align if r >= 0])
-                reg = (features - targets_all[pick][:, :held]).pow(2).mean() / target_scale
-                if args.align_ce > 0:
-                    logits = torch.nn.functional.normalize(features, dim=-1) @ unit_table.T / args.align_temperature
-                    reg = reg + args.align_ce * torch.nn.functional.cross_entropy(
-                        logits.flatten(0, 1), target_ids[pick][:, :held].flatten())
+                reg = alignment_loss(captured.pop("tokens")[keep], pick, args.stage2_align_tokens)
                 loss = loss + args.stage2_align * reg
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -413,7 +413,7 @@ def main(argv=None) -> int:
             log(f"step {step + 1}/{steps} loss {loss.item():.3f} (ema {running:.3f}) batch-acc {hits.float().mean():.2f} "
                 f"lr {lr_at(step):.2e} {elapsed / (step + 1):.2f}s/step")
         if not args.measure and ((step + 1) % args.val_every == 0 or step == steps - 1):
-            acc, per = evaluate(val_vqa, by_type=True)
+            acc, per = evaluate(val_vqa)
             per_s = ", ".join(f"{t} {v:.2f}" for t, v in per.items())
             log(f"step {step + 1}: val exact-match {acc:.3f} ({per_s}) on {len(val_vqa)} held-out train-split questions")
     hook.remove()
@@ -441,7 +441,7 @@ def main(argv=None) -> int:
         ids, st = encode_example(processor, t_texts[k], t_answers[k])
         test_examples.append({"ids": ids, "answer_start": st, "pixel_index": used.index(t_image_ids[k]),
                               "type": question_type(t_answers[k])})
-    acc, per = evaluate(test_examples, by_type=True)
+    acc, per = evaluate(test_examples)
     log(f"easy-vqa TEST exact-match (teacher-forced greedy, bf16 autocast): {acc:.3f} "
         f"({', '.join(f'{t} {v:.3f}' for t, v in per.items())}) on {len(test_examples)} questions")
     return 0
