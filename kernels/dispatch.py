@@ -105,7 +105,6 @@ def _time_cuda(fn, reps: int = 10) -> float:
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    runner = None
     try:
         graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.Stream()
