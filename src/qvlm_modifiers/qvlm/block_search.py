@@ -519,17 +519,13 @@ def search_block(
                 var.set(0)
         layerwise_loss = full_objective() if run_layerwise else float("nan")
         layerwise_choice = [v.current for v in all_vars]
-        if subset:
-            search_objective = make_objective(list(layers), pick(q_inputs), pick(block_target), indices, all_vars, var_layers)
-            block_result = coordinate_descent(search_objective, all_vars, epochs, memo=not reference)
-            loss = full_objective()
-        else:
-            search_objective = make_objective(list(layers), list(q_inputs), block_target, indices, all_vars, var_layers)
-            block_result = coordinate_descent(
-                search_objective, all_vars, epochs,
-                initial_loss=layerwise_loss if run_layerwise and not reference else None, memo=not reference,
-            )
-            loss = block_result.loss
+        # on all batches (not subset) the search objective is full_objective: its starting loss is known
+        search_objective = make_objective(list(layers), pick(q_inputs), pick(block_target), indices, all_vars, var_layers)
+        known_start = run_layerwise and not reference and not subset
+        block_result = coordinate_descent(
+            search_objective, all_vars, epochs, initial_loss=layerwise_loss if known_start else None, memo=not reference,
+        )
+        loss = full_objective() if subset else block_result.loss
         kept_layerwise = False
         if subset and run_layerwise and not loss < layerwise_loss and layerwise_choice != [v.current for v in all_vars]:
             # searched on a subset: keep the layer-wise solution where it is better on all batches
