@@ -3,13 +3,17 @@
 Data: the easy-vqa package's train split (shape images with questions, single-word answers) plus the
 photographs shipped with scikit-image / matplotlib, questioned and captioned by hand in
 ``eval/data/photo_captions.jsonl``. Loss: cross-entropy on the answer tokens (and the closing
-``<|im_end|>``) only. The frozen LM runs under CPU bf16 autocast (AMX) for speed; the trainable
+``<|im_end|>``) only. The frozen LM runs under bf16 autocast (AMX on CPU) for speed; the trainable
 weights and the optimizer state are float32.
 
-One command, seeded and reproducible (given the same torch build and thread count)::
+One command, seeded; on CPU bitwise reproducible given the same torch build and thread count (about
+55 min on 2 cores); on CUDA a few minutes, and not bitwise reproducible (attention backward is
+non-deterministic there)::
 
     nice -n 10 python eval/train_vision.py            # writes eval/weights/smolvlm_tiny_vision.safetensors
+    python eval/train_vision.py --device cuda         # how the committed weights were trained (H200)
     python eval/train_vision.py --measure 3           # just time 3 steps and exit
+    python eval/train_vision.py --stage1-weights /tmp/s1.safetensors --lr 1e-3   # reuse stage 1 across variants
 
 The log (``eval/weights/train_vision.log``) is written next to the weights.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -134,7 +139,7 @@ def pixel_tensors(processor, images) -> tuple[torch.Tensor, torch.Tensor]:
     return out["pixel_values"][:, 0], out["pixel_attention_mask"][:, 0]
 
 
-def collate(examples, pixels, pixel_masks, pad_id: int):
+def collate(examples, pixels, pixel_masks, pad_id: int, device: torch.device | str = "cpu"):
     """Right-padded batch; ``targets`` = -100 except answer tokens (predicted from the previous position)."""
     length = max(len(e["ids"]) for e in examples)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
@@ -146,13 +151,14 @@ def collate(examples, pixels, pixel_masks, pad_id: int):
         attention[row, :n] = 1
         targets[row, ex["answer_start"] - 1 : n - 1] = ids[row, ex["answer_start"] : n]
     index = torch.tensor([e["pixel_index"] for e in examples])
-    return {
+    batch = {
         "input_ids": ids,
         "attention_mask": attention,
         "pixel_values": pixels[index].unsqueeze(1),
         "pixel_attention_mask": pixel_masks[index].unsqueeze(1),
         "targets": targets,
     }
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 def answer_loss_and_hits(model, batch):
@@ -174,6 +180,40 @@ def answer_loss_and_hits(model, batch):
     return loss, hits
 
 
+QUESTION_TYPES = ("yes/no", "colour", "shape")
+
+
+def batch_composition(batch_size: int, photo_fraction: float, type_mix: str) -> tuple[int, list[int]]:
+    """Stage-2 batch: (photo examples, [yes/no, colour, shape] easy-vqa questions) per batch.
+
+    ``type_mix`` is "a,b,c", the shares of the three question types; the rounding remainder goes to yes/no."""
+    try:
+        mix = [float(v) for v in type_mix.split(",")]
+    except ValueError:
+        mix = []
+    if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
+        raise SystemExit(f"--type-mix needs three non-negative shares (yes/no, colour, shape), e.g. 0.6,0.2,0.2; "
+                         f"got {type_mix!r}")
+    n_photo = max(0, round(batch_size * photo_fraction))
+    n_vqa = batch_size - n_photo
+    counts = [int(n_vqa * share / sum(mix)) for share in mix]
+    counts[0] += n_vqa - sum(counts)
+    return n_photo, counts
+
+
+def stage1_args(args) -> dict:
+    """The options stage 1's result depends on (the key of its cache)."""
+    return {k: getattr(args, k) for k in ("seed", "align_steps", "align_batch_size", "align_lr", "align_ce",
+                                           "align_temperature", "no_bf16", "device")}
+
+
+def safe_open_metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="train the default model's vision encoder + connector")
     parser.add_argument("--align-steps", type=int, default=3000, help="stage 1: image tokens -> description embeddings")
@@ -181,9 +221,9 @@ def main(argv=None) -> int:
     parser.add_argument("--align-lr", type=float, default=2e-3)
     parser.add_argument("--align-ce", type=float, default=1.0, help="weight of the stage-1 token-decoding loss")
     parser.add_argument("--align-temperature", type=float, default=0.05)
-    parser.add_argument("--steps", type=int, default=600, help="stage 2: answer cross-entropy through the frozen LM")
+    parser.add_argument("--steps", type=int, default=1200, help="stage 2: answer cross-entropy through the frozen LM")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--stage2-align", type=float, default=0.5,
                         help="stage 2: weight of the stage-1 loss (MSE + token decoding) kept as a regulariser, so the "
@@ -195,18 +235,29 @@ def main(argv=None) -> int:
                         help="stage 2: share of yes/no, colour and shape questions per batch (easy-vqa train is "
                              "74/13/13%%; colour questions were at chance with the natural mix)")
     parser.add_argument("--photo-fraction", type=float, default=0.06, help="share of photo examples per batch")
-    parser.add_argument("--val-questions", type=int, default=192, help="train-split questions held out for progress")
+    parser.add_argument("--val-questions", type=int, default=1000,
+                        help="questions on the held-out train images used for progress and model choice (all 966 by default)")
     parser.add_argument("--val-every", type=int, default=100)
     parser.add_argument("--test-questions", type=int, default=1000, help="easy-vqa test questions for the final check")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (the committed runs' default) or cuda; on cuda the frozen LM runs under bf16 autocast "
+                             "and deterministic algorithms are requested (results differ from CPU runs in rounding)")
     parser.add_argument("--no-bf16", action="store_true", help="run the frozen LM in float32 instead of bf16 autocast")
+    parser.add_argument("--stage1-weights", default=None,
+                        help="cache of the stage-1 result (it depends only on the seed and the --align-* options): "
+                             "loaded, and stage 1 skipped, when the file exists; written after stage 1 otherwise")
     parser.add_argument("--measure", type=int, default=0, help="only time this many steps, save nothing")
     parser.add_argument("--output", default=str(dm.DEFAULT_VISION_WEIGHTS))
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     rng = random.Random(args.seed)
     output = Path(args.output)
     log_path = output.with_name("train_vision.log")
@@ -225,7 +276,7 @@ def main(argv=None) -> int:
     from PIL import Image
 
     t0 = time.time()
-    model = dm.assemble(vision_weights=None, seed=args.seed)
+    model = dm.assemble(vision_weights=None, seed=args.seed).to(device)
     processor = dm.build_processor()
     for name, param in model.named_parameters():
         param.requires_grad = name.startswith(("model.vision_model.", "model.connector."))
@@ -269,7 +320,7 @@ def main(argv=None) -> int:
         progress = (step - args.warmup) / max(1, args.steps - args.warmup)
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.no_bf16)
 
     def evaluate(examples, batch_size=32) -> tuple[float, dict[str, float]]:
         """Exact match over ``examples`` and per question type."""
@@ -277,10 +328,11 @@ def main(argv=None) -> int:
         hits = []
         with torch.no_grad(), autocast:
             for k in range(0, len(examples), batch_size):
-                _, h = answer_loss_and_hits(model, collate(examples[k : k + batch_size], pixels, pixel_masks, pad_id))
+                batch = collate(examples[k : k + batch_size], pixels, pixel_masks, pad_id, device)
+                _, h = answer_loss_and_hits(model, batch)
                 hits.append(h)
         model.train()
-        hits = torch.cat(hits).float()
+        hits = torch.cat(hits).float().cpu()
         types = [e.get("type", "?") for e in examples]
         per = {t: hits[[k for k, u in enumerate(types) if u == t]].mean().item() for t in sorted(set(types))}
         return hits.mean().item(), per
@@ -302,7 +354,7 @@ def main(argv=None) -> int:
         align_text.append(first_answer[ref])
     targets_all = description_targets(model, processor.tokenizer, align_text, dm.IMAGE_SEQ_LEN)
     target_scale = targets_all.pow(2).mean()
-    target_ids = description_ids(processor.tokenizer, align_text, dm.IMAGE_SEQ_LEN)
+    target_ids = description_ids(processor.tokenizer, align_text, dm.IMAGE_SEQ_LEN).to(device)
     unit_table = torch.nn.functional.normalize(model.model.text_model.embed_tokens.weight.detach().float(), dim=-1)
 
     def decode_accuracy() -> float:
@@ -314,10 +366,12 @@ def main(argv=None) -> int:
         word_emb = torch.nn.functional.normalize(word_emb, dim=-1)
         rows = torch.tensor([row_of[i] for i in held])
         with torch.no_grad():
-            feats = model.model.get_image_features(pixels[rows].unsqueeze(1), pixel_masks[rows].unsqueeze(1),
+            feats = model.model.get_image_features(pixels[rows].unsqueeze(1).to(device),
+                                                   pixel_masks[rows].unsqueeze(1).to(device),
                                                    return_dict=True).pooler_output.float()
         n_color = {c: len(processor.tokenizer(" " + c, add_special_tokens=False)["input_ids"]) for c in COLORS}
         sims = torch.nn.functional.normalize(feats, dim=-1) @ word_emb.T  # images x tokens x words
+        sims = sims.cpu()
         color_hit = [words[sims[k, 0, : len(COLORS)].argmax()] == labels[i][0] for k, i in enumerate(held)]
         shape_hit = [words[len(COLORS) + sims[k, n_color[labels[i][0]], len(COLORS):].argmax()] == labels[i][1]
                      for k, i in enumerate(held)]
@@ -338,6 +392,20 @@ def main(argv=None) -> int:
     log(f"stage 1: {len(align_rows)} images with descriptions ({len(labels)} easy-vqa labelled)")
     align_opt = torch.optim.AdamW(trainable, lr=args.align_lr, weight_decay=0.01)
     align_steps = 0 if args.measure else args.align_steps
+    stage1_cache = Path(args.stage1_weights) if args.stage1_weights else None
+    if stage1_cache is not None and stage1_cache.is_file() and not args.measure:
+        from safetensors.torch import load_file
+
+        cached = load_file(str(stage1_cache))
+        saved_args = json.loads(safe_open_metadata(stage1_cache).get("stage1_args", "{}"))
+        if saved_args != stage1_args(args):
+            raise SystemExit(f"{stage1_cache} was made with {saved_args}, not {stage1_args(args)}: "
+                             f"delete it or pass another --stage1-weights")
+        missing, unexpected = model.load_state_dict(cached, strict=False)
+        if unexpected or any(k.startswith(("model.vision_model.", "model.connector.")) for k in missing):
+            raise SystemExit(f"{stage1_cache} does not hold this model's vision weights")
+        log(f"stage 1 loaded from {stage1_cache} (skipped)")
+        align_steps = 0
     t1 = time.time()
     for step in range(align_steps):
         pick = torch.tensor(rng.sample(range(len(align_rows)), args.align_batch_size))
@@ -346,7 +414,7 @@ def main(argv=None) -> int:
         for group in align_opt.param_groups:
             group["lr"] = lr
         features = model.model.get_image_features(
-            pixels[rows].unsqueeze(1), pixel_masks[rows].unsqueeze(1), return_dict=True
+            pixels[rows].unsqueeze(1).to(device), pixel_masks[rows].unsqueeze(1).to(device), return_dict=True
         ).pooler_output
         loss = alignment_loss(features, pick)
         align_opt.zero_grad(set_to_none=True)
@@ -360,12 +428,21 @@ def main(argv=None) -> int:
             f"own color and shape words: {decode_accuracy():.3f}; val exact-match after it "
             f"{evaluate(val_vqa)[0]:.3f} on {len(val_vqa)} held-out train-split questions")
 
+    if stage1_cache is not None and align_steps:
+        from safetensors.torch import save_file
+
+        stage1_cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.float().cpu() for k, v in dm.vision_state_dict(model).items()}, str(stage1_cache),
+                  metadata={"stage1_args": json.dumps(stage1_args(args))})
+        log(f"stage 1 saved to {stage1_cache}")
+
+    # stage 2 draws from its own seeded generator, so a run that loads the stage-1 cache trains exactly
+    # like one that computed stage 1 (given the same device)
+    rng = random.Random(args.seed + 1)
+    torch.manual_seed(args.seed + 1)
     steps = args.measure or args.steps
-    n_photo = max(0, round(args.batch_size * args.photo_fraction))
-    mix = [float(v) for v in args.type_mix.split(",")]
-    if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
-        raise SystemExit(f"--type-mix needs three non-negative shares (yes/no, colour, shape), got {args.type_mix!r}")
-    type_names = ("yes/no", "colour", "shape")
+    n_photo, counts = batch_composition(args.batch_size, args.photo_fraction, args.type_mix)
+    type_names = QUESTION_TYPES
     pools = {t: [k for k, e in enumerate(train_vqa) if e["type"] == t] for t in type_names}
     for pool in pools.values():
         rng.shuffle(pool)
@@ -377,9 +454,6 @@ def main(argv=None) -> int:
     model.train()
     start = time.time()
     running = None
-    n_vqa = args.batch_size - n_photo
-    counts = [int(n_vqa * share / sum(mix)) for share in mix]  # questions of each type per batch
-    counts[0] += n_vqa - sum(counts)
     for step in range(steps):
         picked = []
         for t, count in zip(type_names, counts):
@@ -391,14 +465,14 @@ def main(argv=None) -> int:
                 picked.append(train_vqa[pool[cursors[t]]])
                 cursors[t] += 1
         picked += rng.sample(train_photo, n_photo)
-        batch = collate(picked, pixels, pixel_masks, pad_id)
+        batch = collate(picked, pixels, pixel_masks, pad_id, device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         with autocast:
             loss, hits = answer_loss_and_hits(model, batch)
         if args.stage2_align > 0:
             rows_in_align = [align_index.get(e["pixel_index"], -1) for e in picked]
-            keep = torch.tensor([r >= 0 for r in rows_in_align])
+            keep = torch.tensor([r >= 0 for r in rows_in_align], device=device)
             if keep.any():
                 pick = torch.tensor([r for r in rows_in_align if r >= 0])
                 reg = alignment_loss(captured.pop("tokens")[keep], pick, args.stage2_align_tokens)
@@ -423,12 +497,14 @@ def main(argv=None) -> int:
 
     from safetensors.torch import save_file
 
-    state = {k: v.float() for k, v in dm.vision_state_dict(model).items()}
+    state = {k: v.float().cpu() for k, v in dm.vision_state_dict(model).items()}
     output.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(output), metadata={"train_args": json.dumps(vars(args))})
     log(f"saved {len(state)} tensors ({output.stat().st_size / 2**20:.1f} MiB) to {output}; "
         f"training took {(time.time() - start) / 60:.1f} min")
 
+    if args.test_questions <= 0:
+        return 0
     # quick check on the easy-vqa TEST split (teacher-forced greedy exact match, same bf16 autocast)
     t_texts, t_answers, t_image_ids = easy_vqa.get_test_questions()
     t_paths = easy_vqa.get_test_image_paths()
