@@ -6,10 +6,12 @@
 The paper gives no values for lambda1 (``vision_lambda_ent``), lambda2 (``vision_lambda_err``), eta
 (``vision_eta``) or the number of steps. For each configuration this script
 
-1. quantizes a fresh in-memory copy of the model with ``QVLMModifier`` (W4A4 like
-   ``recipes/qvlm_w4a4.yaml``: int4 asymmetric per-channel weights, int4 asymmetric dynamic per-token
-   activations; per-channel has no group size to divide the widths) with ``quantize_vision_tower: true``,
-   through ``qvlm_modifiers.oneshot`` (which turns on the loss masks VEO's next-token term reads). The
+1. quantizes a fresh in-memory copy of the model with ``QVLMModifier``: the vision tower at W4A4 like
+   ``recipes/qvlm_w4a4.yaml`` (int4 asymmetric per-channel weights, int4 asymmetric dynamic per-token
+   activations; per-channel has no group size to divide the widths; ``quantize_vision_tower: true``), the
+   language model's decoder Linears at ``--lm-scheme`` (default W8A8: the LM at W4A4 destroys this small
+   model and hides every vision-side difference; ``fp`` leaves it unquantized), through
+   ``qvlm_modifiers.oneshot`` (which turns on the loss masks VEO's next-token term reads). The
    checkpoint is not saved (transformers 5.17 does not reload packed SigLIP-style vision towers): the
    in-memory, fake-quantized model that oneshot leaves is evaluated;
 2. measures easy-vqa TEST exact match (greedy, the same questions for every configuration), KL(FP || Q)
@@ -58,6 +60,24 @@ W4A4 = {  # recipes/qvlm_w4a4.yaml's scheme
     "input_activations": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "token", "dynamic": True},
 }
 
+# The language model's scheme (--lm-scheme). The vision tower is always W4A4. The 2026-11-25 sweep ran the
+# LM at W4A4 too, which destroyed SmolLM2-135M (0% accuracy, KL 16 nats) and left nothing for VEO to
+# change: a milder LM scheme lets the vision-side differences show.
+LM_SCHEMES = {
+    "w4a4": {k: v for k, v in W4A4.items() if k != "targets"},
+    "w8a8": {"weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
+             "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
+                                   "dynamic": True}},
+    "w4a16": {"weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "channel"}},
+    "fp": None,
+}
+LM_SCHEME_TEXT = {
+    "w4a4": "int4 asym per-channel weights, int4 asym dynamic per-token activations",
+    "w8a8": "int8 sym per-channel weights, int8 sym dynamic per-token activations",
+    "w4a16": "int4 asym per-channel weights only",
+    "fp": "not quantized",
+}
+
 Q4_NOTE = (
     "The default model's LM is SmolLM2-135M-Instruct from a Q4_1 GGUF (block 32), dequantized: its weights "
     "already lie on a 4-bit grid, so W4 weight quantization of the LM is easier here than on a natively bf16 model."
@@ -65,7 +85,7 @@ Q4_NOTE = (
 
 # settings that change the measurements (a resumed sweep must match them)
 _MEASUREMENT_ARGS = ("calib_samples", "vision_epochs", "vision_lr", "search_epochs", "vqa_questions", "kl_rows",
-                     "batch_size", "seed", "max_block_layers")
+                     "batch_size", "seed", "max_block_layers", "lm_scheme")
 
 
 def parse_config(spec: str) -> dict:
@@ -86,10 +106,31 @@ def parse_config(spec: str) -> dict:
             "eta": eta, "calib_seed": calib_seed}
 
 
-def make_modifier(config: dict, args):
+def exact_names_target(names: list[str]) -> str:
+    """One compressed-tensors target matching exactly these module names."""
+    import re
+
+    return "re:^(" + "|".join(re.escape(n) for n in names) + ")$"
+
+
+def scheme_groups(model, lm_scheme: str) -> dict:
+    """config_groups: W4A4 on the vision tower's Linears, ``LM_SCHEMES[lm_scheme]`` on the decoder layers'
+    Linears (none for ``fp``). Targets are the exact module names, so no norm or projector is caught."""
+    from qvlm_modifiers.families import get_family
+
+    family = get_family(model)
+    vision = [f"{family.vision_tower}.{n}" for n, _ in _linears(model.get_submodule(family.vision_tower))]
+    groups = {"vision": {**copy.deepcopy(W4A4), "targets": [exact_names_target(vision)]}}
+    if LM_SCHEMES[lm_scheme] is not None:
+        decoder = [f"{family.layers}.{n}" for n, _ in _linears(model.get_submodule(family.layers))]
+        groups["language_model"] = {**copy.deepcopy(LM_SCHEMES[lm_scheme]), "targets": [exact_names_target(decoder)]}
+    return groups
+
+
+def make_modifier(config: dict, args, model):
     from qvlm_modifiers.qvlm.modifier import QVLMModifier
 
-    fields = dict(config_groups={"group_0": copy.deepcopy(W4A4)}, targets=["Linear"],
+    fields = dict(config_groups=scheme_groups(model, args.lm_scheme), targets=["Linear"],
                   max_block_layers=args.max_block_layers, search_epochs=args.search_epochs,
                   quantize_vision_tower=True, optimize_vision_encoder=config["optimize_vision_encoder"])
     if config["optimize_vision_encoder"]:
@@ -193,7 +234,7 @@ def run_config(config, args, fp_model, processor, calib_cache, vqa_rows, kl_rows
     calib = calib_cache[calib_seed]
     torch.manual_seed(args.seed)
     q_model = copy.deepcopy(fp_model)
-    recipe = make_modifier(config, args)
+    recipe = make_modifier(config, args, q_model)
     cpu0 = time.process_time()
     _, usage = metrics.measure_resources(lambda: qvlm_modifiers.oneshot(
         model=q_model, processor=processor, dataset=calib, recipe=recipe, num_calibration_samples=len(calib)))
@@ -336,8 +377,10 @@ def write_outputs(results_dir: Path, record: dict) -> None:
         f"- date (UTC): {meta['started_utc']} → {meta['finished_utc']}; sweep wall time {meta['wall_s']:.0f} s",
         f"- machine: {meta['machine']}",
         f"- model: `{meta['model']}`; vision weights sha256 `{meta['vision_weights_sha256']}`",
-        f"- scheme: W4A4 as `recipes/qvlm_w4a4.yaml` (int4 asym per-channel weights, int4 asym dynamic per-token "
-        f"activations) on the LM and the vision tower (`quantize_vision_tower: true`); projector and lm_head FP",
+        f"- scheme: vision tower W4A4 as `recipes/qvlm_w4a4.yaml` (int4 asym per-channel weights, int4 asym dynamic "
+        f"per-token activations, `quantize_vision_tower: true`); language model (decoder Linears) "
+        f"{meta['args'].get('lm_scheme', 'w4a4').upper()} (`--lm-scheme`: {LM_SCHEME_TEXT[meta['args'].get('lm_scheme', 'w4a4')]}); "
+        f"projector and lm_head FP",
         f"- LM side identical in every configuration: `search_epochs: {meta['args']['search_epochs']}` "
         f"(lp-norm ranges); decoder weight hashes: {sorted({r['language_model_weights_sha'] for r in rows})}",
         f"- VEO: `vision_epochs: {meta['args']['vision_epochs']}`, `vision_lr: {meta['args']['vision_lr']}` (Adam, "
@@ -374,6 +417,8 @@ def main(argv=None) -> int:
     parser.add_argument("--search-epochs", type=int, default=0,
                         help="Q-VLM LM-side block-search passes (0 = lp-norm ranges: identical across configs)")
     parser.add_argument("--max-block-layers", type=int, default=3)
+    parser.add_argument("--lm-scheme", choices=sorted(LM_SCHEMES), default="w8a8",
+                        help="the language model's scheme (the vision tower is W4A4); w4a4 swamps the vision side")
     parser.add_argument("--vqa-questions", type=int, default=200)
     parser.add_argument("--kl-rows", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -439,7 +484,8 @@ def main(argv=None) -> int:
                 "meta": {"command": "python eval/sweep_vision_opt.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                          "started_utc": started.strftime("%Y-%m-%d %H:%M"), "finished_utc": now.strftime("%Y-%m-%d %H:%M"),
                          "wall_s": time.perf_counter() - t0, "machine": machine, "model": str(model_dir),
-                         "vision_weights_sha256": vision_sha, "args": vars(args), "scheme": W4A4, "note": Q4_NOTE},
+                         "vision_weights_sha256": vision_sha, "args": vars(args),
+                         "scheme": {"vision": W4A4, "language_model": LM_SCHEMES[args.lm_scheme]}, "note": Q4_NOTE},
                 "fp": {k: v for k, v in fp.items() if k not in ("logprobs", "visual")},
                 "configs": rows,
             }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import pytest
 
 
@@ -72,3 +73,44 @@ def test_config_syntax(eval_script):
         sweep.parse_config("0.1,1")
     with pytest.raises(SystemExit, match="negative"):
         sweep.parse_config("0.1,-1,0.5")
+
+
+@pytest.mark.parametrize("lm_scheme", ["w8a8", "fp"])
+def test_lm_scheme_quantizes_the_vision_tower_at_w4a4_and_the_decoder_as_asked(saved_vlm, eval_script, lm_scheme):
+    """The sweep's recipe: every vision-tower Linear W4A4, every decoder Linear at --lm-scheme (none for fp);
+    nothing else (norms, projector, lm_head) is matched. Checked on the quantized model itself."""
+    import argparse
+
+    import qvlm_modifiers
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from qvlm_modifiers import zoo
+    from qvlm_modifiers.data import build_calibration_dataset
+    from qvlm_modifiers.families import get_family
+
+    sweep = eval_script("sweep_vision_opt")
+    path = saved_vlm("idefics3")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(path)
+    family = get_family(model)
+    args = argparse.Namespace(lm_scheme=lm_scheme, max_block_layers=3, search_epochs=0)
+    recipe = sweep.make_modifier(sweep.parse_config("none"), args, model)
+    calib = build_calibration_dataset(zoo.sample_pairs(2, seed=0), processor, model, prompt_column="question",
+                                      text_column="text")
+    qvlm_modifiers.oneshot(model=model, processor=processor, dataset=calib, recipe=recipe, num_calibration_samples=2)
+    schemes = {name: getattr(m, "quantization_scheme", None) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    vision = {n: s for n, s in schemes.items() if n.startswith(family.vision_tower + ".")}
+    decoder = {n: s for n, s in schemes.items() if n.startswith(family.layers + ".")}
+    others = {n: s for n, s in schemes.items() if n not in vision and n not in decoder}
+    assert vision and decoder and others
+    for s in vision.values():
+        assert (s.weights.num_bits, s.input_activations.num_bits, s.input_activations.strategy) == (4, 4, "token")
+    if lm_scheme == "fp":
+        assert all(s is None for s in decoder.values())
+    else:
+        for s in decoder.values():
+            assert (s.weights.num_bits, s.weights.symmetric, s.input_activations.num_bits) == (8, True, 8)
+    assert all(s is None for s in others.values()), [n for n, s in others.items() if s is not None]
+    norms = [m for n, m in model.named_modules() if "norm" in type(m).__name__.lower()]
+    assert norms and all(getattr(m, "quantization_scheme", None) is None for m in norms)

@@ -943,7 +943,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
                             terms["total"].backward()
                             optimizer.step()
                         for key in sums:
-                            sums[key] += float(terms[key]) / len(batches)
+                            sums[key] += float(terms[key].detach()) / len(batches)
                     history.append(sums)
                     logger.info(f"Q-VLM VEO epoch {epoch}: " + ", ".join(f"{k} {v:.5g}" for k, v in sums.items()))
         finally:
