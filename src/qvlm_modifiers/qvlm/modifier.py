@@ -133,7 +133,9 @@ class QVLMModifier(Modifier, QuantizationMixin):
         block-output MSE stored in ``qvlm_blocks.block_losses`` is still measured on all samples,
         and where the joint solution is worse there than the layer-wise one, the layer-wise one is
         kept (``"kept_layerwise"``), so a block is never worse than layer-wise on the full
-        calibration objective. See ``eval/bench_qvlm_search.py`` for its measured effect
+        calibration objective. Measured by ``eval/bench_qvlm_search.py`` (default model, 3 layers,
+        128 samples, CPU): 32 samples cost 3.8x less with a block MSE 2.2% above the exact search,
+        16 samples 7.5x less at +8.8%, 8 samples 19x less at +14.6%. The default stays exact
     :param search_implementation: ``"fast"`` (default): the search with exact shortcuts -- the
         block input of the layer being searched is cached (layers before it are not re-run per
         candidate), each Linear's fake-quantized weight is computed once per candidate instead of
