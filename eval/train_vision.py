@@ -191,9 +191,12 @@ def batch_composition(batch_size: int, photo_fraction: float, type_mix: str) -> 
         mix = [float(v) for v in type_mix.split(",")]
     except ValueError:
         mix = []
-    if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
+    if len(mix) != 3 or not all(math.isfinite(v) and v >= 0 for v in mix) or sum(mix) <= 0:
         raise SystemExit(f"--type-mix needs three non-negative shares (yes/no, colour, shape), e.g. 0.6,0.2,0.2; "
                          f"got {type_mix!r}")
+    if not 0 <= photo_fraction < 1:
+        raise SystemExit(f"--photo-fraction is the share of photo examples per batch, in [0, 1), e.g. 0.06; "
+                         f"got {photo_fraction}")
     n_photo = max(0, round(batch_size * photo_fraction))
     n_vqa = batch_size - n_photo
     counts = [int(n_vqa * share / sum(mix)) for share in mix]
@@ -201,17 +204,57 @@ def batch_composition(batch_size: int, photo_fraction: float, type_mix: str) -> 
     return n_photo, counts
 
 
-def stage1_args(args) -> dict:
-    """The options stage 1's result depends on (the key of its cache)."""
-    return {k: getattr(args, k) for k in ("seed", "align_steps", "align_batch_size", "align_lr", "align_ce",
-                                           "align_temperature", "no_bf16", "device")}
+def stage1_key(args, data_digest: str) -> dict:
+    """What stage 1's result depends on (the key of its cache): the seed, the --align-* options, the
+    device and thread count (rounding), and ``data_digest`` (the stage-1 images, their descriptions and
+    the vision config; see :func:`stage1_data_digest`)."""
+    key = {k: getattr(args, k) for k in ("seed", "align_steps", "align_batch_size", "align_lr", "align_ce",
+                                         "align_temperature", "threads")}
+    key["device"] = str(torch.device(args.device))
+    key["data"] = data_digest
+    return key
 
 
-def safe_open_metadata(path: Path) -> dict:
+def stage1_data_digest(align_rows, align_text, val_images, vision_config: dict) -> str:
+    """sha256 of stage 1's inputs other than the options: which pixel rows it trains on, their
+    descriptions, the held-out images and the vision tower's config."""
+    import hashlib
+
+    blob = json.dumps([list(align_rows), list(align_text), sorted(val_images), vision_config], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def save_stage1_cache(path: Path, vision_state: dict[str, torch.Tensor], key: dict) -> None:
+    """Write the stage-1 weights with their key, atomically (a temp file renamed into place), so that runs
+    started together on one cache path never read a half-written file."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.float().cpu().contiguous() for k, v in vision_state.items()}, str(tmp),
+              metadata={"stage1_key": json.dumps(key, sort_keys=True)})
+    os.replace(tmp, path)
+
+
+def load_stage1_cache(path: Path, model: torch.nn.Module, key: dict) -> None:
+    """Load a stage-1 cache into ``model``; SystemExit naming the problem and the fix when it was made
+    with another key, is not a stage-1 cache, or lacks vision weights of this model."""
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
+        metadata = f.metadata() or {}
+    if "stage1_key" not in metadata:
+        raise SystemExit(f"{path} is not a stage-1 cache (no stage1_key metadata; a final --output file?). "
+                         f"Fix: pass another --stage1-weights path, or delete it.")
+    saved = json.loads(metadata["stage1_key"])
+    if saved != key:
+        changed = sorted(k for k in set(saved) | set(key) if saved.get(k) != key.get(k))
+        raise SystemExit(f"{path} was made with other stage-1 inputs ({', '.join(changed)} differ). "
+                         f"Fix: delete it, or pass another --stage1-weights path.")
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    if unexpected or any(k.startswith(("model.vision_model.", "model.connector.")) for k in missing):
+        raise SystemExit(f"{path} does not hold this model's vision weights. Fix: delete it.")
 
 
 def main(argv=None) -> int:
@@ -242,11 +285,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu",
-                        help="cpu (the committed runs' default) or cuda; on cuda the frozen LM runs under bf16 autocast "
+                        help="cpu (default) or cuda (the committed weights were trained on cuda); on cuda the frozen LM runs under bf16 autocast "
                              "and deterministic algorithms are requested (results differ from CPU runs in rounding)")
     parser.add_argument("--no-bf16", action="store_true", help="run the frozen LM in float32 instead of bf16 autocast")
     parser.add_argument("--stage1-weights", default=None,
-                        help="cache of the stage-1 result (it depends only on the seed and the --align-* options): "
+                        help="cache of the stage-1 result (keyed by the seed, the --align-* options, device, threads and "
+                             "a digest of stage 1's data): "
                              "loaded, and stage 1 skipped, when the file exists; written after stage 1 otherwise")
     parser.add_argument("--measure", type=int, default=0, help="only time this many steps, save nothing")
     parser.add_argument("--output", default=str(dm.DEFAULT_VISION_WEIGHTS))
@@ -393,17 +437,10 @@ def main(argv=None) -> int:
     align_opt = torch.optim.AdamW(trainable, lr=args.align_lr, weight_decay=0.01)
     align_steps = 0 if args.measure else args.align_steps
     stage1_cache = Path(args.stage1_weights) if args.stage1_weights else None
+    cache_key = stage1_key(args, stage1_data_digest(align_rows, align_text, val_images,
+                                                    model.config.vision_config.to_dict()))
     if stage1_cache is not None and stage1_cache.is_file() and not args.measure:
-        from safetensors.torch import load_file
-
-        cached = load_file(str(stage1_cache))
-        saved_args = json.loads(safe_open_metadata(stage1_cache).get("stage1_args", "{}"))
-        if saved_args != stage1_args(args):
-            raise SystemExit(f"{stage1_cache} was made with {saved_args}, not {stage1_args(args)}: "
-                             f"delete it or pass another --stage1-weights")
-        missing, unexpected = model.load_state_dict(cached, strict=False)
-        if unexpected or any(k.startswith(("model.vision_model.", "model.connector.")) for k in missing):
-            raise SystemExit(f"{stage1_cache} does not hold this model's vision weights")
+        load_stage1_cache(stage1_cache, model, cache_key)
         log(f"stage 1 loaded from {stage1_cache} (skipped)")
         align_steps = 0
     t1 = time.time()
@@ -429,15 +466,11 @@ def main(argv=None) -> int:
             f"{evaluate(val_vqa)[0]:.3f} on {len(val_vqa)} held-out train-split questions")
 
     if stage1_cache is not None and align_steps:
-        from safetensors.torch import save_file
-
-        stage1_cache.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.float().cpu() for k, v in dm.vision_state_dict(model).items()}, str(stage1_cache),
-                  metadata={"stage1_args": json.dumps(stage1_args(args))})
+        save_stage1_cache(stage1_cache, dm.vision_state_dict(model), cache_key)
         log(f"stage 1 saved to {stage1_cache}")
 
-    # stage 2 draws from its own seeded generator, so a run that loads the stage-1 cache trains exactly
-    # like one that computed stage 1 (given the same device)
+    # stage 2 draws from its own seeded generator, so a run that loads the stage-1 cache trains like one
+    # that computed stage 1 (bitwise on CPU with the same thread count: a 3-step run gave identical weights)
     rng = random.Random(args.seed + 1)
     torch.manual_seed(args.seed + 1)
     steps = args.measure or args.steps
@@ -497,7 +530,7 @@ def main(argv=None) -> int:
 
     from safetensors.torch import save_file
 
-    state = {k: v.float().cpu() for k, v in dm.vision_state_dict(model).items()}
+    state = {k: v.float().cpu().contiguous() for k, v in dm.vision_state_dict(model).items()}
     output.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(output), metadata={"train_args": json.dumps(vars(args))})
     log(f"saved {len(state)} tensors ({output.stat().st_size / 2**20:.1f} MiB) to {output}; "

@@ -33,7 +33,6 @@ def test_labels_are_read_off_the_questions_including_negations(tv):
 
 def test_question_types(tv):
     assert [tv.question_type(a) for a in ("yes", "no", "teal", "circle")] == ["yes/no", "yes/no", "colour", "shape"]
-    assert set(tv.QUESTION_TYPES) == {"yes/no", "colour", "shape"}
 
 
 @pytest.mark.parametrize("batch,photo,mix,expected", [
@@ -48,10 +47,16 @@ def test_batch_composition(tv, batch, photo, mix, expected):
     assert n_photo + sum(counts) == batch
 
 
-@pytest.mark.parametrize("mix", ["0.6,0.4", "a,b,c", "-1,1,1", "0,0,0"])
+@pytest.mark.parametrize("mix", ["0.6,0.4", "a,b,c", "-1,1,1", "0,0,0", "nan,1,1", "inf,1,1"])
 def test_batch_composition_rejects_bad_mix_with_the_fix(tv, mix):
     with pytest.raises(SystemExit, match="three non-negative shares.*e.g. 0.6,0.2,0.2"):
         tv.batch_composition(32, 0.06, mix)
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.0, 1.5])
+def test_batch_composition_rejects_a_photo_fraction_outside_0_1(tv, fraction):
+    with pytest.raises(SystemExit, match=r"--photo-fraction .* in \[0, 1\), e.g. 0.06"):
+        tv.batch_composition(32, fraction, "0.6,0.2,0.2")
 
 
 def test_collate_targets_only_the_answer_tokens_shifted_by_one(tv):
@@ -69,12 +74,75 @@ def test_collate_targets_only_the_answer_tokens_shifted_by_one(tv):
     assert torch.equal(batch["pixel_values"][:, 0], pixels[[1, 0]])
 
 
-def test_stage1_cache_key_covers_what_stage1_depends_on(tv):
-    base = dict(seed=0, align_steps=3000, align_batch_size=32, align_lr=2e-3, align_ce=1.0, align_temperature=0.05,
-                no_bf16=False, device="cpu", steps=1200, lr=2e-3, type_mix="0.6,0.2,0.2")
-    key = tv.stage1_args(argparse.Namespace(**base))
-    # stage-2 options do not invalidate the cache ...
-    assert tv.stage1_args(argparse.Namespace(**{**base, "steps": 600, "lr": 1e-3})) == key
-    # ... every stage-1 option and the device do
-    for name, other in (("seed", 1), ("align_steps", 10), ("align_lr", 1e-3), ("align_ce", 0.0), ("device", "cuda")):
-        assert tv.stage1_args(argparse.Namespace(**{**base, name: other})) != key, name
+STAGE1_ARGS = dict(seed=0, align_steps=3000, align_batch_size=32, align_lr=2e-3, align_ce=1.0,
+                   align_temperature=0.05, threads=2, device="cpu", no_bf16=False, steps=1200, lr=2e-3,
+                   type_mix="0.6,0.2,0.2")
+
+
+def test_stage1_key_changes_with_every_stage1_input_and_no_stage2_option(tv):
+    key = tv.stage1_key(argparse.Namespace(**STAGE1_ARGS), "d0")
+    # stage-2 options (and bf16 autocast, which stage 1 does not use) leave the cache valid ...
+    assert tv.stage1_key(argparse.Namespace(**{**STAGE1_ARGS, "steps": 600, "lr": 1e-3, "no_bf16": True}), "d0") == key
+    # ... every stage-1 option, the device, the threads and the data digest invalidate it
+    for name, other in (("seed", 1), ("align_steps", 10), ("align_batch_size", 16), ("align_lr", 1e-3),
+                        ("align_ce", 0.0), ("align_temperature", 0.1), ("threads", 1), ("device", "cuda")):
+        assert tv.stage1_key(argparse.Namespace(**{**STAGE1_ARGS, name: other}), "d0") != key, name
+    assert tv.stage1_key(argparse.Namespace(**STAGE1_ARGS), "d1") != key
+    # a device is named one way: "cpu" and torch.device("cpu") give the same key
+    assert tv.stage1_key(argparse.Namespace(**{**STAGE1_ARGS, "device": torch.device("cpu")}), "d0") == key
+
+
+def test_stage1_data_digest_sees_rows_descriptions_held_out_images_and_config(tv):
+    base = ([0, 1, 2], ["red circle", "blue triangle", "teal"], {7, 8}, {"hidden_size": 128})
+    digest = tv.stage1_data_digest(*base)
+    assert tv.stage1_data_digest([0, 1, 2], list(base[1]), {8, 7}, {"hidden_size": 128}) == digest  # set order
+    for k, other in ((0, [0, 1, 3]), (1, ["red circle", "blue square", "teal"]), (2, {7, 9}),
+                     (3, {"hidden_size": 64})):
+        changed = list(base)
+        changed[k] = other
+        assert tv.stage1_data_digest(*changed) != digest, k
+
+
+class _TinyVLM(torch.nn.Module):
+    """Module names like the default model's (model.vision_model.*, model.connector.*, an LM part)."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.model = torch.nn.Module()
+        self.model.vision_model = torch.nn.Linear(3, 4)
+        self.model.connector = torch.nn.Linear(4, 2)
+        self.lm = torch.nn.Linear(2, 2)
+
+
+def _vision_state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("model.")}
+
+
+def test_stage1_cache_round_trip_and_refusals(tv, tmp_path):
+    key = tv.stage1_key(argparse.Namespace(**STAGE1_ARGS), "d0")
+    trained, fresh = _TinyVLM(0), _TinyVLM(1)
+    path = tmp_path / "cache" / "stage1.safetensors"
+    tv.save_stage1_cache(path, _vision_state(trained), key)
+    assert [p.name for p in path.parent.iterdir()] == ["stage1.safetensors"]  # no temp file left behind
+    lm_before = fresh.lm.weight.detach().clone()
+    tv.load_stage1_cache(path, fresh, key)
+    for name, value in _vision_state(trained).items():
+        assert torch.equal(fresh.state_dict()[name], value), name
+    assert torch.equal(fresh.lm.weight, lm_before)  # only the vision side is loaded
+    # another key: refused, naming what differs and the fix
+    other = tv.stage1_key(argparse.Namespace(**{**STAGE1_ARGS, "seed": 3}), "d0")
+    with pytest.raises(SystemExit, match=r"other stage-1 inputs \(seed differ\).*Fix: delete it"):
+        tv.load_stage1_cache(path, _TinyVLM(2), other)
+    # a safetensors file without the key (e.g. the final --output): refused as not a cache
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "final.safetensors"
+    save_file(_vision_state(trained), str(plain))
+    with pytest.raises(SystemExit, match="is not a stage-1 cache"):
+        tv.load_stage1_cache(plain, _TinyVLM(2), key)
+    # a cache that lacks this model's vision weights: refused
+    partial = tmp_path / "partial.safetensors"
+    tv.save_stage1_cache(partial, {"model.connector.weight": trained.model.connector.weight}, key)
+    with pytest.raises(SystemExit, match="does not hold this model's vision weights"):
+        tv.load_stage1_cache(partial, _TinyVLM(2), key)
