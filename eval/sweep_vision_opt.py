@@ -54,20 +54,27 @@ DEFAULT_MODEL_DIR = EVAL_DIR / ".models" / "smolvlm-tiny"
 # The issue's grid: baseline without VEO, the provisional default, then one factor changed at a time.
 DEFAULT_CONFIGS = ["none", "0.1,1,0.5", "0,1,0.5", "1,1,0.5", "0.1,0,0.5", "0.1,1,0", "0.1,1,1"]
 
-W4A4 = {  # recipes/qvlm_w4a4.yaml's scheme
-    "targets": ["Linear"],
-    "weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "channel"},
-    "input_activations": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "token", "dynamic": True},
-}
+def shipped_scheme(recipe: str) -> dict:
+    """The quantization scheme (group_0 without targets) of a shipped Q-VLM recipe, so the sweep stays
+    in step with ``recipes/<recipe>.yaml``."""
+    import yaml
+
+    from qvlm_modifiers import recipe_path
+
+    spec = yaml.safe_load(Path(recipe_path(recipe)).read_text())
+    group = spec["quant_stage"]["quant_modifiers"]["QVLMModifier"]["config_groups"]["group_0"]
+    return {k: v for k, v in group.items() if k != "targets"}
+
+
+W4A4 = shipped_scheme("qvlm_w4a4")  # int4 asym per-channel weights, int4 asym dynamic per-token activations
 
 # The language model's scheme (--lm-scheme). The vision tower is always W4A4. The 2026-11-25 sweep ran the
 # LM at W4A4 too, which destroyed SmolLM2-135M (0% accuracy, KL 16 nats) and left nothing for VEO to
 # change: a milder LM scheme lets the vision-side differences show.
 LM_SCHEMES = {
-    "w4a4": {k: v for k, v in W4A4.items() if k != "targets"},
-    "w8a8": {"weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
-             "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
-                                   "dynamic": True}},
+    "w4a4": W4A4,
+    "w8a8": shipped_scheme("qvlm_w8a8"),
+    # qvlm_w4 is group 128, which SmolLM2's widths do not divide: per-channel here
     "w4a16": {"weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "channel"}},
     "fp": None,
 }
@@ -106,31 +113,27 @@ def parse_config(spec: str) -> dict:
             "eta": eta, "calib_seed": calib_seed}
 
 
-def exact_names_target(names: list[str]) -> str:
-    """One compressed-tensors target matching exactly these module names."""
-    import re
-
-    return "re:^(" + "|".join(re.escape(n) for n in names) + ")$"
-
-
 def scheme_groups(model, lm_scheme: str) -> dict:
     """config_groups: W4A4 on the vision tower's Linears, ``LM_SCHEMES[lm_scheme]`` on the decoder layers'
-    Linears (none for ``fp``). Targets are the exact module names, so no norm or projector is caught."""
+    Linears (none for ``fp``). Targets are the modules' exact names (compressed-tensors matches a plain
+    target by name), so no norm or projector is caught."""
     from qvlm_modifiers.families import get_family
 
     family = get_family(model)
     vision = [f"{family.vision_tower}.{n}" for n, _ in _linears(model.get_submodule(family.vision_tower))]
-    groups = {"vision": {**copy.deepcopy(W4A4), "targets": [exact_names_target(vision)]}}
+    decoder = [f"{family.layers}.{n}" for n, _ in _linears(model.get_submodule(family.layers))]
+    if not vision or not decoder:
+        raise RuntimeError(f"no Linear found in {family.vision_tower if not vision else family.layers}")
+    groups = {"vision": {**W4A4, "targets": vision}}
     if LM_SCHEMES[lm_scheme] is not None:
-        decoder = [f"{family.layers}.{n}" for n, _ in _linears(model.get_submodule(family.layers))]
-        groups["language_model"] = {**copy.deepcopy(LM_SCHEMES[lm_scheme]), "targets": [exact_names_target(decoder)]}
-    return groups
+        groups["language_model"] = {**copy.deepcopy(LM_SCHEMES[lm_scheme]), "targets": decoder}
+    return copy.deepcopy(groups)
 
 
 def make_modifier(config: dict, args, model):
     from qvlm_modifiers.qvlm.modifier import QVLMModifier
 
-    fields = dict(config_groups=scheme_groups(model, args.lm_scheme), targets=["Linear"],
+    fields = dict(config_groups=scheme_groups(model, args.lm_scheme),
                   max_block_layers=args.max_block_layers, search_epochs=args.search_epochs,
                   quantize_vision_tower=True, optimize_vision_encoder=config["optimize_vision_encoder"])
     if config["optimize_vision_encoder"]:
