@@ -23,6 +23,7 @@ from qvlm_modifiers.qvlm.block_search import (
     range_qparams,
     search_block,
     spread_batch_indices,
+    token_error_weights,
 )
 
 GROUP4 = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=16)
@@ -370,15 +371,44 @@ def test_block_objective_equals_plain_objective_with_prefix_cache_and_early_stop
             variables[position].set(variables[position].current)
 
 
-@pytest.mark.parametrize("use_fp_targets,init", [(True, "layerwise"), (False, "layerwise"), (True, "lp_norm")])
-def test_fast_search_gives_the_reference_search_exactly(use_fp_targets, init):
+def test_token_relative_objective_matches_its_formula_and_ignores_token_scale():
+    """block_objective "token_relative_mse": mean over tokens of ||out_t - y_t||^2 / ||y_t||^2, in both
+    objective implementations; multiplying one token's output and target by 1000 (a massive activation)
+    leaves it unchanged, while the plain MSE is then decided by that token."""
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(1, 5, 8, generator=g) for _ in range(3)]
+    targets = [x + 0.1 * torch.randn(x.shape, generator=g) for x in inputs]
+    identity = [lambda h, b: h]
+
+    def formula(xs, ys):
+        return torch.cat([((x - y).pow(2).sum(-1) / y.pow(2).sum(-1)).flatten() for x, y in zip(xs, ys)]).mean().item()
+
+    relative = block_mse_objective(identity, inputs, targets, kind="token_relative_mse")()
+    assert relative == pytest.approx(formula(inputs, targets), rel=1e-6)
+    fast = BlockObjective(identity, inputs, targets, kind="token_relative_mse")
+    assert fast() == pytest.approx(relative, rel=1e-12)
+    assert BlockObjective(identity, inputs, targets)() == pytest.approx(block_mse_objective(identity, inputs, targets)(), rel=1e-12)
+    # a massive token: scale token 0 of every batch (input and target) by 1000
+    scale = torch.ones(1, 5, 1)
+    scale[0, 0] = 1000.0
+    big_in, big_t = [x * scale for x in inputs], [y * scale for y in targets]
+    assert block_mse_objective(identity, big_in, big_t, kind="token_relative_mse")() == pytest.approx(relative, rel=1e-5)
+    plain, plain_big = block_mse_objective(identity, inputs, targets)(), block_mse_objective(identity, big_in, big_t)()
+    assert plain_big > 1e4 * plain  # the plain objective is now that one token's
+    with pytest.raises(ValueError, match="'mse' or 'token_relative_mse'"):
+        token_error_weights(targets[0], "l1")
+
+
+@pytest.mark.parametrize("use_fp_targets,init,kind", [(True, "layerwise", "mse"), (False, "layerwise", "mse"),
+                                                    (True, "lp_norm", "mse"), (True, "layerwise", "token_relative_mse")])
+def test_fast_search_gives_the_reference_search_exactly(use_fp_targets, init, kind):
     results = []
     for reference in (True, False):
         toy = _ToyStack(seed=3)
         variables = [toy.variables(j) for j in range(3)]
         targets = toy.fp_targets(range(3), toy.inputs) if use_fp_targets else None
         res = search_block([toy.layer(j) for j in range(3)], variables, toy.quantized, toy.inputs, targets,
-                           epochs=10, init=init, reference=reference)
+                           epochs=10, init=init, reference=reference, objective_kind=kind)
         evaluations = sum(r.evaluations for r in res.layerwise) + res.block.evaluations
         results.append((res, [v[0].current for v in variables], evaluations))
     (ref, ref_choice, ref_evals), (fast, fast_choice, fast_evals) = results

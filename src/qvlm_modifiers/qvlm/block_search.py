@@ -58,6 +58,7 @@ __all__ = [
     "BlockSearchResult",
     "search_block",
     "block_mse_objective",
+    "token_error_weights",
     "BlockObjective",
     "spread_batch_indices",
 ]
@@ -293,23 +294,51 @@ class BlockSearchResult:
     kept_layerwise: bool = False  # searched on a subset and the joint solution was worse on all batches
 
 
+BlockObjectiveKind = Literal["mse", "token_relative_mse"]
+
+
+def token_error_weights(target: torch.Tensor, kind: BlockObjectiveKind) -> torch.Tensor | None:
+    """Per-token weights of the squared error (``None`` = plain MSE, Eq. 3).
+
+    ``"token_relative_mse"`` weighs token ``t`` by ``d / ||y_t||^2`` (d = hidden size), so the
+    objective becomes the mean over tokens of ``||out_t - y_t||^2 / ||y_t||^2``: every token counts
+    alike. Not in the paper: with plain MSE an LLM's massive activations (one attention-sink token
+    whose hidden state is 100x the others', >99% of the squared norm in SmolLM2's later layers)
+    decide the whole search."""
+    if kind == "mse":
+        return None
+    if kind != "token_relative_mse":
+        raise ValueError(f"block objective must be 'mse' or 'token_relative_mse', got {kind!r}")
+    y = target.float()
+    return y.shape[-1] / y.pow(2).sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _squared_error(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> float:
+    err = (out.float() - target.to(out.device).float()).pow(2)
+    if weight is not None:
+        err = err * weight.to(err.device)
+    return err.sum().item()
+
+
 def block_mse_objective(
     layers: Sequence[LayerFn], inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
-    batch_ids: Sequence[int] | None = None,
+    batch_ids: Sequence[int] | None = None, kind: BlockObjectiveKind = "mse",
 ) -> Callable[[], float]:
     """Eq. 3's objective as a closure: mean squared error of ``layers`` applied to ``inputs``
-    against ``targets`` (summed over batches, divided by the number of target elements).
+    against ``targets`` (summed over batches, divided by the number of target elements; with
+    ``kind="token_relative_mse"`` each token's error is weighed by :func:`token_error_weights`).
     The plain reference: every call runs every layer on every batch. ``batch_ids`` are the
     calibration batch indices the layers receive (default ``0..len(inputs)-1``)."""
     ids = list(range(len(inputs))) if batch_ids is None else list(batch_ids)
+    weights = [token_error_weights(y, kind) for y in targets]
 
     def objective() -> float:
         total, count = 0.0, 0
-        for batch_index, x, y in zip(ids, inputs, targets):
+        for batch_index, x, y, w in zip(ids, inputs, targets, weights):
             out = x
             for layer in layers:
                 out = layer(out, batch_index)
-            total += (out.float() - y.to(out.device).float()).pow(2).sum().item()
+            total += _squared_error(out, y, w)
             count += y.numel()
         return total / max(count, 1)
 
@@ -350,11 +379,13 @@ class BlockObjective:
         variables: Sequence[RangeVariable] | None = None,
         variable_layers: Sequence[int] | None = None,
         keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+        kind: BlockObjectiveKind = "mse",
     ):
         if len(inputs) != len(targets):
             raise ValueError("one target per input batch is required")
         self.layers = list(layers)
         self.targets = list(targets)
+        self.weights = [token_error_weights(y, kind) for y in self.targets]
         self.batch_indices = list(range(len(inputs))) if batch_indices is None else list(batch_indices)
         if len(self.batch_indices) != len(inputs):
             raise ValueError("one batch index per input batch is required")
@@ -393,11 +424,11 @@ class BlockObjective:
         total = 0.0
         hidden = self._prefix[self._start][1]
         run = self.layers[self._start:]
-        for x, y, b in zip(hidden, self.targets, self.batch_indices):
+        for x, y, w, b in zip(hidden, self.targets, self.weights, self.batch_indices):
             out = x
             for layer in run:
                 out = layer(out, b)
-            total += (out.float() - y.to(out.device).float()).pow(2).sum().item()
+            total += _squared_error(out, y, w)
             if total / self.count >= bound:
                 return total / self.count  # a lower bound of the loss, >= bound: rejected
         return total / self.count
@@ -440,6 +471,7 @@ def search_block(
     keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
     search_batches: int | None = None,
     reference: bool = False,
+    objective_kind: BlockObjectiveKind = "mse",
 ) -> BlockSearchResult:
     """Search the ranges of one block of consecutive layers.
 
@@ -464,6 +496,8 @@ def search_block(
     :param reference: use the plain objective (:func:`block_mse_objective`: every candidate
         re-runs the whole block on every batch) instead of :class:`BlockObjective`'s exact
         shortcuts. Same choices and losses, slower: for tests and benchmarks
+    :param objective_kind: ``"mse"`` (Eq. 2/3) or ``"token_relative_mse"`` (each token's error
+        relative to its target's norm, :func:`token_error_weights`), for every objective here
     """
     if len(layers) != len(variables):
         raise ValueError("one list of range variables per layer is required")
@@ -473,8 +507,8 @@ def search_block(
 
     def make_objective(obj_layers, inputs, targets, batch_ids, obj_vars=None, var_layers=None):
         if reference:
-            return block_mse_objective(obj_layers, inputs, targets, batch_ids)
-        return BlockObjective(obj_layers, inputs, targets, batch_ids, obj_vars, var_layers, keep)
+            return block_mse_objective(obj_layers, inputs, targets, batch_ids, objective_kind)
+        return BlockObjective(obj_layers, inputs, targets, batch_ids, obj_vars, var_layers, keep, objective_kind)
 
     def pick(seq):
         return [seq[i] for i in indices]
