@@ -252,9 +252,10 @@ def load_stage1_cache(path: Path, model: torch.nn.Module, key: dict) -> None:
         changed = sorted(k for k in set(saved) | set(key) if saved.get(k) != key.get(k))
         raise SystemExit(f"{path} was made with other stage-1 inputs ({', '.join(changed)} differ). "
                          f"Fix: delete it, or pass another --stage1-weights path.")
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
-    if unexpected or any(k.startswith(("model.vision_model.", "model.connector.")) for k in missing):
+    state = load_file(str(path))
+    if set(state) != set(dm.vision_state_dict(model)):  # the trainable part's names, as saved
         raise SystemExit(f"{path} does not hold this model's vision weights. Fix: delete it.")
+    model.load_state_dict(state, strict=False)
 
 
 def main(argv=None) -> int:
