@@ -54,3 +54,18 @@ def test_projection_recovers_a_known_linear_law():
     assert "50.0 MiB + 1.00 x analytic(W)" in lines[0]
     expected_7b = (50 * 2**20 + bench_memory.analytic_bytes(4096, 11008, tokens)) / 2**30
     assert f"{expected_7b:6.2f} GiB" in lines[1]
+
+
+def test_anonymous_peak_sees_a_transient_allocation():
+    """The anonymous-memory peak must catch a 64 MiB tensor that lives only inside the block."""
+    import time
+
+    import torch
+
+    with bench_memory._AnonPeak(poll_s=0.001) as peak:  # noqa: SLF001
+        base = bench_memory._status_kib("RssAnon") * 1024  # noqa: SLF001
+        t = torch.ones(16 * 2**20)  # 64 MiB, written (resident)
+        time.sleep(0.05)
+        del t
+    assert peak.peak - base >= 60 * 2**20
+    assert bench_memory._status_kib("RssAnon") * 1024 < peak.peak  # noqa: SLF001 - freed after the block

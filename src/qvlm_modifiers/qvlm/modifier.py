@@ -79,6 +79,7 @@ from qvlm_modifiers.families import decoder_layers, get_family
 from qvlm_modifiers.qvlm.block_search import (
     DEFAULT_PERCENTILES,
     DEFAULT_SHRINK_FACTORS,
+    BlockObjectiveKind,
     RangeVariable,
     block_mse_objective,
     flatten_for_ranges,
@@ -139,8 +140,9 @@ class QVLMModifier(Modifier, QuantizationMixin):
         and where the joint solution is worse there than the layer-wise one, the layer-wise one is
         kept (``"kept_layerwise"``), so a block is never worse than layer-wise on the full
         calibration objective. Measured by ``eval/bench_qvlm_search.py`` (default model, 3 layers,
-        128 samples, CPU): 32 samples cost 3.8x less with a block MSE 2.2% above the exact search,
-        16 samples 7.5x less at +8.8%, 8 samples 19x less at +14.6%. The default stays exact
+        128 samples, CPU, measured before the weight-range initialisation fix of b043845): 32 samples
+        cost 3.8x less with a block MSE 2.2% above the exact search, 16 samples 7.5x less at +8.8%,
+        8 samples 19x less at +14.6%. The default stays exact
     :param block_objective: ``"mse"`` (default, Eq. 2-3: mean squared error of the block output)
         or ``"token_relative_mse"`` (not in the paper: each token's squared error divided by its FP
         output's squared norm, so every token counts alike). On SmolLM2-135M the plain MSE is
@@ -203,7 +205,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
     init_weight_norm: float = Field(default=2.0, gt=0)
     search_epochs: int = Field(default=10, ge=0)
     search_samples: int | None = Field(default=None, ge=1)
-    block_objective: Literal["mse", "token_relative_mse"] = "mse"
+    block_objective: BlockObjectiveKind = "mse"
     search_implementation: Literal["fast", "reference"] = "fast"
     block_target: Literal["fp", "quant_input"] = "fp"
     block_init: Literal["layerwise", "lp_norm"] = "layerwise"
