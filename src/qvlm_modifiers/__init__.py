@@ -87,3 +87,10 @@ _install_oneshot_save_hook()
 from qvlm_modifiers.packed_loader import register as _register_packed_loader  # noqa: E402
 
 _register_packed_loader()
+
+# Calibration frees weight-sized temporaries layer after layer; with glibc's dynamic mmap threshold
+# the heap then grows by about one copy of each layer's weights. The fix only works when applied
+# before the model is loaded, so here (QVLM_MALLOC_TUNING=0 turns it off; see qvlm_modifiers.heap).
+from qvlm_modifiers.heap import fix_malloc_mmap_threshold as _fix_malloc_mmap_threshold  # noqa: E402
+
+_fix_malloc_mmap_threshold()

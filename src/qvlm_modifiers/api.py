@@ -216,10 +216,6 @@ def oneshot(
         else:
             data_collator = collate_fn
 
-    # calibration frees weight-sized temporaries layer after layer: keep glibc from fragmenting on them
-    from qvlm_modifiers.heap import fix_malloc_mmap_threshold
-
-    fix_malloc_mmap_threshold()
     # llm-compressor reads the config back from name_or_path: give a never-saved model one.
     original_name = getattr(model.config, "_name_or_path", "")
     config_dir = None

@@ -60,18 +60,9 @@ def make_caches_pin_safe(caches: dict[Any, IntermediatesCache]) -> None:
 
 class CPUSafeAWQMixin:
     """Mixin for ``AWQModifier`` subclasses: their activation caches never pin memory on CPU-only
-    PyTorch. Put it before ``AWQModifier`` in the bases. Adds no recipe fields.
-
-    It also fixes glibc's mmap threshold when calibration starts
-    (:func:`qvlm_modifiers.heap.fix_malloc_mmap_threshold`): the smoothing pass frees weight-sized
-    temporaries in every layer, and with glibc's dynamic threshold the heap then grew by about one
-    copy of each layer's weights (``eval/bench_memory.py``), also under llm-compressor's own
-    ``oneshot``."""
+    PyTorch. Put it before ``AWQModifier`` in the bases. Adds no recipe fields."""
 
     def _setup_activation_cache_hooks(self, *args, **kwargs):
-        from qvlm_modifiers.heap import fix_malloc_mmap_threshold
-
-        fix_malloc_mmap_threshold()
         result = super()._setup_activation_cache_hooks(*args, **kwargs)
         make_caches_pin_safe(self._parent_args_cache)
         return result

@@ -11,10 +11,12 @@ and 1.6 MiB per decoder layer, about one bf16 copy of each layer's weights, x1.5
 32 layers. With the threshold fixed at 64 KiB both stayed flat (x1.03), at the same speed.
 
 :func:`fix_malloc_mmap_threshold` sets the threshold explicitly with ``mallopt``, which also turns
-the dynamic adjustment off. It is process-wide, so it is applied only when calibration starts
-(:func:`qvlm_modifiers.oneshot`, the ``qvlm`` command, and the AWQ-based Modifiers of this package
-when llm-compressor's own ``oneshot`` runs them), never at import. It does nothing when
-``QVLM_MALLOC_TUNING=0``, when the user set ``MALLOC_MMAP_THRESHOLD_`` (glibc's own variable) or
+the dynamic adjustment off, and puts the trim threshold (which the adjustment raised to twice the
+mmap threshold) back to 128 KiB. It has to act before the model is loaded: applied when
+calibration started (after loading), AWQ still grew 32.6 -> 64.5 MiB from 4 to 32 layers; applied
+at ``import qvlm_modifiers`` it stayed at 32.0 -> 33.4 MiB. So ``import qvlm_modifiers`` applies it
+(the product's usage imports the package before loading the model); it is process-wide. It does
+nothing when ``QVLM_MALLOC_TUNING=0``, when the user set ``MALLOC_MMAP_THRESHOLD_`` (glibc's own variable) or
 ``MALLOC_TOP_PAD_``/``MALLOC_TRIM_THRESHOLD_`` themselves, or off glibc.
 """
 
@@ -28,7 +30,9 @@ import sys
 __all__ = ["MMAP_THRESHOLD_BYTES", "fix_malloc_mmap_threshold"]
 
 MMAP_THRESHOLD_BYTES = 64 * 1024
-_M_MMAP_THRESHOLD = -3  # glibc malloc.h
+_M_TRIM_THRESHOLD = -1  # glibc malloc.h
+_M_MMAP_THRESHOLD = -3
+TRIM_THRESHOLD_BYTES = 128 * 1024  # glibc's initial value
 _USER_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_TRIM_THRESHOLD_")
 _applied: int | None = None
 
@@ -58,7 +62,11 @@ def fix_malloc_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     libc = _glibc()
     if libc is None:
         return False
+    # the dynamic adjustment also raised the trim threshold (to twice the mmap threshold), which keeps
+    # freed memory at the top of the heap from being returned: put it back to its initial value too
     if libc.mallopt(ctypes.c_int(_M_MMAP_THRESHOLD), ctypes.c_int(threshold)) != 1:
+        return False
+    if libc.mallopt(ctypes.c_int(_M_TRIM_THRESHOLD), ctypes.c_int(TRIM_THRESHOLD_BYTES)) != 1:
         return False
     _applied = threshold
     return True
