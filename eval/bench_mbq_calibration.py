@@ -17,6 +17,13 @@ CI-fast (tiny zoo model, CPU)::
 
     python eval/bench_mbq_calibration.py --family llava --samples 4 --repeats 1
 
+The embedded default model (SmolLM2's width 576 needs group 64), 16 easy-vqa train rows::
+
+    python eval/bench_mbq_calibration.py --model eval/.models/smolvlm-tiny --pairs /tmp/easyvqa16 \
+        --samples 16 --scheme w4 --group-size 64 --threads 1
+
+(``/tmp/easyvqa16``: ``main_job.calibration_pairs(16, 0).save_to_disk(...)``.)
+
 Real model on a GPU::
 
     python eval/bench_mbq_calibration.py --model /path/llava-onevision-7b --pairs /path/coco_pairs \
@@ -87,9 +94,10 @@ def run_child(args) -> dict:
     rows = data.build_calibration_dataset(
         source, processor, model, num_samples=args.samples, prompt_column=args.prompt_column
     )
-    quant = QuantizationModifier(
-        config_groups={"group_0": {"targets": ["Linear"], **SCHEMES[args.scheme]}}, ignore=IGNORE
-    )
+    scheme = SCHEMES[args.scheme]
+    if args.group_size and scheme["weights"].get("strategy") == "group":
+        scheme = {**scheme, "weights": {**scheme["weights"], "group_size": args.group_size}}
+    quant = QuantizationModifier(config_groups={"group_0": {"targets": ["Linear"], **scheme}}, ignore=IGNORE)
     if args.child == "awq":
         transform, use_mask = LMAWQModifier(duo_scaling=False, n_grid=20), False
     else:
@@ -133,7 +141,7 @@ def _spawn(method: str, args, out_dir: Path) -> dict:
     cmd = [
         sys.executable, __file__, "--child", method, "--child-out", str(out), "--model", args.model,
         "--samples", str(args.samples), "--scheme", args.scheme, "--device", args.device,
-        "--dtype", args.dtype, "--threads", str(args.threads or 0),
+        "--dtype", args.dtype, "--threads", str(args.threads or 0), "--group-size", str(args.group_size or 0),
     ]
     if args.pairs:
         cmd += ["--pairs", args.pairs]
@@ -187,6 +195,8 @@ def main(argv=None) -> int:
     parser.add_argument("--text-layers", type=int, help="zoo llava only: number of decoder layers")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--scheme", choices=sorted(SCHEMES), default="w3")
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="group size of the w3/w4 schemes (default 128; the default model needs 64)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, or a device_map value")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=1)

@@ -9,7 +9,7 @@ layer output, the largest token norm, the median token norm and the share of the
 held by the largest token. A share near 1 means a plain MSE over the hidden states is that token's error.
 
 ``w4``: RTN W4A16 g64 and ``recipes/qvlm_w4.yaml`` (g64) variants, each given as ``name`` or
-``name:key=value;key=value`` (QVLMModifier fields added to the recipe; ``rtn`` = recipes/rtn_w4a16.yaml).
+``name:key=value;key=value`` (QVLMModifier fields set in the recipe; ``rtn`` = recipes/rtn_w4a16.yaml).
 Per variant: whether its weight qparams equal RTN's, VQA accuracy, answer KL, and the quantized
 model's hidden-state MSE against the full-precision model at decoder-layer outputs, on the
 calibration rows and on as many held-out rows (easy-vqa TRAIN, another seed). With
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -95,6 +96,27 @@ def w8a8(rows: int, questions: int) -> None:
             print(f"{name}: {result['accuracy']:.3f} on {questions} questions", flush=True)
 
 
+def variant_recipe(recipe_text: str, spec: str) -> str:
+    """``recipe_text`` with the fields of a ``name:key=value;key=value`` spec set in its Modifier
+    block (a field the recipe already sets is replaced, a new one added after
+    ``quantize_vision_tower``)."""
+    text = recipe_text
+    for option in spec.partition(":")[2].split(";"):
+        if not option.strip():
+            continue
+        if "=" not in option:
+            raise ValueError(f"variant option {option!r} is not key=value (spec {spec!r})")
+        key, value = (part.strip() for part in option.split("=", 1))
+        existing = re.search(rf"^      {re.escape(key)}:.*$", text, flags=re.M)
+        if existing:
+            text = text[:existing.start()] + f"      {key}: {value}" + text[existing.end():]
+        elif "quantize_vision_tower: false" in text:
+            text = text.replace("quantize_vision_tower: false", f"quantize_vision_tower: false\n      {key}: {value}")
+        else:
+            raise ValueError(f"cannot place {key!r}: the recipe has no 'quantize_vision_tower: false' line")
+    return text
+
+
 def _hidden_states(model, calib) -> list[tuple[torch.Tensor, ...]]:
     from qvlm_modifiers.data import collate_fn
 
@@ -107,7 +129,7 @@ def _hidden_states(model, calib) -> list[tuple[torch.Tensor, ...]]:
     return out
 
 
-def _layer_mse(fp, q) -> tuple[list[float], list[float]]:
+def layer_mse(fp, q) -> tuple[list[float], list[float]]:
     """Per decoder layer: MSE over all elements, and over all tokens but each row's largest-norm one."""
     layers = len(fp[0])
     total, excl = [0.0] * layers, [0.0] * layers
@@ -146,13 +168,9 @@ def w4(rows: int, questions: int, specs: list[str]) -> None:
     reference_qparams = None
     shown = [8, 11, 20, len(fp_calib[0]) - 1]
     for spec in ["rtn"] + [s for s in specs if s != "rtn"]:
-        name, _, opts = spec.partition(":")
-        if name == "rtn":
-            text = (REPO / "recipes" / "rtn_w4a16.yaml").read_text()
-        else:
-            extra = "".join(f"\n      {k.strip()}: {v.strip()}" for k, v in
-                            (o.split("=", 1) for o in opts.split(";") if o.strip()))
-            text = qvlm_text.replace("quantize_vision_tower: false", "quantize_vision_tower: false" + extra)
+        name = spec.partition(":")[0]
+        text = ((REPO / "recipes" / "rtn_w4a16.yaml").read_text() if name == "rtn"
+                else variant_recipe(qvlm_text, spec))
         text, _ = override_group_size(text, 64)
         with tempfile.TemporaryDirectory() as tmp:
             recipe = Path(tmp) / "recipe.yaml"
@@ -167,8 +185,8 @@ def w4(rows: int, questions: int, specs: list[str]) -> None:
                    and torch.equal(qparams[n][1], reference_qparams[n][1]) for n in qparams)
         accuracy = metrics.evaluate_vqa(quantized, processor, vqa, batch_size=20)["accuracy"]
         kl = metrics.mean_kl(fp_logprobs, metrics.answer_logprobs(quantized, processor, kl_rows))["kl_mean"]
-        mse_c, excl_c = _layer_mse(fp_calib, _hidden_states(quantized, calib))
-        mse_h, excl_h = _layer_mse(fp_held, _hidden_states(quantized, heldout))
+        mse_c, excl_c = layer_mse(fp_calib, _hidden_states(quantized, calib))
+        mse_h, excl_h = layer_mse(fp_held, _hidden_states(quantized, heldout))
         print(f"{spec}: accuracy {accuracy:.3f}, KL {kl:.3f}, weight qparams equal to RTN's in {same}/{len(qparams)}"
               " Linears", flush=True)
         for k in shown:
