@@ -95,7 +95,7 @@ def run_child(args) -> dict:
         source, processor, model, num_samples=args.samples, prompt_column=args.prompt_column
     )
     scheme = SCHEMES[args.scheme]
-    if args.group_size and scheme["weights"].get("strategy") == "group":
+    if args.group_size:
         scheme = {**scheme, "weights": {**scheme["weights"], "group_size": args.group_size}}
     quant = QuantizationModifier(config_groups={"group_0": {"targets": ["Linear"], **scheme}}, ignore=IGNORE)
     if args.child == "awq":
@@ -209,6 +209,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads == 0:
         args.threads = None
+    if args.group_size == 0:
+        args.group_size = None
+    if args.group_size is not None:
+        if args.group_size < 1:
+            parser.error(f"--group-size must be positive, got {args.group_size}")
+        if SCHEMES[args.scheme]["weights"].get("strategy") != "group":
+            parser.error(f"--group-size applies to the group schemes (w3, w4), not {args.scheme}")
 
     if args.child:
         Path(args.child_out).write_text(json.dumps(run_child(args)))
@@ -248,7 +255,8 @@ def main(argv=None) -> int:
     rss_total_ratio = _ratio(summary["mbq"]["peak_rss_total_mib"], summary["awq"]["peak_rss_total_mib"])
     gpu_total_ratio = _ratio(summary["mbq"]["peak_gpu_total_mib"], summary["awq"]["peak_gpu_total_mib"])
 
-    print(f"model: {args.model}  samples: {args.samples}  scheme: {args.scheme}  device: {summary['awq']['device']}")
+    group = f" group {args.group_size}" if args.group_size else ""
+    print(f"model: {args.model}  samples: {args.samples}  scheme: {args.scheme}{group}  device: {summary['awq']['device']}")
     for method in ("awq", "mbq"):
         s = summary[method]
         gpu = f"  peak GPU +{s['peak_gpu_delta_mib']:.1f} MiB" if s["peak_gpu_delta_mib"] is not None else ""
@@ -263,7 +271,8 @@ def main(argv=None) -> int:
         print(f"MBQ/AWQ peak GPU memory ratio: total {gpu_total_ratio:.3f}, above loaded model {gpu_ratio:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"summary": summary, "time_ratio": time_ratio, "cpu_time_ratio": cpu_ratio, "rss_ratio": rss_ratio, "gpu_ratio": gpu_ratio,
+            {"scheme": args.scheme, "group_size": args.group_size, "samples": args.samples,
+             "summary": summary, "time_ratio": time_ratio, "cpu_time_ratio": cpu_ratio, "rss_ratio": rss_ratio, "gpu_ratio": gpu_ratio,
              "rss_total_ratio": rss_total_ratio, "gpu_total_ratio": gpu_total_ratio}, indent=2
         ))
     if args.check and (cpu_ratio if summary["awq"]["device"] == "cpu" else time_ratio) > args.max_ratio:

@@ -22,12 +22,13 @@ when first read, and a weight that calibration modifies in place (AWQ/MBQ smooth
 rounding) gets a private anonymous copy next to its file page. Both grow with the number of layers
 calibrated so far and would count as "working memory" although they are the model's own weights.
 By default the measuring process therefore copies every weight into anonymous memory right after
-loading (as a dtype conversion at load does), and the baseline holds the whole model. Measured on
-``mbq_w4``, width 256, 8 rows, 4 -> 16 layers: with the weights left memory-mapped (``--mmap``,
-where every weight is read once before the baseline) the anonymous working memory grows
-101.8 -> 133.8 MiB (x1.31, about 2.7 MiB per layer for 1.25 MiB of bf16 weights per layer); with
-the copy, 95.0 -> 96.6 MiB (x1.02). The anonymous peak (``RssAnon`` sampled in a thread) is reported
-beside the ``VmHWM`` figure.
+loading (as a dtype conversion at load does), and the baseline holds the whole model; ``--mmap``
+keeps the mapping (every weight is then read once before the baseline). The anonymous peak
+(``RssAnon`` sampled in a thread) is reported beside the ``VmHWM`` figure. Measured on ``mbq_w4``,
+width 256, 8 rows, 4 -> 16 layers, on 2026-11-26 *before* the glibc heap fix of
+``qvlm_modifiers.heap`` (single runs, not kept): with ``--mmap`` the anonymous working memory grew
+101.8 -> 133.8 MiB (x1.31); with the copy, 95.0 -> 96.6 MiB (x1.02). The README's table is the
+copied-weights setup.
 
 Printed per run: layers, width, weights, working memory, calibration time and time per layer.
 Then the checks the claim needs: working memory at the largest depth within 20% of the smallest
@@ -124,7 +125,7 @@ def build_model(layers: int, width: int, seed: int, out: Path) -> None:
 
 
 def measure(model_dir: Path, pairs_dir: Path, recipe: str, num_samples: int, offload_dir: str | None,
-            materialize: bool = False) -> dict:
+            materialize: bool = True) -> dict:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -157,7 +158,7 @@ def measure(model_dir: Path, pairs_dir: Path, recipe: str, num_samples: int, off
         # paged in only when first read. Read every weight once here, so that "RSS after load"
         # holds the whole model; otherwise calibration's first pass over the weights (which grows
         # with depth) would be counted as working memory.
-        # --materialize: copy every weight into anonymous memory instead (the mapping is then
+        # default (no --mmap): copy every weight into anonymous memory instead (the mapping is then
         # released), as a model converted to another dtype at load is.
         with torch.no_grad():
             for p in model.parameters():
@@ -189,7 +190,7 @@ def measure(model_dir: Path, pairs_dir: Path, recipe: str, num_samples: int, off
         "weights_bytes": weights, "rss_after_load": rss_after_load, "peak_rss": peak,
         "peak_counter_reset": peak_reset, "working_bytes": peak - rss_after_load,
         "paged_in_at_load_bytes": rss_after_load - rss_before_paging,
-        "working_anon_bytes": anon.peak - anon_after_load, "materialized": materialize,
+        "working_anon_bytes": anon.peak - anon_after_load, "materialized": materialize and not offload_dir and not cuda,
         "file_rss_after_load": file_after_load, "file_rss_after_calibration": _status_kib("RssFile") * 1024,
         "seconds": seconds, "seconds_per_layer": seconds / n_layers, "device": "cuda" if cuda else "cpu",
         "offload_dir": offload_dir,

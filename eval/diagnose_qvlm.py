@@ -12,9 +12,10 @@ held by the largest token. A share near 1 means a plain MSE over the hidden stat
 ``name:key=value;key=value`` (QVLMModifier fields set in the recipe; ``rtn`` = recipes/rtn_w4a16.yaml).
 Per variant: whether its weight qparams equal RTN's, VQA accuracy, answer KL, and the quantized
 model's hidden-state MSE against the full-precision model at decoder-layer outputs, on the
-calibration rows and on as many held-out rows (easy-vqa TRAIN, another seed). With
-``block_target: fp`` (Eq. 3) that MSE at a block's last layer *is* the block objective the search
-minimised, so the two columns separate a search that overfits its rows (held-out MSE up) from an
+calibration rows and on as many held-out rows (easy-vqa TRAIN, another seed's random subset; an
+overlap with the calibration rows is possible but unlikely among 38k rows). With ``block_target: fp``
+(Eq. 3) that MSE at a block's last layer is the block objective the search minimised (exactly so
+when the search used every calibration row), so the two columns separate a search that overfits its rows (held-out MSE up) from an
 objective that disagrees with the answers (both MSEs down, KL up). ``excl. top`` leaves out each
 row's largest-norm token (the attention sink).
 
@@ -107,7 +108,10 @@ def variant_recipe(recipe_text: str, spec: str) -> str:
         if "=" not in option:
             raise ValueError(f"variant option {option!r} is not key=value (spec {spec!r})")
         key, value = (part.strip() for part in option.split("=", 1))
-        existing = re.search(rf"^      {re.escape(key)}:.*$", text, flags=re.M)
+        existing = re.search(rf"^      {re.escape(key)}:(.*)$", text, flags=re.M)
+        if existing and not existing.group(1).split("#")[0].strip():
+            raise ValueError(f"variant option {key!r}: the recipe sets it over several lines; only one-line "
+                             "fields can be replaced")
         if existing:
             text = text[:existing.start()] + f"      {key}: {value}" + text[existing.end():]
         elif "quantize_vision_tower: false" in text:
@@ -148,7 +152,8 @@ def layer_mse(fp, q) -> tuple[list[float], list[float]]:
 
 
 def w4(rows: int, questions: int, specs: list[str]) -> None:
-    import main_job  # noqa: F401 - _setup put eval/ on the path
+    sys.path.insert(0, str(EVAL_DIR))
+    import main_job
 
     import qvlm_modifiers
     from qvlm_modifiers import metrics
@@ -166,9 +171,12 @@ def w4(rows: int, questions: int, specs: list[str]) -> None:
           f" on {questions} questions", flush=True)
     qvlm_text = (REPO / "recipes" / "qvlm_w4.yaml").read_text()
     reference_qparams = None
-    shown = [8, 11, 20, len(fp_calib[0]) - 1]
+    depth = len(fp_calib[0])
+    shown = sorted({k for k in (8, 11, 20) if k < depth} | {depth - 1})
     for spec in ["rtn"] + [s for s in specs if s != "rtn"]:
-        name = spec.partition(":")[0]
+        name, _, options = spec.partition(":")
+        if name == "rtn" and options:
+            raise SystemExit(f"variant {spec!r}: 'rtn' is recipes/rtn_w4a16.yaml as shipped and takes no options")
         text = ((REPO / "recipes" / "rtn_w4a16.yaml").read_text() if name == "rtn"
                 else variant_recipe(qvlm_text, spec))
         text, _ = override_group_size(text, 64)
@@ -180,15 +188,17 @@ def w4(rows: int, questions: int, specs: list[str]) -> None:
                                    num_calibration_samples=len(calib))
         qparams = {n: (m.weight_scale.detach().clone(), m.weight_zero_point.detach().clone())
                    for n, m in quantized.named_modules() if hasattr(m, "weight_scale")}
-        reference_qparams = reference_qparams or qparams
+        if reference_qparams is None:
+            reference_qparams = qparams
+        shared = [n for n in qparams if n in reference_qparams]
         same = sum(torch.equal(qparams[n][0], reference_qparams[n][0])
-                   and torch.equal(qparams[n][1], reference_qparams[n][1]) for n in qparams)
+                   and torch.equal(qparams[n][1], reference_qparams[n][1]) for n in shared)
         accuracy = metrics.evaluate_vqa(quantized, processor, vqa, batch_size=20)["accuracy"]
         kl = metrics.mean_kl(fp_logprobs, metrics.answer_logprobs(quantized, processor, kl_rows))["kl_mean"]
         mse_c, excl_c = layer_mse(fp_calib, _hidden_states(quantized, calib))
         mse_h, excl_h = layer_mse(fp_held, _hidden_states(quantized, heldout))
-        print(f"{spec}: accuracy {accuracy:.3f}, KL {kl:.3f}, weight qparams equal to RTN's in {same}/{len(qparams)}"
-              " Linears", flush=True)
+        print(f"{spec}: accuracy {accuracy:.3f}, KL {kl:.3f}, weight qparams equal to RTN's in {same}/{len(shared)}"
+              f" Linears both quantize ({len(qparams)} quantized)", flush=True)
         for k in shown:
             print(f"    layer {k:>2} hidden MSE  calibration {mse_c[k]:10.4g} (excl. top {excl_c[k]:8.4g})   "
                   f"held-out {mse_h[k]:10.4g} (excl. top {excl_h[k]:8.4g})", flush=True)

@@ -46,3 +46,9 @@ def test_layer_mse_with_and_without_the_largest_token():
     mse, excl = diagnose.layer_mse(fp, q)
     assert mse == pytest.approx([(9 + 1) / 6, (4 + 4) / 6])
     assert excl == pytest.approx([1 / 4, (4 + 4) / 4])
+
+
+def test_variant_recipe_refuses_to_replace_a_multiline_field():
+    base = (REPO / "recipes" / "qvlm_w4.yaml").read_text()
+    with pytest.raises(ValueError, match="several lines"):
+        diagnose.variant_recipe(base, "x:config_groups={}")

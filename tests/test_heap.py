@@ -50,11 +50,19 @@ def test_import_fixes_the_threshold_and_the_opt_out_keeps_glibc_dynamic():
     assert not applied and grown < 1 << 20
 
 
-def test_user_malloc_settings_win():
-    applied, _ = _probe(MALLOC_MMAP_THRESHOLD_="1048576")
+@pytest.mark.parametrize("env", [{"MALLOC_MMAP_THRESHOLD_": "1048576"}, {"MALLOC_TOP_PAD_": "0"},
+                                 {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}])
+def test_user_malloc_settings_win(env):
+    applied, _ = _probe(**env)
     assert not applied
 
 
-def test_idempotent_in_process():
-    first = heap.fix_malloc_mmap_threshold()
-    assert heap.fix_malloc_mmap_threshold() == first
+def test_off_glibc_is_a_quiet_no_op(monkeypatch):
+    monkeypatch.setattr(heap, "_applied", None)
+    monkeypatch.setattr(heap, "_glibc", lambda: None)
+    assert heap.fix_malloc_mmap_threshold() is False  # no glibc: nothing applied, nothing raised
+
+
+def test_no_glibc_handle_off_linux(monkeypatch):
+    monkeypatch.setattr(heap.sys, "platform", "darwin")
+    assert heap._glibc() is None  # noqa: SLF001
