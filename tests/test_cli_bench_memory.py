@@ -71,3 +71,15 @@ def test_anonymous_peak_sees_a_transient_allocation():
         del t
     assert peak.peak - base >= 60 * 2**20
     assert bench_memory._status_kib("RssAnon") * 1024 < peak.peak  # noqa: SLF001 - freed after the block
+
+
+def test_disk_offload_runs_are_judged_on_peak_rss():
+    """With disk offload the model is not resident: the verdict uses the peak RSS itself, which here
+    is flat although peak - baseline doubles."""
+    runs = []
+    for L in (4, 32):
+        r = _run(L, 256, 30 if L == 4 else 60, 20 + 3 * L)
+        r.update(offload_dir="/tmp/off", peak_rss=600 * 2**20 + r["working_bytes"])
+        runs.append(r)
+    ok, lines = bench_memory.summarize(runs, ["gptq_w4a16"], 8)
+    assert ok and "peak RSS (disk offload) x1.048" in lines[0]
