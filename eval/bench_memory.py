@@ -132,7 +132,9 @@ def measure(model_dir: Path, pairs_dir: Path, recipe: str, num_samples: int, off
     import qvlm_modifiers
     from qvlm_modifiers.data import build_calibration_dataset
     from qvlm_modifiers.families import decoder_layers
+    from qvlm_modifiers.heap import fix_malloc_mmap_threshold
 
+    fix_malloc_mmap_threshold()  # as `qvlm quantize` does, before loading (QVLM_MALLOC_TUNING=0: off)
     processor = AutoProcessor.from_pretrained(model_dir)
     calib = build_calibration_dataset(str(pairs_dir), processor, str(model_dir), num_samples=num_samples)
     recipe_obj = qvlm_modifiers.load_recipe(recipe)

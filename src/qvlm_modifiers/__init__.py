@@ -88,9 +88,9 @@ from qvlm_modifiers.packed_loader import register as _register_packed_loader  # 
 
 _register_packed_loader()
 
-# Calibration frees weight-sized temporaries layer after layer; with glibc's dynamic mmap threshold
-# the heap then grows by about one copy of each layer's weights. The fix only works when applied
-# before the model is loaded, so here (QVLM_MALLOC_TUNING=0 turns it off; see qvlm_modifiers.heap).
-from qvlm_modifiers.heap import fix_malloc_mmap_threshold as _fix_malloc_mmap_threshold  # noqa: E402
+# glibc heap setting for long CPU calibrations (qvlm_modifiers.heap): it must precede model loading
+# but slows CPU inference, so at import only on request (QVLM_MALLOC_TUNING=1); `qvlm quantize`
+# applies it itself.
+from qvlm_modifiers.heap import apply_if_requested as _apply_heap_setting_if_requested  # noqa: E402
 
-_fix_malloc_mmap_threshold()
+_apply_heap_setting_if_requested()

@@ -455,6 +455,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
     from qvlm_modifiers import recipe_path
+    from qvlm_modifiers.heap import fix_malloc_mmap_threshold
+
+    # before any weight is loaded: keeps CPU calibration's heap from growing layer by layer
+    # (qvlm_modifiers.heap; QVLM_MALLOC_TUNING=0 turns it off)
+    fix_malloc_mmap_threshold()
     from qvlm_modifiers.recipe_check import load_recipe
     from qvlm_modifiers.save import check_output_dir
 

@@ -13,13 +13,23 @@ x1.37 (93.9 -> 138.8 MiB), about one bf16 copy of each layer's weights per layer
 
 :func:`fix_malloc_mmap_threshold` sets the threshold explicitly with ``mallopt``, which also turns
 the dynamic adjustment off, and puts the trim threshold (which the adjustment raised to twice the
-mmap threshold) back to 128 KiB. It has to act before the model is loaded: the same two settings applied
-when calibration started (after loading) left AWQ growing 32.6 -> 64.5 MiB from 4 to 32 layers;
-applied at ``import qvlm_modifiers``, 32.0 -> 33.4 MiB (single runs, not kept). So ``import qvlm_modifiers`` applies it
-(the product's usage imports the package before loading the model); it is process-wide. It does
-nothing when ``QVLM_MALLOC_TUNING=0`` (or false/off/no), when the user set glibc's own ``MALLOC_MMAP_THRESHOLD_``,
-``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``, ``MALLOC_MMAP_MAX_`` or ``glibc.malloc`` tunables,
-or off glibc.
+mmap threshold) back to 128 KiB. It has to act before the model is loaded: the same two settings
+applied when calibration started (after loading) left AWQ growing 32.6 -> 64.5 MiB from 4 to 32
+layers; applied before loading, 32.0 -> 33.4 MiB (single runs, not kept).
+
+It has a price: every allocation of 64 KiB or more then gets its own ``mmap`` and fresh zeroed pages.
+Greedy VQA generation on the default model (60 questions, batch 20, fp32, one thread) took 5.3 s of
+CPU instead of 4.3 s (+23%, two runs each). So it is applied where calibration is the job, before
+the model is loaded: by the ``qvlm quantize`` command and by ``eval/bench_memory.py``. A library
+user calibrating on CPU sets ``QVLM_MALLOC_TUNING=1`` before ``import qvlm_modifiers`` (then the
+import applies it) or calls :func:`fix_malloc_mmap_threshold` before loading the model. It is
+process-wide and cannot be undone. It probably matters less at real model widths (not measured):
+there most weight-sized temporaries exceed glibc's 32 MiB cap of the dynamic threshold and are
+mmapped anyway, while the measured growth comes from width-256 synthetic models.
+
+:func:`fix_malloc_mmap_threshold` does nothing when ``QVLM_MALLOC_TUNING=0`` (or false/off/no),
+when the user set glibc's own ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
+``MALLOC_TOP_PAD_``, ``MALLOC_MMAP_MAX_`` or ``glibc.malloc`` tunables, or off glibc.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["MMAP_THRESHOLD_BYTES", "fix_malloc_mmap_threshold"]
+__all__ = ["MMAP_THRESHOLD_BYTES", "fix_malloc_mmap_threshold", "apply_if_requested"]
 
 MMAP_THRESHOLD_BYTES = 64 * 1024
 _M_TRIM_THRESHOLD = -1  # glibc malloc.h
@@ -35,6 +45,7 @@ _M_MMAP_THRESHOLD = -3
 TRIM_THRESHOLD_BYTES = 128 * 1024  # glibc's initial value
 _USER_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_")
 _OFF = ("0", "false", "off", "no")
+_ON = ("1", "true", "on", "yes")
 _applied: int | None = None
 
 
@@ -76,3 +87,11 @@ def fix_malloc_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
         return False
     _applied = threshold
     return True
+
+
+def apply_if_requested() -> bool:
+    """:func:`fix_malloc_mmap_threshold` if ``QVLM_MALLOC_TUNING`` is 1/true/on/yes (what
+    ``import qvlm_modifiers`` calls); otherwise nothing."""
+    if os.environ.get("QVLM_MALLOC_TUNING", "").strip().lower() not in _ON:
+        return False
+    return fix_malloc_mmap_threshold()
