@@ -80,8 +80,8 @@ def _reset_peak_rss() -> bool:
 class _AnonPeak:
     """Peak of ``RssAnon`` (anonymous resident memory: heap, tensors torch allocates) sampled every
     ``poll_s`` in a thread. Unlike ``VmHWM`` it leaves out file-backed pages, e.g. the memory-mapped
-    safetensors pages of weights that calibration replaced by new tensors: those stay mapped while
-    any tensor of the file lives, count in RSS, but are clean page cache the kernel can drop."""
+    safetensors pages of the weights (``--mmap``): they count in RSS but are clean page cache the
+    kernel can drop. (A thread beside ``metrics.measure_resources``'s, which polls psutil's RSS.)"""
 
     def __init__(self, poll_s: float = 0.005):
         import threading
