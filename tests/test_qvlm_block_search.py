@@ -14,11 +14,13 @@ from qvlm_modifiers.qvlm.block_search import (
     BlockObjective,
     RangeVariable,
     block_mse_objective,
+    combined_token_weights,
     coordinate_descent,
     flatten_for_ranges,
     fake_quantize_observed,
     lp_norm_range,
     minmax_range,
+    modality_token_weights,
     percentile_range,
     range_qparams,
     search_block,
@@ -397,6 +399,64 @@ def test_token_relative_objective_matches_its_formula_and_ignores_token_scale():
     assert plain_big > 1e4 * plain  # the plain objective is now that one token's
     with pytest.raises(ValueError, match="'mse' or 'token_relative_mse'"):
         token_error_weights(targets[0], "l1")
+
+
+def test_modality_token_weights_follow_the_loss_mask():
+    """0 (prompt/template) and 1 (answer) are text and weigh 1; 2 (image) weighs vision_weight."""
+    mask = torch.tensor([[0, 2, 2, 2, 0, 1, 1]])
+    weights = modality_token_weights(mask, torch.Size([1, 7, 16]), 0.125)
+    assert weights.shape == (1, 7, 1)
+    assert weights.flatten().tolist() == [1.0, 0.125, 0.125, 0.125, 1.0, 1.0, 1.0]
+    # a flat mask (as llm-compressor stores it) is laid out like the hidden state's tokens
+    assert torch.equal(modality_token_weights(mask.flatten(), torch.Size([1, 7, 16]), 0.125), weights)
+
+
+@pytest.mark.parametrize("kind", ["mse", "token_relative_mse"])
+def test_token_weights_multiply_into_both_objectives(kind):
+    """Given per-token weights, each token's squared error is multiplied by them (on top of the
+    token-relative weighting), in the plain and the fast objective alike; all-ones weights are Eq. 3."""
+    g = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(1, 6, 8, generator=g) for _ in range(2)]
+    targets = [x + 0.1 * torch.randn(x.shape, generator=g) for x in inputs]
+    weights = [torch.rand(1, 6, 1, generator=g) for _ in range(2)]
+    identity = [lambda h, b: h]
+    expected = 0.0
+    for x, y, w in zip(inputs, targets, weights):
+        per_token = (x - y).pow(2).sum(-1, keepdim=True)
+        if kind == "token_relative_mse":
+            per_token = per_token * y.shape[-1] / y.pow(2).sum(-1, keepdim=True)
+        expected += (per_token * w).sum().item()
+    expected /= sum(y.numel() for y in targets)
+    plain = block_mse_objective(identity, inputs, targets, kind=kind, token_weights=weights)()
+    assert plain == pytest.approx(expected, rel=1e-6)
+    assert BlockObjective(identity, inputs, targets, kind=kind, token_weights=weights)() == pytest.approx(plain, rel=1e-12)
+    ones = [torch.ones(1, 6, 1)] * 2
+    assert block_mse_objective(identity, inputs, targets, kind=kind, token_weights=ones)() == pytest.approx(
+        block_mse_objective(identity, inputs, targets, kind=kind)(), rel=1e-12)
+    assert combined_token_weights(targets[0], "mse", None) is None
+    with pytest.raises(ValueError, match="one token-weight tensor"):
+        BlockObjective(identity, inputs, targets, token_weights=weights[:1])
+
+
+def test_zero_weighted_tokens_do_not_steer_the_search():
+    """With weight 0 on some tokens (vision_token_weight: 0), corrupting those tokens' targets changes
+    neither the choices nor the loss of the block search; without the weights it does change the loss."""
+    toy = _ToyStack(seed=5)
+    clean = toy.fp_targets(range(3), toy.inputs)
+    ignored = torch.zeros(6, 1)
+    ignored[:3] = 1.0  # tokens 0-2 of every batch are "vision" with weight 0
+    weights = [1.0 - ignored for _ in toy.inputs]
+    g = torch.Generator().manual_seed(0)
+    corrupted = [[y + 5.0 * ignored * torch.randn(y.shape, generator=g) for y in layer_t] for layer_t in clean]
+    results = []
+    for targets, w in [(clean, weights), (corrupted, weights), (corrupted, None)]:
+        toy = _ToyStack(seed=5)
+        variables = [toy.variables(j) for j in range(3)]
+        res = search_block([toy.layer(j) for j in range(3)], variables, toy.quantized, toy.inputs, targets,
+                           epochs=10, token_weights=w)
+        results.append((res.loss, [v[0].current for v in variables]))
+    assert results[1] == (pytest.approx(results[0][0], rel=1e-6), results[0][1])
+    assert results[2][0] > 10 * results[0][0]
 
 
 @pytest.mark.parametrize("use_fp_targets,init,kind", [(True, "layerwise", "mse"), (False, "layerwise", "mse"),

@@ -13,8 +13,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import qvlm_modifiers
 from qvlm_modifiers import data, zoo
-from qvlm_modifiers.errors import RecipeError
+from qvlm_modifiers.errors import CalibrationDataError, RecipeError
 from qvlm_modifiers.families import decoder_layers, get_family
+from qvlm_modifiers.qvlm.block_search import modality_token_weights
 from qvlm_modifiers.qvlm.modifier import METADATA_ATTRIBUTE, QVLMModifier
 
 
@@ -140,6 +141,40 @@ def test_block_partition_and_eq3_objective_match_an_independent_forward(deep_lla
     # block [3] starts from block [0,1,2]'s quantized output (X_q) and targets the FP path (X_r)
     assert _mse(q_outs[3], fp_outs[3], kind) == pytest.approx(second["loss"], rel=1e-4)
     _assert_weights_on_grid(model)
+
+
+_W4_CHANNEL = {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "channel"}}}
+
+
+def test_vision_token_weight_weighs_image_tokens_in_the_reported_objective(deep_llava, calib_pairs):
+    """``vision_token_weight: 0.25``: the reported block objective is the squared error with image
+    tokens (loss_mask 2) weighted 0.25 and text tokens 1, recomputed here from independent forwards
+    and the rows' own loss masks."""
+    fp_model, processor, rows = _rows(deep_llava, calib_pairs, n=2)
+    fp_outs = _layer_outputs(fp_model, rows, quantized=False)
+    model = AutoModelForImageTextToText.from_pretrained(deep_llava)
+    recipe = QVLMModifier(config_groups=_W4_CHANNEL, entropy_threshold=-1.0, max_block_layers=3, search_epochs=1,
+                          vision_token_weight=0.25)
+    _oneshot(model, processor, rows, recipe)
+    first, second = model.config.qvlm_blocks["block_losses"]
+    q_outs = _layer_outputs(model, rows, quantized=True)
+    masks = [torch.as_tensor(rows[i]["loss_mask"]) for i in range(len(rows))]
+    assert all((m == 2).any() and (m != 2).any() for m in masks)  # both modalities present
+
+    def weighted(a, b):
+        ws = [modality_token_weights(m, y.shape, 0.25) for m, y in zip(masks, b)]
+        return sum(((x - y).pow(2) * w).sum().item() for x, y, w in zip(a, b, ws)) / sum(y.numel() for y in b)
+
+    assert weighted(q_outs[2], fp_outs[2]) == pytest.approx(first["loss"], rel=1e-4)
+    assert weighted(q_outs[3], fp_outs[3]) == pytest.approx(second["loss"], rel=1e-4)
+    assert _mse(q_outs[2], fp_outs[2]) != pytest.approx(first["loss"], rel=1e-3)  # it is not Eq. 3's plain MSE
+
+
+def test_vision_token_weight_without_loss_masks_is_a_clear_error(saved_vlm, calib_pairs):
+    model, processor, rows = _rows(saved_vlm("llava"), calib_pairs)
+    recipe = QVLMModifier(config_groups=_W4_CHANNEL, search_epochs=0, vision_token_weight=0.1)
+    with pytest.raises(CalibrationDataError, match="vision_token_weight=0.1 needs a per-token modality label"):
+        _oneshot(model, processor, rows, recipe, use_loss_mask=False)
 
 
 def test_running_mean_partition_and_quant_input_target(deep_llava, calib_pairs):

@@ -313,6 +313,33 @@ def token_error_weights(target: torch.Tensor, kind: BlockObjectiveKind) -> torch
     return y.shape[-1] / y.pow(2).sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
+def combined_token_weights(
+    target: torch.Tensor, kind: BlockObjectiveKind, token_weight: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The per-token weights of one batch's squared error: :func:`token_error_weights` times an
+    optional given per-token weight (shape ``target.shape[:-1] + (1,)``, e.g. the modality weights
+    of :func:`modality_token_weights`); ``None`` when both are uniform."""
+    weight = token_error_weights(target, kind)
+    if token_weight is None:
+        return weight
+    token_weight = token_weight.to(target.device, torch.float32)
+    return token_weight if weight is None else weight * token_weight
+
+
+def modality_token_weights(loss_mask: torch.Tensor, hidden_shape: torch.Size, vision_weight: float) -> torch.Tensor:
+    """Per-token weights of the block error from a calibration ``loss_mask`` (0 prompt/template,
+    1 answer, 2 image; :mod:`qvlm_modifiers.data`): ``vision_weight`` on image tokens, 1 on every
+    text token (prompt and answer). Shape ``hidden_shape[:-1] + (1,)``, to broadcast over channels.
+
+    Not in Q-VLM (Eq. 3 counts every token alike); MBQ's observation (CVPR'25) that errors on
+    vision tokens matter far less to the answer than errors on text tokens, applied to Q-VLM's
+    block objective."""
+    mask = torch.as_tensor(loss_mask).reshape(hidden_shape[:-1])
+    weights = torch.ones(mask.shape, dtype=torch.float32)
+    weights[mask.cpu() == 2] = float(vision_weight)
+    return weights.unsqueeze(-1)
+
+
 def _squared_error(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> float:
     err = (out.float() - target.to(out.device).float()).pow(2)
     if weight is not None:
@@ -323,14 +350,17 @@ def _squared_error(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
 def block_mse_objective(
     layers: Sequence[LayerFn], inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
     batch_ids: Sequence[int] | None = None, kind: BlockObjectiveKind = "mse",
+    token_weights: Sequence[torch.Tensor | None] | None = None,
 ) -> Callable[[], float]:
     """Eq. 3's objective as a closure: mean squared error of ``layers`` applied to ``inputs``
     against ``targets`` (summed over batches, divided by the number of target elements; with
     ``kind="token_relative_mse"`` each token's error is weighed by :func:`token_error_weights`).
     The plain reference: every call runs every layer on every batch. ``batch_ids`` are the
-    calibration batch indices the layers receive (default ``0..len(inputs)-1``)."""
+    calibration batch indices the layers receive (default ``0..len(inputs)-1``); ``token_weights``
+    optional per-token weights, one per batch (:func:`combined_token_weights`)."""
     ids = list(range(len(inputs))) if batch_ids is None else list(batch_ids)
-    weights = [token_error_weights(y, kind) for y in targets]
+    extra = list(token_weights) if token_weights is not None else [None] * len(targets)
+    weights = [combined_token_weights(y, kind, w) for y, w in zip(targets, extra)]
 
     def objective() -> float:
         total, count = 0.0, 0
@@ -366,6 +396,9 @@ class BlockObjective:
     :param variables: the range variables of the descent, and ``variable_layers[i]`` the index of
         the layer (in ``layers``) that ``variables[i]`` belongs to. Without them no prefix cache
     :param keep: where cached hidden states are kept (e.g. the offload device)
+    :param kind: the per-token error weighting (:func:`token_error_weights`)
+    :param token_weights: optional extra per-token weights, one per evaluated batch
+        (:func:`combined_token_weights`)
     """
 
     supports_bound = True
@@ -380,12 +413,16 @@ class BlockObjective:
         variable_layers: Sequence[int] | None = None,
         keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
         kind: BlockObjectiveKind = "mse",
+        token_weights: Sequence[torch.Tensor | None] | None = None,
     ):
         if len(inputs) != len(targets):
             raise ValueError("one target per input batch is required")
+        if token_weights is not None and len(token_weights) != len(targets):
+            raise ValueError("one token-weight tensor (or None) per input batch is required")
         self.layers = list(layers)
         self.targets = list(targets)
-        self.weights = [token_error_weights(y, kind) for y in self.targets]
+        extra = list(token_weights) if token_weights is not None else [None] * len(self.targets)
+        self.weights = [combined_token_weights(y, kind, w) for y, w in zip(self.targets, extra)]
         self.batch_indices = list(range(len(inputs))) if batch_indices is None else list(batch_indices)
         if len(self.batch_indices) != len(inputs):
             raise ValueError("one batch index per input batch is required")
@@ -472,6 +509,7 @@ def search_block(
     search_batches: int | None = None,
     reference: bool = False,
     objective_kind: BlockObjectiveKind = "mse",
+    token_weights: Sequence[torch.Tensor | None] | None = None,
 ) -> BlockSearchResult:
     """Search the ranges of one block of consecutive layers.
 
@@ -498,6 +536,9 @@ def search_block(
         shortcuts. Same choices and losses, slower: for tests and benchmarks
     :param objective_kind: ``"mse"`` (Eq. 2/3) or ``"token_relative_mse"`` (each token's error
         relative to its target's norm, :func:`token_error_weights`), for every objective here
+    :param token_weights: per batch (all calibration batches, like ``q_inputs``), optional extra
+        per-token weights of every objective here (e.g. :func:`modality_token_weights`); ``None``
+        = every token alike (Eq. 2-3)
     """
     if len(layers) != len(variables):
         raise ValueError("one list of range variables per layer is required")
@@ -505,10 +546,16 @@ def search_block(
     indices = spread_batch_indices(num_batches, search_batches)
     subset = len(indices) < num_batches
 
+    if token_weights is not None and len(token_weights) != num_batches:
+        raise ValueError("one token-weight tensor (or None) per calibration batch is required")
+
     def make_objective(obj_layers, inputs, targets, batch_ids, obj_vars=None, var_layers=None):
+        weights = None if token_weights is None else [token_weights[i] for i in batch_ids]
         if reference:
-            return block_mse_objective(obj_layers, inputs, targets, batch_ids, objective_kind)
-        return BlockObjective(obj_layers, inputs, targets, batch_ids, obj_vars, var_layers, keep, objective_kind)
+            return block_mse_objective(obj_layers, inputs, targets, batch_ids, objective_kind, weights)
+        return BlockObjective(
+            obj_layers, inputs, targets, batch_ids, obj_vars, var_layers, keep, objective_kind, weights
+        )
 
     def pick(seq):
         return [seq[i] for i in indices]

@@ -68,13 +68,13 @@ from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator
 from torch.utils._pytree import tree_map
 
-from llmcompressor.core import Event, State
+from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.quantization.quantization import QuantizationMixin
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 from llmcompressor.utils.dev import get_main_device
 
-from qvlm_modifiers.errors import RecipeError
+from qvlm_modifiers.errors import CalibrationDataError, RecipeError
 from qvlm_modifiers.families import decoder_layers, get_family
 from qvlm_modifiers.qvlm.block_search import (
     DEFAULT_PERCENTILES,
@@ -83,6 +83,7 @@ from qvlm_modifiers.qvlm.block_search import (
     RangeVariable,
     block_mse_objective,
     flatten_for_ranges,
+    modality_token_weights,
     lp_norm_range,
     percentile_range,
     range_qparams,
@@ -148,6 +149,12 @@ class QVLMModifier(Modifier, QuantizationMixin):
         output's squared norm, so every token counts alike). On SmolLM2-135M the plain MSE is
         decided by one attention-sink token whose hidden state holds >99% of the squared norm in the
         later layers; see ``eval/README.md``
+    :param vision_token_weight: weight of image-token errors in every block objective, text tokens
+        (prompt and answer) weighing 1 (``1.0``, default = Eq. 3: every token alike). Not in the
+        paper: MBQ's finding (vision-token errors matter far less to the answer) applied to Q-VLM's
+        search. Needs the calibration rows' ``loss_mask`` (:mod:`qvlm_modifiers.data`;
+        ``qvlm_modifiers.oneshot`` passes ``use_loss_mask=True``). Combines with
+        ``block_objective`` (the weights multiply). Measured in ``eval/README.md``
     :param search_implementation: ``"fast"`` (default): the search with exact shortcuts -- the
         block input of the layer being searched is cached (layers before it are not re-run per
         candidate), each Linear's fake-quantized weight is computed once per candidate instead of
@@ -206,6 +213,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
     search_epochs: int = Field(default=10, ge=0)
     search_samples: int | None = Field(default=None, ge=1)
     block_objective: BlockObjectiveKind = "mse"
+    vision_token_weight: float = Field(default=1.0, ge=0)
     search_implementation: Literal["fast", "reference"] = "fast"
     block_target: Literal["fp", "quant_input"] = "fp"
     block_init: Literal["layerwise", "lp_norm"] = "layerwise"
@@ -621,6 +629,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
                     search_batches=self.search_samples,
                     reference=not fast,
                     objective_kind=self.block_objective,
+                    token_weights=self._token_weights(),
                 )
             search_seconds, search_cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
             gptq_loss, final_loss = None, result.loss
@@ -710,7 +719,28 @@ class QVLMModifier(Modifier, QuantizationMixin):
             )
             m.weight.data.copy_(quantized[0].to(m.weight.dtype))
         with self._quantized(block, True):
-            return block_mse_objective(layer_fns, self._q_hidden, target, kind=self.block_objective)()
+            return block_mse_objective(
+                layer_fns, self._q_hidden, target, kind=self.block_objective, token_weights=self._token_weights()
+            )()
+
+    def _token_weights(self) -> list[torch.Tensor] | None:
+        """Per calibration batch, the modality weights of the block objective (``None``: Eq. 3).
+        Read when a block closes: llm-compressor fills ``state.loss_masks`` after calibration start."""
+        if self.vision_token_weight == 1.0:
+            return None
+        masks = list(active_session().state.loss_masks or [])
+        if len(masks) != len(self._q_hidden) or any(m is None for m in masks):
+            raise CalibrationDataError(
+                f"QVLMModifier: vision_token_weight={self.vision_token_weight} needs a per-token modality "
+                f"label (loss_mask) for each of the {len(self._q_hidden)} calibration batches; got "
+                f"{sum(m is not None for m in masks)}. Build the rows with qvlm_modifiers.data."
+                "build_calibration_dataset and run qvlm_modifiers.oneshot (or pass use_loss_mask=True to "
+                "llmcompressor.oneshot), or set vision_token_weight: 1.0."
+            )
+        return [
+            modality_token_weights(mask, hidden.shape, self.vision_token_weight)
+            for mask, hidden in zip(masks, self._q_hidden)
+        ]
 
     # ------------------------------------------------------------------------------------------
     # range variables of one Linear
@@ -864,7 +894,6 @@ class QVLMModifier(Modifier, QuantizationMixin):
     # ------------------------------------------------------------------------------------------
 
     def _optimize_vision_encoder(self, state: State) -> None:
-        from qvlm_modifiers.errors import CalibrationDataError
         from qvlm_modifiers.families import image_token_id
         from qvlm_modifiers.qvlm.visual import dynamic_token_fake_quant_ste, fake_quant_range_ste, veo_objective
 
