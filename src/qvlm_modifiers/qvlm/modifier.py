@@ -175,7 +175,8 @@ class QVLMModifier(Modifier, QuantizationMixin):
     :param gptq_rounding: after the range search, let GPTQ choose the integer values inside the
         chosen ranges (scale/zero-point unchanged; Hessians from the block's quantized-path
         inputs); kept only where it lowers the block-output error, else round-to-nearest stays.
-        Off by default (see the measurement reported in ``benchmarks/qvlm_gptq_rounding.py``)
+        Off by default. Measured on the default model by the matrix cell ``qvlm_w4_s32_gptq``
+        (``eval/README.md``); on random tiny models by ``python -m qvlm_modifiers.qvlm.measure_gptq``
     :param research_static_channel_activation_bits: RESEARCH / FAKE-QUANT ONLY. The paper's
         activation quantizer for the language model: static asymmetric ranges per *input channel*
         with this many bits, searched like the weight ranges. A per-input-channel activation scale
