@@ -407,7 +407,7 @@ def test_modality_token_weights_follow_the_loss_mask():
     weights = modality_token_weights(mask, torch.Size([1, 7, 16]), 0.125)
     assert weights.shape == (1, 7, 1)
     assert weights.flatten().tolist() == [1.0, 0.125, 0.125, 0.125, 1.0, 1.0, 1.0]
-    # a flat mask (as llm-compressor stores it) is laid out like the hidden state's tokens
+    # a flat mask is laid out like the hidden state's tokens too
     assert torch.equal(modality_token_weights(mask.flatten(), torch.Size([1, 7, 16]), 0.125), weights)
 
 
@@ -436,6 +436,38 @@ def test_token_weights_multiply_into_both_objectives(kind):
     assert combined_token_weights(targets[0], "mse", None) is None
     with pytest.raises(ValueError, match="one token-weight tensor"):
         BlockObjective(identity, inputs, targets, token_weights=weights[:1])
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        BlockObjective(identity, inputs, targets, token_weights=[-w for w in weights])
+    # early stop with weights: a bound below the loss rejects (returns a value >= the bound), a bound
+    # above it returns the exact loss
+    fast = BlockObjective(identity, inputs, targets, kind=kind, token_weights=weights)
+    assert fast(bound=0.5 * plain) >= 0.5 * plain
+    assert fast(bound=2 * plain) == pytest.approx(plain, rel=1e-12)
+
+
+def test_token_weights_follow_batch_ids_when_the_search_uses_a_subset():
+    """search_batches=2 of 4 (batches 0 and 2 searched): weight 0 on batch 2, whose targets are
+    corrupted, gives the same search as clean targets; misaligned weights (by position in the subset
+    instead of batch id) would weigh batch 2 with batch 1's weight and see the corruption."""
+    toy = _ToyStack(seed=6)
+    g = torch.Generator().manual_seed(1)
+    toy.inputs = [torch.randn(6, 32, generator=g) for _ in range(4)]
+    inputs = list(toy.inputs)
+    clean = toy.fp_targets(range(2), inputs)
+    corrupted = [[y + (5.0 * torch.randn(y.shape, generator=g) if b == 2 else 0.0) for b, y in enumerate(t)] for t in clean]
+    weights = [torch.ones(6, 1), torch.ones(6, 1), torch.zeros(6, 1), torch.ones(6, 1)]
+    outcomes = []
+    for targets in (clean, corrupted):
+        toy = _ToyStack(seed=6)
+        toy.inputs = inputs
+        variables = [toy.variables(j) for j in range(2)]
+        res = search_block([toy.layer(j) for j in range(2)], variables, toy.quantized, inputs, targets,
+                           epochs=10, search_batches=2, token_weights=weights)
+        outcomes.append(([v[0].current for v in variables], res.search_loss, res.loss))
+    assert spread_batch_indices(4, 2) == [0, 2]
+    assert outcomes[1][0] == outcomes[0][0]
+    assert outcomes[1][1] == pytest.approx(outcomes[0][1], rel=1e-6)
+    assert outcomes[1][2] == pytest.approx(outcomes[0][2], rel=1e-6)
 
 
 def test_zero_weighted_tokens_do_not_steer_the_search():

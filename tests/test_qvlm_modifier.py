@@ -157,6 +157,8 @@ def test_vision_token_weight_weighs_image_tokens_in_the_reported_objective(deep_
                           vision_token_weight=0.25)
     _oneshot(model, processor, rows, recipe)
     first, second = model.config.qvlm_blocks["block_losses"]
+    assert model.config.qvlm_blocks["vision_token_weight"] == 0.25  # the losses say what they measure
+    assert model.config.qvlm_blocks["block_objective"] == "mse"
     q_outs = _layer_outputs(model, rows, quantized=True)
     masks = [torch.as_tensor(rows[i]["loss_mask"]) for i in range(len(rows))]
     assert all((m == 2).any() and (m != 2).any() for m in masks)  # both modalities present
@@ -175,6 +177,12 @@ def test_vision_token_weight_without_loss_masks_is_a_clear_error(saved_vlm, cali
     recipe = QVLMModifier(config_groups=_W4_CHANNEL, search_epochs=0, vision_token_weight=0.1)
     with pytest.raises(CalibrationDataError, match="vision_token_weight=0.1 needs a per-token modality label"):
         _oneshot(model, processor, rows, recipe, use_loss_mask=False)
+    # masks without image labels (llm-compressor's answer-only 0/1 masks): the weight would do nothing
+    answer_only = rows.map(lambda r: {"loss_mask": [1 if v == 1 else 0 for v in r["loss_mask"]]})
+    model, processor, _ = _rows(saved_vlm("llava"), calib_pairs)
+    recipe = QVLMModifier(config_groups=_W4_CHANNEL, search_epochs=0, vision_token_weight=0.1)
+    with pytest.raises(CalibrationDataError, match="no calibration loss_mask marks any"):
+        _oneshot(model, processor, answer_only, recipe)
 
 
 def test_running_mean_partition_and_quant_input_target(deep_llava, calib_pairs):

@@ -318,11 +318,14 @@ def combined_token_weights(
 ) -> torch.Tensor | None:
     """The per-token weights of one batch's squared error: :func:`token_error_weights` times an
     optional given per-token weight (shape ``target.shape[:-1] + (1,)``, e.g. the modality weights
-    of :func:`modality_token_weights`); ``None`` when both are uniform."""
+    of :func:`modality_token_weights`); ``None`` when both are uniform. Given weights must be finite
+    and >= 0 (a negative weight would break :class:`BlockObjective`'s early stop)."""
     weight = token_error_weights(target, kind)
     if token_weight is None:
         return weight
     token_weight = token_weight.to(target.device, torch.float32)
+    if not bool(torch.isfinite(token_weight).all()) or bool((token_weight < 0).any()):
+        raise ValueError("token weights must be finite and >= 0")
     return token_weight if weight is None else weight * token_weight
 
 

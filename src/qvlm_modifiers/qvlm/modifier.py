@@ -214,7 +214,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
     search_epochs: int = Field(default=10, ge=0)
     search_samples: int | None = Field(default=None, ge=1)
     block_objective: BlockObjectiveKind = "mse"
-    vision_token_weight: float = Field(default=1.0, ge=0)
+    vision_token_weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     search_implementation: Literal["fast", "reference"] = "fast"
     block_target: Literal["fp", "quant_input"] = "fp"
     block_init: Literal["layerwise", "lp_norm"] = "layerwise"
@@ -671,7 +671,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
             record["gptq_kept"] = gptq_loss < result.loss
         self._block_losses.append(record)
         logger.info(
-            f"Q-VLM block {block}: block-output MSE {result.loss:.6g} (layer-wise solution "
+            f"Q-VLM block {block}: block objective {result.loss:.6g} (layer-wise solution "
             f"{result.layerwise_loss:.6g}); ranges {choices}"
         )
         for k in block:
@@ -738,10 +738,23 @@ class QVLMModifier(Modifier, QuantizationMixin):
                 "build_calibration_dataset and run qvlm_modifiers.oneshot (or pass use_loss_mask=True to "
                 "llmcompressor.oneshot), or set vision_token_weight: 1.0."
             )
-        return [
-            modality_token_weights(mask, hidden.shape, self.vision_token_weight)
-            for mask, hidden in zip(masks, self._q_hidden)
-        ]
+        if not any(bool((torch.as_tensor(m) == 2).any()) for m in masks):
+            raise CalibrationDataError(
+                f"QVLMModifier: vision_token_weight={self.vision_token_weight} weighs image tokens, but no "
+                "calibration loss_mask marks any (value 2): the masks are not modality labels (e.g. "
+                "llm-compressor's answer-only 0/1 masks) or the rows have no image. Build the rows with "
+                "qvlm_modifiers.data.build_calibration_dataset, or set vision_token_weight: 1.0."
+            )
+        weights = []
+        for index, (mask, hidden) in enumerate(zip(masks, self._q_hidden)):
+            if torch.as_tensor(mask).numel() != hidden.shape[:-1].numel():
+                raise CalibrationDataError(
+                    f"QVLMModifier: calibration batch {index} has a loss_mask of {torch.as_tensor(mask).numel()} "
+                    f"tokens for a hidden state of {hidden.shape[:-1].numel()}; every row's loss_mask must "
+                    "label each token of that row (qvlm_modifiers.data.build_calibration_dataset does)."
+                )
+            weights.append(modality_token_weights(mask, hidden.shape, self.vision_token_weight))
+        return weights
 
     # ------------------------------------------------------------------------------------------
     # range variables of one Linear
@@ -1035,6 +1048,9 @@ class QVLMModifier(Modifier, QuantizationMixin):
             "level_grid": self.entropy_level_grid,
             "temperature_scale": self.entropy_temperature_scale,
             "max_block_layers": self.max_block_layers,
+            # what block_losses measure: Eq. 3's MSE, or a weighted variant of it
+            "block_objective": self.block_objective,
+            "vision_token_weight": self.vision_token_weight,
             "block_losses": [
                 {k: (round(float(v), 8) if isinstance(v, float) else v) for k, v in r.items()} for r in self._block_losses
             ],
