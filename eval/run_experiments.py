@@ -12,10 +12,15 @@ eval/results/<model>/: results.json (every cell, keyed), results.md (table by sc
 metrics.png (accuracy and KL vs scheme, one line per method; calibration time per cell).
 
 A cell is skipped when results.json holds it under the same key: a hash of the recipe text (after
-any group-size override), the model's files, the metric settings and the code the cell runs
-(src/qvlm_modifiers without the method subpackages its recipe does not name, eval/main_job.py, this
-file). A results.json with cells from other code or another model is refused with an error naming
-it, unless --rerun-stale (recompute those cells) is given.
+any group-size override), the model's files, the metric settings, the arguments this script passes
+to the job, and the code the job runs (src/qvlm_modifiers without the method subpackages its recipe
+does not name, and eval/main_job.py). This file itself is not part of the code version: the
+arguments it hands the job are in the key, and the rest of it (tables, plots, listing) computes no
+metric. Not keyed: installed package versions and the machine (recorded per cell under "machine"),
+and the process state the job inherits (cells run in this process one after another, so a cell's
+peak RSS includes what earlier cells left on the heap; accuracy, KL and perplexity do not depend on
+it). A results.json with cells from other code or another model is refused with an error naming
+them, unless --rerun-stale (recompute those cells) is given; --list shows every cell's state.
 """
 
 from __future__ import annotations
@@ -55,13 +60,14 @@ METHOD_PACKAGES = {"MBQModifier": "mbq", "QVLMModifier": "qvlm"}
 
 def code_files(recipe_text: str | None = None) -> list[Path]:
     """The code a cell runs: src/qvlm_modifiers minus the method subpackages its recipe does not name
-    (all of them when ``recipe_text`` is None), eval/main_job.py and this file."""
+    (all of them when ``recipe_text`` is None) and eval/main_job.py. Not this file: the arguments it
+    passes to the job are part of the cell key (:func:`job_arguments`)."""
     src = REPO / "src" / "qvlm_modifiers"
     skipped = set()
     if recipe_text is not None:
         skipped = {src / pkg for name, pkg in METHOD_PACKAGES.items() if name not in recipe_text}
     files = [f for f in sorted(src.rglob("*.py")) if not any(d in f.parents for d in skipped)]
-    return files + [EVAL_DIR / "main_job.py", Path(__file__).resolve()]
+    return files + [EVAL_DIR / "main_job.py"]
 
 
 def code_version(recipe_text: str | None = None) -> str:
@@ -97,10 +103,61 @@ def git_commit() -> str | None:
         return None
 
 
-def cell_key(recipe_text: str, model: str, settings: dict, version: str) -> str:
-    payload = json.dumps({"recipe": recipe_text, "model": model, "settings": settings, "code": version},
-                         sort_keys=True)
+# job arguments that only say where outputs go (the model is keyed as path@fingerprint instead)
+_PLACE_ARGUMENTS = ("--model", "--recipe", "--fp-cache", "--results-dir", "--output-dir")
+
+
+def job_arguments(cell: dict, path: str, settings: dict, group_size: int | None, out_dir: Path,
+                  recipe_file: str) -> list[str]:
+    """eval/main_job.py's argv for one cell."""
+    argv = [
+        "--model", path, "--recipe", recipe_file,
+        "--vqa-questions", str(settings.get("vqa_questions", 200)),
+        "--kl-rows", str(settings.get("kl_rows", 32)),
+        "--ppl-tokens", str(settings.get("ppl_tokens", 2048)),
+        "--calib-samples", str(settings.get("calib_samples", 64)),
+        "--batch-size", str(settings.get("batch_size", 16)),
+        "--seed", str(settings.get("seed", 0)),
+        "--fp-cache", str(out_dir / ".fp_cache"),
+        "--results-dir", str(out_dir), "--output-dir", str(out_dir / "quantized" / cell["id"]),
+    ]
+    if cell["calib_seed"] is not None:
+        argv += ["--calib-seed", str(cell["calib_seed"])]
+    if group_size:
+        argv += ["--group-size", str(group_size)]
+    return argv
+
+
+def keyed_arguments(argv: list[str]) -> list[str]:
+    """The job arguments that can change a number (``argv`` without :data:`_PLACE_ARGUMENTS`)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _PLACE_ARGUMENTS:
+            skip = True
+        else:
+            kept.append(arg)
+    return kept
+
+
+def cell_key(recipe_text: str, model: str, settings: dict, version: str, job_args: list[str] | None = None) -> str:
+    payload = json.dumps({"recipe": recipe_text, "model": model, "settings": settings, "code": version,
+                          "job": job_args}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def plan_cell(cell: dict, path: str, fingerprint: str | None, settings: dict, group_size: int | None,
+              out_dir: Path) -> dict:
+    """What this script decides about a cell, and its key: recipe file and effective text, code
+    version, job argv."""
+    recipe_file = resolve_recipe(cell["recipe"])
+    recipe_text = effective_recipe_text(recipe_file, group_size)
+    version = code_version(recipe_text)
+    argv = job_arguments(cell, path, settings, group_size, out_dir, recipe_file)
+    key = cell_key(recipe_text, f"{path}@{fingerprint}", {**settings, "calib_seed": cell["calib_seed"]}, version,
+                   keyed_arguments(argv))
+    return {"recipe_file": recipe_file, "recipe_text": recipe_text, "version": version, "argv": argv, "key": key}
 
 
 def parse_cells(config: dict) -> list[dict]:
@@ -138,19 +195,53 @@ def effective_recipe_text(recipe_file: str, group_size: int | None) -> str:
     return text
 
 
-def check_versions(results: dict, results_file: Path, rerun_stale: bool, fingerprint: str | None = None) -> None:
-    """Refuse a results.json whose cells were computed by other code (the code each cell runs, see
-    :func:`code_version`) or on another model (same path, other files)."""
-    stale = []
+def stale_cells(results: dict, fingerprint: str | None = None) -> dict[str, str]:
+    """Cells of a results.json computed by other code (the code each cell runs, see
+    :func:`code_version`) or on another model (same path, other files): id -> reason."""
+    stale = {}
     for cid, cell in results.get("cells", {}).items():
         if cell.get("code_version") != code_version(cell.get("recipe_text")):
-            stale.append(f"{cid} (code)")
+            stale[cid] = "code"
         elif fingerprint is not None and cell.get("model_fingerprint") != fingerprint:
-            stale.append(f"{cid} (model files)")
+            stale[cid] = "model files"
+    return stale
+
+
+def code_changed_during_run(version_at_process_start: str, recipe_text: str, version_at_cell_start: str) -> str | None:
+    """Why a finished cell's code version cannot be trusted (``None`` if it can): the code it is
+    keyed on changed between the process start (what this process imported) and the cell's start,
+    or during the cell. Method subpackages enter by name, so the group-size override (which does
+    not change Modifier names) does not matter here."""
+    end = code_version(recipe_text)
+    if version_at_process_start != version_at_cell_start:
+        return "the code changed on disk after this process imported it"
+    if end != version_at_cell_start:
+        return "the code changed on disk while the cell ran"
+    return None
+
+
+def list_state(done: dict | None, key: str, fingerprint: str | None, force: bool) -> str:
+    """A cell's state for --list: done, stale (other code or model files: needs --rerun-stale), will
+    rerun (its recipe, settings or job arguments changed) or to run."""
+    if done is None:
+        return "to run"
+    if done.get("key") == key:
+        return "done, rerun by --force" if force else "done"
+    why = stale_cells({"cells": {"c": done}}, fingerprint).get("c")
+    if why:
+        return f"stale ({why})"
+    return "will rerun (recipe, settings or job arguments changed)"
+
+
+def check_versions(results: dict, results_file: Path, rerun_stale: bool, fingerprint: str | None = None) -> None:
+    """Refuse a results.json with :func:`stale_cells` unless ``rerun_stale``."""
+    stale = stale_cells(results, fingerprint)
     if stale and not rerun_stale:
+        listed = ", ".join(f"{cid} ({why})" for cid, why in sorted(stale.items()))
         raise StaleResultsError(
-            f"{results_file} holds cells computed by other code or on another model: {', '.join(sorted(stale))}. "
-            f"Recompute them with --rerun-stale, or write to another folder with --results-root."
+            f"{results_file} holds cells computed by other code or on another model: {listed}. "
+            f"Recompute them with --rerun-stale, or write to another folder with --results-root "
+            f"(--list shows every cell's state)."
         )
 
 
@@ -266,6 +357,11 @@ def main(argv=None) -> int:
             return 2
         cells = [c for c in cells if c["id"] in args.only]
     commit = git_commit()
+    # the code as this process imports it: a cell is only recorded as current when the files it is
+    # keyed on are the same at process start, at its start and at its end (cells run in this process,
+    # so an edit during the run would otherwise label old imported code with the new files' hash)
+    code_at_start = {cell["id"]: code_version(effective_recipe_text(resolve_recipe(cell["recipe"]), None))
+                     for cell in cells}
     failures = 0
     for model in config["models"]:
         name = model["name"]
@@ -280,42 +376,32 @@ def main(argv=None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         results_file = out_dir / "results.json"
         results = json.loads(results_file.read_text()) if results_file.exists() else {"cells": {}}
-        try:
-            check_versions(results, results_file, args.rerun_stale or args.force, fingerprint)
-        except StaleResultsError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        if args.list:
+            listed = {c["id"] for c in cells}
+            for cid, why in sorted(stale_cells(results, fingerprint).items()):
+                if cid not in listed:
+                    print(f"[run_experiments] {name} x {cid}: stale ({why}), not in this run's cells; a run "
+                          f"refuses until it is recomputed (--rerun-stale) or removed", flush=True)
+        else:
+            try:
+                check_versions(results, results_file, args.rerun_stale or args.force, fingerprint)
+            except StaleResultsError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
         for index, cell in enumerate(cells, 1):
-            recipe_file = resolve_recipe(cell["recipe"])
-            recipe_text = effective_recipe_text(recipe_file, group_size)
-            version = code_version(recipe_text)
-            key = cell_key(recipe_text, f"{path}@{fingerprint}", {**settings, "calib_seed": cell["calib_seed"]}, version)
+            plan = plan_cell(cell, path, fingerprint, settings, group_size, out_dir)
+            recipe_file, version, key = plan["recipe_file"], plan["version"], plan["key"]
             done = results["cells"].get(cell["id"])
             tag = f"[run_experiments {index}/{len(cells)}] {name} x {cell['id']} ({cell['method']} {cell['scheme']})"
             if done and done.get("key") == key and not args.force:
                 print(f"{tag}: done (key {key}), skipped", flush=True)
                 continue
             if args.list:
-                print(f"{tag}: to run", flush=True)
+                print(f"{tag}: {list_state(done, key, fingerprint, args.force)}", flush=True)
                 continue
             print(f"{tag}: running", flush=True)
             started = time.time()
-            job_argv = [
-                "--model", path, "--recipe", recipe_file,
-                "--vqa-questions", str(settings.get("vqa_questions", 200)),
-                "--kl-rows", str(settings.get("kl_rows", 32)),
-                "--ppl-tokens", str(settings.get("ppl_tokens", 2048)),
-                "--calib-samples", str(settings.get("calib_samples", 64)),
-                "--batch-size", str(settings.get("batch_size", 16)),
-                "--seed", str(settings.get("seed", 0)),
-                "--fp-cache", str(out_dir / ".fp_cache"),
-                "--results-dir", str(out_dir), "--output-dir", str(out_dir / "quantized" / cell["id"]),
-            ]
-            if cell["calib_seed"] is not None:
-                job_argv += ["--calib-seed", str(cell["calib_seed"])]
-            if group_size:
-                job_argv += ["--group-size", str(group_size)]
-            rc = main_job.main(job_argv)
+            rc = main_job.main(plan["argv"])
             record_path = out_dir / f"main_job_{Path(recipe_file).stem}.json"
             if rc != 0 or not record_path.exists():
                 print(f"{tag}: FAILED (exit {rc})", file=sys.stderr)
@@ -323,6 +409,10 @@ def main(argv=None) -> int:
                 continue
             record = json.loads(record_path.read_text())
             record_path.unlink()  # folded into results.json
+            edited = code_changed_during_run(code_at_start[cell["id"]], plan["recipe_text"], version)
+            if edited:
+                print(f"{tag}: WARNING: {edited}; recorded as stale", file=sys.stderr)
+                version = f"edited during the run ({version})"
             record.update(key=key, code_version=version, model_fingerprint=fingerprint, git_commit=commit, method=cell["method"],
                           scheme=cell["scheme"], calib_seed=cell["calib_seed"], group_size=group_size,
                           date=datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),

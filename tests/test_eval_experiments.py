@@ -46,8 +46,13 @@ def test_run_experiments_writes_results_and_skips_done_cells(saved_vlm, tmp_path
     assert run.main(argv) == 2
     err = capsys.readouterr().err
     assert "results.json" in err and "other code" in err and "--rerun-stale" in err
-    assert run.main(argv + ["--list", "--rerun-stale"]) == 0
-    assert capsys.readouterr().out.count(": to run") == 2
+    assert run.main(argv + ["--list"]) == 0  # listing is not refused: it names the stale cells
+    assert capsys.readouterr().out.count(": stale (code)") == 2
+    # --rerun-stale gets past the refusal (listing only here: nothing runs)
+    run.check_versions(json.loads((out_dir / "results.json").read_text()), out_dir / "results.json", True)
+    # a stale cell that this run does not include is named too (a run would refuse because of it)
+    assert run.main(argv + ["--list", "--only", "w8a8"]) == 0
+    assert "rtn_w4a16: stale (code), not in this run's cells" in capsys.readouterr().out
     # the same path holding other model files is another model: refused the same way
     monkeypatch.setattr(run, "code_version", lambda *a: "pinned")
     monkeypatch.setattr(run, "model_fingerprint", lambda *a: "retrained")
@@ -63,6 +68,42 @@ def test_code_version_covers_only_the_method_packages_a_recipe_names(eval_script
     assert any("/qvlm_modifiers/qvlm/" in p for p in qvlm) and not any("/qvlm_modifiers/mbq/" in p for p in qvlm)
     assert any(p.endswith("main_job.py") for p in gptq) and any(p.endswith("/data.py") for p in gptq)
     assert run.code_version("GPTQModifier: {}") != run.code_version("QVLMModifier: {}")
+    # the orchestration script is not code a cell runs: the arguments it hands the job are keyed instead
+    assert not any(p.endswith("run_experiments.py") for p in gptq)
+
+
+def test_cell_key_covers_the_job_arguments_but_not_where_outputs_go(eval_script, tmp_path):
+    run = eval_script("run_experiments")
+    cell = {"id": "w8a8", "recipe": "w8a8", "calib_seed": None}
+    settings = {"vqa_questions": 4, "calib_samples": 2}
+
+    def key(**change):
+        args = {"cell": cell, "path": "/m", "fingerprint": "f", "settings": settings, "group_size": 16,
+                "out_dir": tmp_path / "a", **change}
+        return run.plan_cell(**args)["key"]
+
+    base = key()
+    assert key(out_dir=tmp_path / "b") == base  # another results folder: same cell
+    assert key(group_size=32) != base
+    assert key(cell={**cell, "calib_seed": 1}) != base
+    assert key(settings={**settings, "calib_samples": 3}) != base
+    assert key(fingerprint="g") != base
+    argv = run.plan_cell(cell, "/m", "f", settings, 16, tmp_path)["argv"]
+    assert run.keyed_arguments(argv) == ["--vqa-questions", "4", "--kl-rows", "32", "--ppl-tokens", "2048",
+                                         "--calib-samples", "2", "--batch-size", "16", "--seed", "0",
+                                         "--group-size", "16"]
+
+
+def test_list_states(eval_script):
+    run = eval_script("run_experiments")
+    current = run.code_version("GPTQModifier: {}")
+    done = {"key": "k", "code_version": current, "recipe_text": "GPTQModifier: {}", "model_fingerprint": "f"}
+    assert run.list_state(None, "k", "f", False) == "to run"
+    assert run.list_state(done, "k", "f", False) == "done"
+    assert run.list_state(done, "k", "f", True) == "done, rerun by --force"
+    assert run.list_state(done, "other", "f", False).startswith("will rerun")
+    assert run.list_state({**done, "code_version": "old"}, "other", "f", False) == "stale (code)"
+    assert run.list_state(done, "other", "g", False) == "stale (model files)"
 
 
 def test_unknown_cell_is_a_clear_error(tmp_path, capsys, eval_script):
@@ -112,3 +153,14 @@ def test_every_matrix_cell_and_eval_recipe_is_valid(eval_script, tmp_path):
              if p.name in (eval_dir / "main_job.py").read_text()}  # the main job's default recipe
     eval_only = {p.resolve() for p in (eval_dir / "recipes").glob("*.yaml")}
     assert eval_only - used == set(), f"eval recipes no cell uses: {sorted(p.name for p in eval_only - used)}"
+
+
+def test_cells_run_while_the_code_changes_are_recorded_stale(eval_script, monkeypatch):
+    """Cells run in-process: a cell whose code version differs between process start, cell start and
+    cell end is not recorded under the current version."""
+    run = eval_script("run_experiments")
+    monkeypatch.setattr(run, "code_version", lambda *a: "v2")
+    assert run.code_changed_during_run("v2", "GPTQModifier: {}", "v2") is None
+    assert "after this process imported it" in run.code_changed_during_run("v1", "GPTQModifier: {}", "v2")
+    monkeypatch.setattr(run, "code_version", lambda *a: "v3")
+    assert "while the cell ran" in run.code_changed_during_run("v2", "GPTQModifier: {}", "v2")
