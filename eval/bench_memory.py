@@ -44,6 +44,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -105,6 +106,17 @@ class _AnonPeak:
         self.peak = max(self.peak, _status_kib("RssAnon") * 1024)
 
 
+# CPU memory compressed-tensors may use for weights under --disk-offload (the rest goes to disk)
+DISK_OFFLOAD_CPU_BUDGET = 1_000_000
+
+
+def _disk_offloaded_tensors() -> int:
+    """How many tensors compressed-tensors' disk cache holds (0 = nothing is on disk)."""
+    from compressed_tensors.offload.cache.disk import DiskCache
+
+    return len(DiskCache.index)
+
+
 def build_model(layers: int, width: int, seed: int, out: Path) -> None:
     import torch
     from transformers import AutoModelForImageTextToText
@@ -142,9 +154,16 @@ def measure(model_dir: Path, pairs_dir: Path, recipe: str, num_samples: int, off
     if offload_dir:
         from compressed_tensors.offload import load_offloaded_model
 
+        # auto_offload puts on disk only what does not fit in CPU memory: on a machine with RAM to
+        # spare, nothing. A CPU budget of DISK_OFFLOAD_CPU_BUDGET bytes forces the weights to disk.
         with load_offloaded_model(AutoModelForImageTextToText):
             model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype="auto", device_map="auto_offload",
-                                                                offload_folder=offload_dir)
+                                                                offload_folder=offload_dir,
+                                                                max_memory={"cpu": DISK_OFFLOAD_CPU_BUDGET})
+        disk_tensors = _disk_offloaded_tensors()
+        if disk_tensors == 0:
+            raise RuntimeError("--disk-offload: no weight was offloaded to disk (compressed-tensors kept them all "
+                               "in CPU memory), so this would measure CPU offload; check DISK_OFFLOAD_CPU_BUDGET")
     else:
         model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype="auto",
                                                             device_map="cuda" if cuda else None)
@@ -196,6 +215,7 @@ def measure(model_dir: Path, pairs_dir: Path, recipe: str, num_samples: int, off
         "file_rss_after_load": file_after_load, "file_rss_after_calibration": _status_kib("RssFile") * 1024,
         "seconds": seconds, "seconds_per_layer": seconds / n_layers, "device": "cuda" if cuda else "cpu",
         "offload_dir": offload_dir,
+        "disk_offloaded_tensors": disk_tensors if offload_dir else 0,
     }
     if cuda:
         result["cuda_working_bytes"] = torch.cuda.max_memory_allocated() - cuda_base
@@ -215,10 +235,13 @@ def run_one(layers: int, width: int, recipe: str, args, work: Path) -> dict:
     if not (model_dir / "config.json").is_file():
         _run([sys.executable, __file__, "--child-build", str(model_dir), "--layers", str(layers),
               "--width", str(width)], timeout=1800)
+    offload = work / f"offload-L{layers}-W{width}"
+    if args.disk_offload and offload.exists():
+        shutil.rmtree(offload)  # compressed-tensors leaves its offloaded weights there after a run
     out = _run([sys.executable, __file__, "--child-measure", str(model_dir), "--pairs", str(work / "pairs"),
                 "--recipe", recipe, "--num-samples", str(args.num_samples)]
                + ([] if args.materialize else ["--mmap"])
-               + (["--offload-dir", str(work / f"offload-L{layers}-W{width}")] if args.disk_offload else []),
+               + (["--offload-dir", str(offload)] if args.disk_offload else []),
                timeout=3600)
     return json.loads(out.strip().splitlines()[-1])
 
@@ -329,7 +352,8 @@ def main() -> int:
     parser.add_argument("--width-depth", type=int, default=4)
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--disk-offload", action="store_true",
-                        help="load the model offloaded (compressed-tensors auto_offload: CPU, then disk)")
+                        help="load the model offloaded to disk (compressed-tensors auto_offload with a CPU budget "
+                             "of DISK_OFFLOAD_CPU_BUDGET bytes, so the weights go to the offload folder)")
     parser.add_argument("--mmap", dest="materialize", action="store_false",
                         help="keep the loaded weights memory-mapped from the safetensors files (default: copy "
                              "them into anonymous memory; see the module docstring)")
