@@ -221,12 +221,22 @@ def test_mbq_recipe_gets_modality_labels(assets, tmp_path):
     assert qcfg["config_groups"]["group_0"]["weights"]["num_bits"] == 4
 
 
-def test_quantize_with_the_model_offloaded(assets, tmp_path):
+def test_quantize_with_the_model_offloaded_to_disk(assets, tmp_path):
     """--offload-dir loads through compressed-tensors' load_offloaded_model (accelerate device map
-    converted to compressed-tensors offloading); the sequential pipeline onloads layer by layer and
-    the checkpoint still reloads exactly."""
+    converted to compressed-tensors offloading); a 1 MB --max-cpu-memory sends the weights to disk.
+    The sequential pipeline onloads layer by layer, the checkpoint still reloads exactly, the run
+    record says how many weights were on disk, and the offloaded files are gone afterwards while
+    what was already in the folder stays."""
     from qvlm_modifiers.inspect_ckpt import check_reload
 
     out = tmp_path / "off"
-    assert quantize(assets, out, "gptq_w4a16", 2, "--quiet", "--offload-dir", tmp_path / "offload") == 0
+    offload = tmp_path / "offload"
+    offload.mkdir()
+    (offload / "keep.txt").write_text("not ours")
+    assert quantize(assets, out, "gptq_w4a16", 2, "--quiet", "--offload-dir", offload, "--max-cpu-memory", "1MB") == 0
     assert check_reload(out)["exact"]
+    record = json.loads((out / RUN_RECORD_NAME).read_text())["offload"]
+    assert record["disk_offloaded_tensors"] >= 10, record  # the tiny model's decoder weights went to disk
+    assert sorted(p.name for p in offload.iterdir()) == ["keep.txt"]
+
+

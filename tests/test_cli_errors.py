@@ -154,6 +154,38 @@ def test_truncated_model_weights(assets, tmp_path, capsys):
     assert_clean_failure(code, err, "safetensors", out_path=out)
 
 
+def test_failed_load_removes_its_offload_folder(assets, tmp_path, capsys):
+    """A run that fails after the offload folder exists still removes it (and --offload-dir when the
+    run created it); files already in --offload-dir are not touched."""
+    model = copy_model(assets, tmp_path / "m")
+    weights = next(model.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    shared = tmp_path / "shared-offload"
+    shared.mkdir()
+    (shared / "someone-elses.bin").write_text("keep")
+    for offload in (shared, tmp_path / "new-offload"):
+        out = tmp_path / f"out-{offload.name}"
+        code, _, err = run_cli(capsys, *quantize_args(assets, out, model=model, **{"--offload-dir": offload}))
+        assert_clean_failure(code, err, "safetensors", out_path=out)
+    assert [p.name for p in shared.iterdir()] == ["someone-elses.bin"]
+    assert not (tmp_path / "new-offload").exists()
+
+
+def test_offload_dir_that_is_a_file(assets, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, *quantize_args(assets, out, **{"--offload-dir": blocker}))
+    assert_clean_failure(code, err, "--offload-dir", "not a directory", out_path=out)
+    assert blocker.read_text() == ""
+
+
+def test_max_cpu_memory_without_offload_dir(assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, *quantize_args(assets, out, **{"--max-cpu-memory": "1MB"}))
+    assert_clean_failure(code, err, "--max-cpu-memory needs --offload-dir", out_path=out)
+
+
 # ------------------------------------------------------------------------------------ recipe
 def _recipe(tmp_path, text: str) -> Path:
     path = tmp_path / "recipe.yaml"

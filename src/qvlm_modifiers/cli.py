@@ -397,22 +397,23 @@ def _versions() -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _load_model(source: str, trust_remote_code: bool, device_map: str | None, offload_dir: str | None):
-    """Load the VLM (safetensors only). ``device_map``/``offload_dir`` load it offloaded through
+def _load_model(source: str, trust_remote_code: bool, device_map: str | None, offload_folder: str | None,
+                max_cpu_memory: str | None = None):
+    """Load the VLM (safetensors only). ``device_map``/``offload_folder`` load it offloaded through
     compressed-tensors' ``load_offloaded_model`` so the sequential pipeline onloads one layer at a
-    time."""
+    time; ``max_cpu_memory`` caps the CPU memory given to weights (the rest goes to the folder)."""
     from transformers import AutoModelForImageTextToText
 
     kwargs: dict[str, Any] = dict(dtype="auto", use_safetensors=True, trust_remote_code=trust_remote_code)
     try:
-        if offload_dir or (device_map and device_map not in ("cpu", "none")):
+        if offload_folder or (device_map and device_map not in ("cpu", "none")):
             from compressed_tensors.offload import load_offloaded_model
 
             kwargs["device_map"] = device_map or "auto_offload"
-            if offload_dir:
-                Path(offload_dir).mkdir(parents=True, exist_ok=True)
-                kwargs["offload_folder"] = str(offload_dir)
-                kwargs["device_map"] = device_map or "auto_offload"
+            if offload_folder:
+                kwargs["offload_folder"] = str(offload_folder)
+            if max_cpu_memory:
+                kwargs["max_memory"] = {"cpu": max_cpu_memory}
             with load_offloaded_model(AutoModelForImageTextToText):
                 model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
         else:
@@ -425,6 +426,49 @@ def _load_model(source: str, trust_remote_code: bool, device_map: str | None, of
             "Check that the *.safetensors files are complete (re-download or re-save the model)."
         ) from err
     return model
+
+
+OFFLOAD_PREFIX = "qvlm-offload-"
+
+
+@contextlib.contextmanager
+def _offload_folder(offload_dir: str | None) -> Iterator[Path | None]:
+    """A fresh folder for this run's offloaded weights inside ``--offload-dir``, removed at the end
+    (also on errors). compressed-tensors writes offloaded tensors (and symlinks to the checkpoint's
+    files) under fixed names and never deletes them: a shared folder would keep gigabytes after the
+    run, and a second run could collide with the first one's names. Only a killed process (SIGKILL)
+    leaves a ``qvlm-offload-*`` folder behind; it is safe to delete."""
+    if not offload_dir:
+        yield None
+        return
+    import shutil
+    import tempfile
+
+    root = Path(offload_dir)
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"--offload-dir {root} exists and is not a directory. Pass a directory (it may be new).")
+    created = not root.exists()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=OFFLOAD_PREFIX, dir=root))
+    except OSError as err:
+        raise UsageError(f"Cannot write to --offload-dir {root} ({err.strerror}). Pass a writable directory "
+                         "on a disk with room for the model's weights.") from err
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                root.rmdir()  # only if still empty
+
+
+def _disk_offloaded_tensors(folder: Path) -> int:
+    """How many weights compressed-tensors' disk cache keeps in ``folder`` (0: all fit in CPU memory)."""
+    from compressed_tensors.offload.cache.disk import DiskCache
+
+    prefix = str(folder.resolve())
+    return sum(1 for info in DiskCache.index.values() if str(info.get("safetensors_file", "")).startswith(prefix))
 
 
 def _install_save_extras(processor, record: dict[str, Any]) -> None:
@@ -468,6 +512,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise UsageError(f"--num-samples must be positive, got {args.num_samples}. Pass e.g. --num-samples 128.")
     if args.max_seq_length is not None and args.max_seq_length <= 0:
         raise UsageError(f"--max-seq-length must be positive, got {args.max_seq_length}.")
+    if args.max_cpu_memory and not args.offload_dir:
+        raise UsageError("--max-cpu-memory needs --offload-dir: the weights above the cap go to disk. "
+                         "Pass e.g. --offload-dir /scratch/qvlm-offload.")
 
     # 1. everything that can be checked without loading weights, cheapest first
     out = check_output_dir(args.output, overwrite=args.overwrite)
@@ -497,7 +544,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     # 2. load and quantize
     torch.manual_seed(args.seed)
-    model = _load_model(source, args.trust_remote_code, args.device_map, args.offload_dir)
     record: dict[str, Any] = {
         "command": ["qvlm", *args._argv],
         "model": source,
@@ -519,11 +565,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     oneshot_kwargs: dict[str, Any] = {}  # (use_loss_mask: set by the wrapper for MBQ / Q-VLM recipes)
     if args.offload_dir or (args.device_map and args.device_map not in ("cpu", "none")):
         oneshot_kwargs["sequential_offload_device"] = "cpu"
-    oneshot(
-        model=model, processor=processor, dataset=calib, recipe=recipe, output_dir=str(out),
-        overwrite=args.overwrite, num_calibration_samples=args.num_samples,
-        max_seq_length=args.max_seq_length or 2048, **oneshot_kwargs,
-    )
+    with _offload_folder(args.offload_dir) as offload_folder:
+        model = _load_model(source, args.trust_remote_code, args.device_map, offload_folder, args.max_cpu_memory)
+        if offload_folder is not None:
+            record["offload"] = {"dir": str(args.offload_dir), "max_cpu_memory": args.max_cpu_memory,
+                                 "disk_offloaded_tensors": _disk_offloaded_tensors(offload_folder)}
+        oneshot(
+            model=model, processor=processor, dataset=calib, recipe=recipe, output_dir=str(out),
+            overwrite=args.overwrite, num_calibration_samples=args.num_samples,
+            max_seq_length=args.max_seq_length or 2048, **oneshot_kwargs,
+        )
     if not (out / RUN_RECORD_NAME).is_file():  # the save path did not call processor.save_pretrained
         raise CheckpointError(f"{out} was written without {RUN_RECORD_NAME}; the save path changed. Report this bug.")
 
@@ -737,7 +788,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how to place the model while calibrating: cpu (default), auto_offload (CPU, then disk), "
                         "or any transformers device_map; the sequential pipeline onloads one layer at a time")
     p.add_argument("--offload-dir", default=None, metavar="DIR",
-                   help="offload weights that do not fit in CPU memory to DIR (implies --device-map auto_offload)")
+                   help="offload weights that do not fit in CPU memory to a fresh folder in DIR, removed at the end "
+                        "(implies --device-map auto_offload)")
+    p.add_argument("--max-cpu-memory", default=None, metavar="SIZE",
+                   help="CPU memory the weights may use with --offload-dir, e.g. 40GiB; the rest goes to disk "
+                        "(default: what is free)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("eval", help="answer-token NLL of a checkpoint on image-text pairs (vs a reference)")
