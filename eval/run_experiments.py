@@ -56,18 +56,30 @@ class StaleResultsError(RuntimeError):
 # Method subpackages: a cell's code version covers one only when its recipe names that Modifier, so
 # work on Q-VLM does not invalidate the GPTQ cells (which never run Q-VLM code).
 METHOD_PACKAGES = {"MBQModifier": "mbq", "QVLMModifier": "qvlm"}
+# Modules of the package that no cell imports (the command line and its checkpoint inspector): outside
+# every cell key, so work on the CLI does not invalidate results. Each cell checks after it ran that it
+# did not import one of them (modules_outside_key); if it did, it is recorded stale.
+OUTSIDE_CELL_CODE = ("cli.py", "__main__.py", "inspect_ckpt.py")
 
 
 def code_files(recipe_text: str | None = None) -> list[Path]:
     """The code a cell runs: src/qvlm_modifiers minus the method subpackages its recipe does not name
-    (all of them when ``recipe_text`` is None) and eval/main_job.py. Not this file: the arguments it
-    passes to the job are part of the cell key (:func:`job_arguments`)."""
+    (all of them when ``recipe_text`` is None) and minus :data:`OUTSIDE_CELL_CODE`, and
+    eval/main_job.py. Not this file: the arguments it passes to the job are part of the cell key
+    (:func:`job_arguments`)."""
     src = REPO / "src" / "qvlm_modifiers"
     skipped = set()
     if recipe_text is not None:
         skipped = {src / pkg for name, pkg in METHOD_PACKAGES.items() if name not in recipe_text}
-    files = [f for f in sorted(src.rglob("*.py")) if not any(d in f.parents for d in skipped)]
+    outside = {src / name for name in OUTSIDE_CELL_CODE}
+    files = [f for f in sorted(src.rglob("*.py")) if f not in outside and not any(d in f.parents for d in skipped)]
     return files + [EVAL_DIR / "main_job.py"]
+
+
+def modules_outside_key() -> set[str]:
+    """The modules of :data:`OUTSIDE_CELL_CODE` this process has imported."""
+    names = {"qvlm_modifiers." + Path(name).stem for name in OUTSIDE_CELL_CODE}
+    return names & set(sys.modules)
 
 
 def code_version(recipe_text: str | None = None) -> str:
@@ -207,16 +219,20 @@ def stale_cells(results: dict, fingerprint: str | None = None) -> dict[str, str]
     return stale
 
 
-def code_changed_during_run(version_at_process_start: str, recipe_text: str, version_at_cell_start: str) -> str | None:
+def code_changed_during_run(version_at_process_start: str, recipe_text: str, version_at_cell_start: str,
+                            imported_outside_key: list[str] | tuple[str, ...] = ()) -> str | None:
     """Why a finished cell's code version cannot be trusted (``None`` if it can): the code it is
     keyed on changed between the process start (what this process imported) and the cell's start,
-    or during the cell. Method subpackages enter by name, so the group-size override (which does
-    not change Modifier names) does not matter here."""
+    or during the cell, or the cell imported a module that the key leaves out
+    (:data:`OUTSIDE_CELL_CODE`). Method subpackages enter by name, so the group-size override (which
+    does not change Modifier names) does not matter here."""
     end = code_version(recipe_text)
     if version_at_process_start != version_at_cell_start:
         return "the code changed on disk after this process imported it"
     if end != version_at_cell_start:
         return "the code changed on disk while the cell ran"
+    if imported_outside_key:
+        return f"it imported {', '.join(imported_outside_key)}, which the cell key leaves out (OUTSIDE_CELL_CODE)"
     return None
 
 
@@ -401,6 +417,7 @@ def main(argv=None) -> int:
                 continue
             print(f"{tag}: running", flush=True)
             started = time.time()
+            outside_before = modules_outside_key()
             rc = main_job.main(plan["argv"])
             record_path = out_dir / f"main_job_{Path(recipe_file).stem}.json"
             if rc != 0 or not record_path.exists():
@@ -409,7 +426,8 @@ def main(argv=None) -> int:
                 continue
             record = json.loads(record_path.read_text())
             record_path.unlink()  # folded into results.json
-            edited = code_changed_during_run(code_at_start[cell["id"]], plan["recipe_text"], version)
+            edited = code_changed_during_run(code_at_start[cell["id"]], plan["recipe_text"], version,
+                                             sorted(modules_outside_key() - outside_before))
             if edited:
                 print(f"{tag}: WARNING: {edited}; recorded as stale", file=sys.stderr)
                 version = f"edited during the run ({version})"

@@ -70,6 +70,8 @@ def test_code_version_covers_only_the_method_packages_a_recipe_names(eval_script
     assert run.code_version("GPTQModifier: {}") != run.code_version("QVLMModifier: {}")
     # the orchestration script is not code a cell runs: the arguments it hands the job are keyed instead
     assert not any(p.endswith("run_experiments.py") for p in gptq)
+    # nor the command line (no cell imports it: test_a_real_cell_imports_nothing_outside_its_key)
+    assert not any(p.endswith(("/cli.py", "/__main__.py", "/inspect_ckpt.py")) for p in gptq + qvlm)
 
 
 def test_cell_key_covers_the_job_arguments_but_not_where_outputs_go(eval_script, tmp_path):
@@ -164,3 +166,28 @@ def test_cells_run_while_the_code_changes_are_recorded_stale(eval_script, monkey
     assert "after this process imported it" in run.code_changed_during_run("v1", "GPTQModifier: {}", "v2")
     monkeypatch.setattr(run, "code_version", lambda *a: "v3")
     assert "while the cell ran" in run.code_changed_during_run("v2", "GPTQModifier: {}", "v2")
+    monkeypatch.setattr(run, "code_version", lambda *a: "v2")
+    why = run.code_changed_during_run("v2", "GPTQModifier: {}", "v2", ["qvlm_modifiers.cli"])
+    assert "qvlm_modifiers.cli" in why and "leaves out" in why
+
+
+def test_a_real_cell_imports_nothing_outside_its_key(saved_vlm, tmp_path, eval_script):
+    """The CLI modules are left out of the cell key (OUTSIDE_CELL_CODE) because no cell imports them.
+    Checked in a fresh process (pytest has imported the CLI already): one real cell runs and is not
+    recorded stale by the import guard."""
+    import subprocess
+    import sys
+
+    run = eval_script("run_experiments")
+    config = tmp_path / "experiments.yaml"
+    config.write_text(yaml.safe_dump({
+        "models": [{"name": "zoo", "path": str(saved_vlm("idefics3")), "group_size": 16}],
+        "cells": [{"method": "RTN", "scheme": "W4A16", "recipe": "rtn_w4a16"}],
+        "settings": {"vqa_questions": 2, "kl_rows": 1, "ppl_tokens": 32, "calib_samples": 2, "batch_size": 2},
+    }))
+    proc = subprocess.run([sys.executable, str(Path(run.__file__)), "--config", str(config), "--results-root",
+                           str(tmp_path / "results")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cell = json.loads((tmp_path / "results" / "zoo" / "results.json").read_text())["cells"]["rtn_w4a16"]
+    assert "imported" not in cell["code_version"], cell["code_version"]
+    assert cell["code_version"] == run.code_version(cell["recipe_text"])
