@@ -112,6 +112,22 @@ def test_full_precision_answers_easy_vqa_well_above_chance(reloaded):
     assert result["accuracy"] >= ACCURACY_FLOOR, result
 
 
+def test_evaluate_vision_weights_measures_the_assembled_model(smollm2, reloaded, eval_script):
+    """eval/evaluate_vision_weights.py (used to check a train_vision.py run) assembles the same model
+    as the saved default model: same answers, so the same accuracy, on the same questions."""
+    from qvlm_modifiers import metrics
+
+    script = eval_script("evaluate_vision_weights")
+    rows = script.evaluate([str(dm.DEFAULT_VISION_WEIGHTS)], questions=12, seed=3, batch_size=12,
+                           language_model=smollm2)
+    model, processor = reloaded
+    data = metrics.load_vqa_dataset("easy-vqa", split="test", num_samples=12, seed=3)
+    expected = metrics.evaluate_vqa(model, processor, data, batch_size=12)
+    assert rows[0]["n"] == 12 and rows[0]["accuracy"] == expected["accuracy"]
+    assert rows[0]["ci_low"] <= rows[0]["accuracy"] <= rows[0]["ci_high"]
+    assert script.main(["missing.safetensors"]) == 2
+
+
 # these 48 questions: measured 75.0% (36/48) with the weights committed 2026-11-26 (78.3-78.8% on
 # 500-1000 questions); 0.60 leaves room for 7 answers flipping under other CPU numerics while still
 # failing a broken assembly (which answers ~0%) or an untrained vision side (~37-45%)
