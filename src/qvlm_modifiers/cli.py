@@ -500,13 +500,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     from qvlm_modifiers import recipe_path
     from qvlm_modifiers.heap import fix_malloc_mmap_threshold
+    from qvlm_modifiers.recipe_check import load_recipe
+    from qvlm_modifiers.save import check_output_dir
 
     # before any weight is loaded: keeps CPU calibration's heap from growing layer by layer
     # (qvlm_modifiers.heap; QVLM_MALLOC_TUNING=0 turns it off)
     fix_malloc_mmap_threshold()
-    from qvlm_modifiers.recipe_check import load_recipe
-    from qvlm_modifiers.save import check_output_dir
-
     t0 = time.perf_counter()
     if args.num_samples <= 0:
         raise UsageError(f"--num-samples must be positive, got {args.num_samples}. Pass e.g. --num-samples 128.")
