@@ -82,12 +82,37 @@ def modules_outside_key() -> set[str]:
     return names & set(sys.modules)
 
 
+def code_text(source: str) -> str:
+    """A module's source without its comments and docstrings, trailing spaces and blank lines: what
+    the code does, so that editing a comment or a docstring does not restale cells. Comment spans come
+    from ``tokenize`` and docstring spans from ``ast`` (both report the same positions on every Python
+    version); the rest of the text is kept as written."""
+    import ast
+    import io
+    import tokenize
+
+    lines = source.splitlines()
+    spans = []  # (first line, first column, last line, end column); lines 1-based
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            spans.append((*tok.start, *tok.end))
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                spans.append((first.lineno, first.col_offset, first.end_lineno, first.end_col_offset))
+    for l0, c0, l1, c1 in sorted(spans, reverse=True):  # last span first: earlier positions stay valid
+        lines[l0 - 1 : l1] = [lines[l0 - 1][:c0] + lines[l1 - 1][c1:]]
+    return "\n".join(line.rstrip() for line in lines if line.strip())
+
+
 def code_version(recipe_text: str | None = None) -> str:
-    """Hash of :func:`code_files` (the recipe text itself is part of the cell key)."""
+    """Hash of :func:`code_files` with comments and docstrings left out (:func:`code_text`); the
+    recipe text itself is part of the cell key."""
     digest = hashlib.sha256()
     for path in code_files(recipe_text):
         digest.update(str(path.relative_to(REPO)).encode())
-        digest.update(path.read_bytes())
+        digest.update(code_text(path.read_text()).encode())
     return digest.hexdigest()[:16]
 
 

@@ -191,3 +191,41 @@ def test_a_real_cell_imports_nothing_outside_its_key(saved_vlm, tmp_path, eval_s
     cell = json.loads((tmp_path / "results" / "zoo" / "results.json").read_text())["cells"]["rtn_w4a16"]
     assert "imported" not in cell["code_version"], cell["code_version"]
     assert cell["code_version"] == run.code_version(cell["recipe_text"])
+
+
+CODE_SAMPLE = '''"""Module doc."""
+import os  # why
+
+
+class A:
+    """Class doc
+    on two lines."""
+    x: int = 10  # the paper's value
+
+    def f(self, y=2):
+        """f doc."""
+        # a comment line
+        return self.x * y  # trailing
+
+
+def g():
+    return "not a docstring"
+'''
+
+
+def test_code_text_ignores_comments_and_docstrings_but_not_code(eval_script):
+    """Editing a comment or a docstring does not change a cell's code version; editing code does
+    (a default value, or a string that is not a docstring, included)."""
+    run = eval_script("run_experiments")
+    base = run.code_text(CODE_SAMPLE)
+    assert not any(doc in base for doc in ("Module doc", "Class doc", "on two lines", "f doc"))
+    assert "#" not in base and "return self.x * y" in base and '"not a docstring"' in base
+    edited_docs = (CODE_SAMPLE.replace("Module doc.", "Other words.").replace("on two lines.", "changed")
+                   .replace("# why", "# because").replace("# a comment line", "# more\n        # comments"))
+    assert run.code_text(edited_docs) == base
+    for code_edit in (CODE_SAMPLE.replace("x: int = 10", "x: int = 3"), CODE_SAMPLE.replace("y=2", "y=3"),
+                      CODE_SAMPLE.replace('"not a docstring"', '"other"'),
+                      CODE_SAMPLE.replace("self.x * y", "self.x + y")):
+        assert run.code_text(code_edit) != base, code_edit
+    # every module a cell runs parses
+    assert all(run.code_text(p.read_text()) for p in run.code_files(None) if p.stat().st_size)
