@@ -18,8 +18,9 @@ applied when calibration started (after loading) left AWQ growing 32.6 -> 64.5 M
 layers; applied before loading, 32.0 -> 33.4 MiB (single runs, not kept).
 
 It has a price: every allocation of 64 KiB or more then gets its own ``mmap`` and fresh zeroed pages.
-Greedy VQA generation on the default model (60 questions, batch 20, fp32, one thread) took 5.3 s of
-CPU instead of 4.3 s (+23%, two runs each). So it is applied where calibration is the job, before
+Greedy VQA generation on the default model (60 questions, batch 20, fp32, one thread) took 1.28x
+the CPU time (4.97 s vs 3.89 s, two alternating runs each: ``eval/bench_heap_setting.py``,
+``eval/results/smolvlm-tiny/bench_heap_setting.txt``). So it is applied where calibration is the job, before
 the model is loaded: by the ``qvlm quantize`` command and by ``eval/bench_memory.py``. A library
 user calibrating on CPU sets ``QVLM_MALLOC_TUNING=1`` before ``import qvlm_modifiers`` (then the
 import applies it) or calls :func:`fix_malloc_mmap_threshold` before loading the model. It is
