@@ -57,7 +57,7 @@ def known_limitation(entry: dict, rec: dict) -> str | None:
         if any((g.get("weights") or {}).get("symmetric") is False for g in groups) and act_bits == {8}:
             return ("RECIPE NOT SERVABLE: asymmetric int8 weights + int8 activations; vLLM's int8 W8A8 kernels need "
                     "symmetric weights (set weights.symmetric: true in the recipe to serve it)")
-    if "mat1 must be a 2D tensor" in err and rec.get("load_s") is not None:
+    if "mat1 must be a 2D tensor" in err and rec.get("load_s") is not None and "vision" in entry.get("name", ""):
         return ("loaded; generation hits a vLLM CPU-backend bug: its int8 GEMM (int8_scaled_mm_with_quant) requires "
                 "2-D input and Qwen2.5-VL's vision attention passes 3-D activations to a quantized qkv")
     return None
