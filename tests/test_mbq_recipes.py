@@ -66,8 +66,25 @@ def test_recipe_oneshot_save_reload(family, recipe, saved_vlm, calib_pairs, tmp_
         if key.startswith((fam.vision_tower + ".", fam.projector)):
             assert torch.equal(reloaded_state[key], value), key
 
+    # the language model's Linears (and only they) are quantized after the reload, as in the
+    # foundation's round trip (tests/test_roundtrip.py)
+    from qvlm_modifiers.packed_loader import PackedLinear  # int3/int4 Linears reload packed
+
+    quantized = [n for n, m in reloaded.named_modules() if hasattr(m, "quantization_scheme") or isinstance(m, PackedLinear)]
+    assert quantized and all(n.startswith(fam.layers) for n in quantized), quantized[:5]
+    # the processor reloads and produces identical inputs
+    processor2 = AutoProcessor.from_pretrained(out)
+    rows2 = data.build_calibration_dataset(calib_pairs.select(range(2)), processor2, reloaded, prompt_column="question")
+    for col in rows.column_names:
+        assert rows2[0][col] == rows[0][col], f"processor output {col!r} differs after reload"
+
     bits, strategy, symmetric, act_bits = MBQ_RECIPES[recipe]
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    from compressed_tensors.quantization import QuantizationConfig
+
+    parsed = QuantizationConfig.model_validate(qcfg)  # a standard compressed-tensors config
+    assert qcfg["quant_method"] == "compressed-tensors" and parsed.config_groups
+    assert all(isinstance(name, str) and not name.startswith("re:") for name in parsed.ignore)
     [group] = qcfg["config_groups"].values()
     assert group["weights"]["num_bits"] == bits and group["weights"]["strategy"] == strategy
     assert group["weights"]["symmetric"] == symmetric
