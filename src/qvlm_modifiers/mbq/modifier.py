@@ -30,7 +30,10 @@ Run with ``oneshot(..., use_loss_mask=True)`` on rows from
 1 answer text, 2 vision).
 
 Where this follows the reference code (thu-nics/MBQ) rather than the paper, and the options that
-switch to the other reading (each a field below):
+switch to the other reading (each a field below). Two points have no switch, on purpose: the
+gradient location (the reference's; the paper does not say where it takes the gradients) and the
+candidates' weight quantizer (scoring a candidate with the quantizer that will be deployed is the
+point of the search; the reference's differs from its own deployment format too):
 
 - gradient taken only at ``o_proj``/``down_proj`` outputs, shared by the layer's two attention /
   two MLP mappings; ratio floored at the cross-layer median (``median_floor``);
