@@ -252,6 +252,15 @@ def test_recipe_scheme_that_cannot_be_resolved(assets, tmp_path, capsys):
     assert_clean_failure(code, err, "scheme", "must either be a preset scheme name", out_path=out)
 
 
+def test_recipe_scheme_the_modifier_cannot_do(assets, tmp_path, capsys):
+    """A valid preset that this Modifier cannot run (Q-VLM searches integer ranges; FP8 has none):
+    refused with an error naming the Modifier and the fix, nothing written."""
+    out = tmp_path / "out"
+    recipe = _recipe(tmp_path, RECIPE_HEAD + "    QVLMModifier:\n      targets: [Linear]\n      scheme: FP8\n")
+    code, _, err = run_cli(capsys, *quantize_args(assets, out, **{"--recipe": recipe}))
+    assert_clean_failure(code, err, "QVLMModifier", out_path=out)
+
+
 # ------------------------------------------------------------------------------------ data
 def test_dataset_missing(assets, tmp_path, capsys):
     out = tmp_path / "out"
