@@ -198,8 +198,9 @@ def test_running_mean_partition_and_quant_input_target(deep_llava, calib_pairs):
     _assert_weights_on_grid(model)
 
 
-def test_w4a4_save_reloads_exactly_with_partition_metadata(saved_vlm, calib_pairs, tmp_path):
-    model, processor, rows = _rows(saved_vlm("llava"), calib_pairs)
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_w4a4_save_reloads_exactly_with_partition_metadata(family, saved_vlm, calib_pairs, tmp_path):
+    model, processor, rows = _rows(saved_vlm(family), calib_pairs)
     _oneshot(model, processor, rows, "recipes/qvlm_w4a4.yaml")
     batch = data.collate_fn([rows[0]])
     batch.pop("loss_mask", None)
@@ -379,6 +380,22 @@ def test_plain_llmcompressor_oneshot_with_recipe_path(saved_vlm, calib_pairs):
     _assert_weights_on_grid(model)
     assert [k for b in model.config.qvlm_blocks["blocks"] for k in b] == list(range(len(decoder_layers(model))))
     assert not any(hasattr(m, "weight_scale") for m in model.get_submodule(get_family(model).vision_tower).modules())
+
+
+def test_plain_llmcompressor_save_keeps_the_partition_metadata(saved_vlm, calib_pairs, tmp_path):
+    """llm-compressor's own save (``oneshot(..., output_dir=...)``, no wrapper of ours) writes the
+    blocks into config.json outside quantization_config, and the checkpoint reloads with them."""
+    from llmcompressor import oneshot
+
+    model, processor, rows = _rows(saved_vlm("qwen2_vl"), calib_pairs, n=1)
+    oneshot(model=model, processor=processor, dataset=rows, recipe="recipes/qvlm_w4.yaml",
+            data_collator=data.collate_fn, num_calibration_samples=1, output_dir=str(tmp_path / "out"))
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["qvlm_blocks"]["blocks"] == model.config.qvlm_blocks["blocks"]
+    assert "qvlm_blocks" not in saved["quantization_config"]
+    reloaded, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert reloaded.config.qvlm_blocks["blocks"] == saved["qvlm_blocks"]["blocks"]
 
 
 def test_blocks_spanning_pipeline_subgraphs_give_the_same_result(deep_llava, calib_pairs):
