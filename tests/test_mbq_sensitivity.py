@@ -179,3 +179,25 @@ def test_layerwise_checkpointing_restores_forward_on_error(saved_vlm):
             assert all("forward" in layer.__dict__ for layer in layers)
             raise RuntimeError("boom")
     assert all("forward" not in layer.__dict__ for layer in layers)
+
+
+def test_sensitivity_of_a_disk_offloaded_model_equals_the_in_memory_one(saved_vlm, llava_and_rows, tmp_path):
+    """The standalone pass on a model offloaded to disk (compressed-tensors' load_offloaded_model with
+    a 1 MB CPU budget, as `qvlm quantize --offload-dir DIR --max-cpu-memory 1MB` loads it) gives the
+    in-memory model's ratios: what "compute it once, offloaded" relies on."""
+    from compressed_tensors.offload import load_offloaded_model
+    from compressed_tensors.offload.cache.disk import DiskCache
+
+    model, rows = llava_and_rows
+    expected = compute_modality_sensitivity(model, rows, median_floor=False, collate_fn=data.collate_fn)
+    with load_offloaded_model(AutoModelForImageTextToText):
+        offloaded = AutoModelForImageTextToText.from_pretrained(
+            saved_vlm("llava"), device_map="auto_offload", offload_folder=str(tmp_path / "off"),
+            max_memory={"cpu": 1_000_000})
+    on_disk = [i for i in DiskCache.index.values() if str(tmp_path / "off") in str(i.get("safetensors_file", ""))]
+    assert len(on_disk) >= 10, "the weights did not go to disk"
+    got = compute_modality_sensitivity(offloaded, rows, median_floor=False, collate_fn=data.collate_fn)
+    for i, per_kind in expected.raw_ratios.items():
+        for kind, ratio in per_kind.items():
+            # same float32 computation, other memory placement: equal up to summation order
+            assert got.raw_ratios[i][kind] == pytest.approx(ratio, rel=1e-5), (i, kind)
