@@ -6,8 +6,8 @@ photographs shipped with scikit-image / matplotlib, questioned and captioned by 
 ``<|im_end|>``) only. The frozen LM runs under bf16 autocast (AMX on CPU) for speed; the trainable
 weights and the optimizer state are float32.
 
-One command, seeded; on CPU bitwise reproducible given the same torch build and thread count (about
-55 min on 2 cores); on CUDA a few minutes, and not bitwise reproducible (attention backward is
+One command, seeded; on CPU bitwise reproducible given the same torch build and thread count (70 min
+on 2 cores, measured 2026-11-26: eval/results/train_vision_cpu/); on CUDA a few minutes, and not bitwise reproducible (attention backward is
 non-deterministic there)::
 
     nice -n 10 python eval/train_vision.py            # writes eval/weights/smolvlm_tiny_vision.safetensors
