@@ -37,6 +37,7 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 if not torch.cuda.is_available():  # before the kernels are imported (see kernels/_unpack.py)
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -171,7 +172,8 @@ def bench_layers(args, device: torch.device) -> list[dict]:
     gen = torch.Generator(device="cpu").manual_seed(0)
     for scheme in args.schemes:
         bits, group, sym = SCHEMES[scheme]
-        for k, n in shapes:
+        # progress on stderr (the table goes to stdout)
+        for k, n in tqdm(shapes, desc=f"bench {scheme}", unit="shape", leave=False, file=sys.stderr):
             w = (torch.randn(n, k, generator=gen) * 0.02).to(device)
             # fp16 scales so the compressed-tensors route can run in fp16 too (ours accepts either)
             packed, layout = quantize_and_pack(w, bits, group, sym, scale_dtype=dtype)
