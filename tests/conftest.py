@@ -70,6 +70,24 @@ def cli_assets(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture
+def image_folder(tmp_path) -> Callable[[int], Path]:
+    """``image_folder(n) -> Path``: the CLI's second dataset kind, n zoo images + a captions.jsonl."""
+    import json
+
+    def make(n: int) -> Path:
+        folder = tmp_path / "imgs"
+        folder.mkdir()
+        lines = []
+        for i, row in enumerate(zoo.sample_pairs(n)):
+            row["image"].save(folder / f"{i}.png")
+            lines.append(json.dumps({"file": f"{i}.png", "text": row["text"]}))
+        (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
+        return folder
+
+    return make
+
+
+@pytest.fixture
 def eval_script():
     """Load a script of eval/ (not a package) by name, with eval/ importable for its own imports."""
     import importlib.util

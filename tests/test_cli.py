@@ -240,19 +240,9 @@ def test_quantize_with_the_model_offloaded_to_disk(assets, tmp_path):
     assert sorted(p.name for p in offload.iterdir()) == ["keep.txt"]
 
 
-
-
-def test_quantize_from_an_image_folder_with_captions(assets, tmp_path):
+def test_quantize_from_an_image_folder_with_captions(assets, tmp_path, image_folder):
     """The second dataset kind: a folder of images with a captions.jsonl (file, text[, question])."""
-    from qvlm_modifiers import zoo
-
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    lines = []
-    for i, row in enumerate(zoo.sample_pairs(3)):
-        row["image"].save(folder / f"{i}.png")
-        lines.append(json.dumps({"file": f"{i}.png", "text": row["text"]}))
-    (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    folder = image_folder(3)
     out = tmp_path / "out"
     assert main(["quantize", str(assets["model"]), "--recipe", "w8a8", "--dataset", str(folder), "--num-samples", "3",
                  "--output", str(out), "--quiet"]) == 0

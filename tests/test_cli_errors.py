@@ -316,17 +316,9 @@ def test_corrupt_image_in_saved_dataset_names_the_row(assets, tmp_path, capsys):
                          out_path=out)
 
 
-def test_corrupt_image_in_image_folder(assets, tmp_path, capsys):
-    from qvlm_modifiers import zoo
-
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    lines = []
-    for i, row in enumerate(zoo.sample_pairs(3)):
-        row["image"].save(folder / f"{i}.png")
-        lines.append(json.dumps({"file": f"{i}.png", "text": row["text"]}))
+def test_corrupt_image_in_image_folder(assets, tmp_path, capsys, image_folder):
+    folder = image_folder(3)
     (folder / "1.png").write_bytes((folder / "1.png").read_bytes()[:40])  # truncated PNG
-    (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, *quantize_args(assets, out, **{"--dataset": folder, "--num-samples": 3}))
     assert_clean_failure(code, err, "1.png", "cannot be read", out_path=out)
