@@ -110,13 +110,6 @@ class _AnonPeak:
 DISK_OFFLOAD_CPU_BUDGET = 1_000_000
 
 
-def _disk_offloaded_tensors() -> int:
-    """How many tensors compressed-tensors' disk cache holds (0 = nothing is on disk)."""
-    from compressed_tensors.offload.cache.disk import DiskCache
-
-    return len(DiskCache.index)
-
-
 def build_model(layers: int, width: int, seed: int, out: Path) -> None:
     import torch
     from transformers import AutoModelForImageTextToText
@@ -160,7 +153,9 @@ def measure(model_dir: Path, pairs_dir: Path, recipe: str, num_samples: int, off
             model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype="auto", device_map="auto_offload",
                                                                 offload_folder=offload_dir,
                                                                 max_memory={"cpu": DISK_OFFLOAD_CPU_BUDGET})
-        disk_tensors = _disk_offloaded_tensors()
+        from qvlm_modifiers.cli import disk_offloaded_tensors
+
+        disk_tensors = disk_offloaded_tensors(offload_dir)
         if disk_tensors == 0:
             raise RuntimeError("--disk-offload: no weight was offloaded to disk (compressed-tensors kept them all "
                                "in CPU memory), so this would measure CPU offload; check DISK_OFFLOAD_CPU_BUDGET")

@@ -463,11 +463,12 @@ def _offload_folder(offload_dir: str | None) -> Iterator[Path | None]:
                 root.rmdir()  # only if still empty
 
 
-def _disk_offloaded_tensors(folder: Path) -> int:
-    """How many weights compressed-tensors' disk cache keeps in ``folder`` (0: all fit in CPU memory)."""
+def disk_offloaded_tensors(folder: str | os.PathLike | None = None) -> int:
+    """How many weights compressed-tensors' disk cache keeps (in ``folder`` if given; 0: all of them
+    fit in CPU memory)."""
     from compressed_tensors.offload.cache.disk import DiskCache
 
-    prefix = str(folder.resolve())
+    prefix = str(Path(folder).resolve()) if folder is not None else ""
     return sum(1 for info in DiskCache.index.values() if str(info.get("safetensors_file", "")).startswith(prefix))
 
 
@@ -568,7 +569,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         model = _load_model(source, args.trust_remote_code, args.device_map, offload_folder, args.max_cpu_memory)
         if offload_folder is not None:
             record["offload"] = {"dir": str(args.offload_dir), "max_cpu_memory": args.max_cpu_memory,
-                                 "disk_offloaded_tensors": _disk_offloaded_tensors(offload_folder)}
+                                 "disk_offloaded_tensors": disk_offloaded_tensors(offload_folder)}
         oneshot(
             model=model, processor=processor, dataset=calib, recipe=recipe, output_dir=str(out),
             overwrite=args.overwrite, num_calibration_samples=args.num_samples,
