@@ -186,7 +186,8 @@ def test_sensitivity_of_a_disk_offloaded_model_equals_the_in_memory_one(saved_vl
     a 1 MB CPU budget, as `qvlm quantize --offload-dir DIR --max-cpu-memory 1MB` loads it) gives the
     in-memory model's ratios: what "compute it once, offloaded" relies on."""
     from compressed_tensors.offload import load_offloaded_model
-    from compressed_tensors.offload.cache.disk import DiskCache
+
+    from qvlm_modifiers.cli import disk_offloaded_tensors
 
     model, rows = llava_and_rows
     expected = compute_modality_sensitivity(model, rows, median_floor=False, collate_fn=data.collate_fn)
@@ -194,8 +195,7 @@ def test_sensitivity_of_a_disk_offloaded_model_equals_the_in_memory_one(saved_vl
         offloaded = AutoModelForImageTextToText.from_pretrained(
             saved_vlm("llava"), device_map="auto_offload", offload_folder=str(tmp_path / "off"),
             max_memory={"cpu": 1_000_000})
-    on_disk = [i for i in DiskCache.index.values() if str(tmp_path / "off") in str(i.get("safetensors_file", ""))]
-    assert len(on_disk) >= 10, "the weights did not go to disk"
+    assert disk_offloaded_tensors(tmp_path / "off") >= 10, "the weights did not go to disk"
     got = compute_modality_sensitivity(offloaded, rows, median_floor=False, collate_fn=data.collate_fn)
     for i, per_kind in expected.raw_ratios.items():
         for kind, ratio in per_kind.items():

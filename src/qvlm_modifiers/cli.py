@@ -463,12 +463,12 @@ def _offload_folder(offload_dir: str | None) -> Iterator[Path | None]:
                 root.rmdir()  # only if still empty
 
 
-def disk_offloaded_tensors(folder: str | os.PathLike | None = None) -> int:
-    """How many weights compressed-tensors' disk cache keeps (in ``folder`` if given; 0: all of them
-    fit in CPU memory)."""
+def disk_offloaded_tensors(folder: str | os.PathLike) -> int:
+    """How many weights compressed-tensors' disk cache keeps in ``folder`` (0: all of them fit in CPU
+    memory)."""
     from compressed_tensors.offload.cache.disk import DiskCache
 
-    prefix = str(Path(folder).resolve()) if folder is not None else ""
+    prefix = str(Path(folder).resolve())
     return sum(1 for info in DiskCache.index.values() if str(info.get("safetensors_file", "")).startswith(prefix))
 
 
