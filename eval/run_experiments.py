@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -295,6 +296,11 @@ def _scheme_rank(scheme: str) -> int:
     return SCHEME_ORDER.index(scheme) if scheme in SCHEME_ORDER else len(SCHEME_ORDER)
 
 
+def _group_sizes(cells: dict) -> str:
+    sizes = sorted({str(c.get("group_size")) for c in cells.values() if c.get("group_size")})
+    return "/".join(sizes) if sizes else "as in each recipe"
+
+
 def markdown_table(cells: dict) -> str:
     if not cells:
         return "(no finished cells)\n"
@@ -304,6 +310,10 @@ def markdown_table(cells: dict) -> str:
         f"Full precision: accuracy {_acc(fp['vqa'])} on {fp['vqa']['n']} easy-vqa test questions, "
         f"perplexity {fp['ppl']['perplexity']:.2f} (Lee corpus, {fp['ppl']['tokens']} tokens), "
         f"{fp['size_bytes'] / 2**20:.1f} MiB.",
+        "",
+        f"Grouped weight schemes (W3A16, W4A16) use group size {_group_sizes(cells)}"
+        " (the recipes' 128 does not divide every width of the model, e.g. SmolLM2's 576 and 1536);"
+        " W4A8/W8A8/W4A4/W6A6 weights are per output channel.",
         "",
         "| scheme | method | cell | accuracy % (95% CI) | Δ vs FP | same answer as FP | KL(FP‖Q) mean / max | ppl | size MiB | calib s | peak RSS GiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -323,41 +333,88 @@ def markdown_table(cells: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def scheme_bits(scheme: str) -> tuple[int, int]:
+    """``"W4A16"`` -> (4, 16): weight and activation bits of a scheme name (16 = activations unquantized)."""
+    match = re.fullmatch(r"W(\d+)A(\d+)", scheme)
+    if not match:
+        raise ValueError(f"scheme {scheme!r} is not of the form W<bits>A<bits> (e.g. W4A16): fix the cell's "
+                         "`scheme` in experiments.yaml")
+    return int(match.group(1)), int(match.group(2))
+
+
+def plot_lines(cells: dict) -> dict:
+    """The lines :func:`plot` draws: ``{(panel, method): [(x, accuracy %, KL, scheme), ...]}`` sorted by x.
+
+    Panel ``"weight-only"`` puts weight bits on x (W3A16 -> 3, W4A16 -> 4). Panel ``"weight-activation"``
+    puts the schemes in order of activation bits, then weight bits (W4A4 -> 0, W6A6 -> 1, W4A8 -> 2,
+    W8A8 -> 3 when all four are present), so a line never joins a weight-only scheme to a
+    weight-activation one. Seed reruns (``@seed`` cells) are left out."""
+    main_cells = {cid: cell for cid, cell in cells.items() if "@seed" not in cid}
+    bits = {cell["scheme"]: scheme_bits(cell["scheme"]) for cell in main_cells.values()}
+    activation_schemes = sorted((s for s, (_, a) in bits.items() if a < 16), key=lambda s: bits[s][::-1])
+    lines: dict = {}
+    for cell in main_cells.values():
+        w_bits, a_bits = bits[cell["scheme"]]
+        if a_bits >= 16:
+            panel, x = "weight-only", w_bits
+        else:
+            panel, x = "weight-activation", activation_schemes.index(cell["scheme"])
+        q = cell["quantized"]
+        lines.setdefault((panel, cell["method"]), []).append(
+            (x, 100 * q["vqa"]["accuracy"], max(q["kl"]["kl_mean"], 1e-5), cell["scheme"]))
+    return {key: sorted(points) for key, points in lines.items()}
+
+
 def plot(cells: dict, out_dir: Path) -> list[Path]:
+    """metrics.png: accuracy and KL vs bits, one line per method, in a weight-only row and a
+    weight-activation row, and calibration wall time per cell."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    main_cells = {cid: c for cid, c in cells.items() if "@seed" not in cid}
-    if not main_cells:
+    lines = plot_lines(cells)
+    if not lines:
         return []
-    schemes = [s for s in SCHEME_ORDER if any(c["scheme"] == s for c in main_cells.values())]
-    schemes += sorted({c["scheme"] for c in main_cells.values()} - set(schemes))
-    x_of = {s: i for i, s in enumerate(schemes)}
-    methods = sorted({c["method"] for c in main_cells.values()})
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
-    for method in methods:
-        mine = sorted((x_of[c["scheme"]], c) for c in main_cells.values() if c["method"] == method)
-        xs = [x for x, _ in mine]
-        acc = [100 * c["quantized"]["vqa"]["accuracy"] for _, c in mine]
-        kl = [max(c["quantized"]["kl"]["kl_mean"], 1e-5) for _, c in mine]
-        axes[0].plot(xs, acc, marker="o", label=method)
-        axes[1].plot(xs, kl, marker="o", label=method)
-    fp_acc = 100 * next(iter(main_cells.values()))["fp"]["vqa"]["accuracy"]
-    axes[0].axhline(fp_acc, color="k", ls="--", label="full precision")
-    axes[0].set_ylabel("easy-vqa test accuracy (%)")
-    axes[1].set_yscale("log")
-    axes[1].set_ylabel("KL(FP || Q) over answer tokens (nats, log)")
-    for ax in axes[:2]:
-        ax.set_xticks(range(len(schemes)), schemes)
-        ax.set_xlabel("scheme")
-    axes[0].legend(fontsize=7, ncol=2)
-    order = sorted(main_cells, key=lambda c: (_scheme_rank(main_cells[c]["scheme"]), main_cells[c]["method"]))
-    axes[2].barh(order, [main_cells[c]["quantized"]["calibration"]["wall_s"] for c in order])
-    axes[2].invert_yaxis()
-    axes[2].tick_params(axis="y", labelsize=7)
-    axes[2].set_xlabel("calibration wall time (s)")
+    methods = sorted({method for _, method in lines})
+    # 10 colours x 4 markers x 2 dash styles: every method its own look, even past 10 methods
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    style = {m: dict(color=colours[i % len(colours)], marker="osD^"[(i // len(colours)) % 4],
+                     ls="-" if (i // len(colours)) % 2 == 0 else "--")
+             for i, m in enumerate(methods)}
+    hatch = {m: "" if style[m]["ls"] == "-" else "//" for m in methods}  # the bars' second look
+    fig = plt.figure(figsize=(18, 9))
+    grid = fig.add_gridspec(2, 3)
+    panels = ("weight-only", "weight-activation")
+    fp_acc = 100 * next(iter(cells.values()))["fp"]["vqa"]["accuracy"]
+    for row, panel in enumerate(panels):
+        ax_acc, ax_kl = fig.add_subplot(grid[row, 0]), fig.add_subplot(grid[row, 1])
+        ticks: dict = {}
+        for (p, method), points in sorted(lines.items()):
+            if p != panel:
+                continue
+            xs = [x for x, *_ in points]
+            ax_acc.plot(xs, [a for _, a, _, _ in points], label=method, **style[method])
+            ax_kl.plot(xs, [k for _, _, k, _ in points], label=method, **style[method])
+            for x, _, _, scheme in points:
+                ticks.setdefault(x, set()).add(scheme)
+        ax_acc.axhline(fp_acc, color="k", ls=":", label="full precision")
+        ax_kl.set_yscale("log")
+        for ax in (ax_acc, ax_kl):
+            ax.set_xticks(sorted(ticks), ["/".join(sorted(ticks[x])) for x in sorted(ticks)], fontsize=8)
+            ax.set_xlabel("weight bits" if panel == "weight-only" else "scheme, by activation then weight bits")
+        ax_acc.set_ylabel(f"{panel}: easy-vqa accuracy (%)")
+        ax_kl.set_ylabel("KL(FP || Q), answer tokens (nats, log)")
+        ax_acc.legend(fontsize=6, ncol=2)
+    ax_time = fig.add_subplot(grid[:, 2])
+    order = sorted((c for c in cells if "@seed" not in c),
+                   key=lambda c: (_scheme_rank(cells[c]["scheme"]), cells[c]["method"]))
+    ax_time.barh(order, [cells[c]["quantized"]["calibration"]["wall_s"] for c in order],
+                 color=[style[cells[c]["method"]]["color"] for c in order],
+                 hatch=[hatch[cells[c]["method"]] for c in order])
+    ax_time.invert_yaxis()
+    ax_time.tick_params(axis="y", labelsize=7)
+    ax_time.set_xlabel("calibration wall time (s)")
     fig.suptitle("LM weights come from a Q4_1 GGUF: W4 looks easier than on a bf16 model", fontsize=9)
     fig.tight_layout()
     path = out_dir / "metrics.png"
@@ -383,6 +440,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rerun-stale", action="store_true",
                         help="recompute cells that results.json holds from other code (default: refuse)")
     parser.add_argument("--list", action="store_true", help="print the cells and whether each is done, run nothing")
+    parser.add_argument("--report", action="store_true",
+                        help="rewrite results.md and metrics.png from results.json, run nothing")
     parser.add_argument("--results-root", default=str(EVAL_DIR / "results"), help="results go to ROOT/<model>/")
     args = parser.parse_args(argv)
     config = yaml.safe_load(Path(args.config).read_text())
@@ -407,7 +466,7 @@ def main(argv=None) -> int:
     for model in config["models"]:
         name = model["name"]
         path = str(main_job.DEFAULT_MODEL_DIR) if model["path"] == "default" else model["path"]
-        if model["path"] == "default":
+        if model["path"] == "default" and not args.report:
             from qvlm_modifiers.default_model import ensure_default_model
 
             ensure_default_model(path)  # re-assembled when the committed vision weights changed
@@ -417,6 +476,12 @@ def main(argv=None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         results_file = out_dir / "results.json"
         results = json.loads(results_file.read_text()) if results_file.exists() else {"cells": {}}
+        if args.report:
+            (out_dir / "results.md").write_text(f"# {name}\n\n" + markdown_table(results["cells"]))
+            written = plot(results["cells"], out_dir)
+            print(f"[run_experiments] {name}: wrote {out_dir / 'results.md'} and {', '.join(map(str, written))} "
+                  f"from {len(results['cells'])} cells", flush=True)
+            continue
         if args.list:
             listed = {c["id"] for c in cells}
             for cid, why in sorted(stale_cells(results, fingerprint).items()):

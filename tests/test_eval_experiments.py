@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 
@@ -229,3 +230,68 @@ def test_code_text_ignores_comments_and_docstrings_but_not_code(eval_script):
         assert run.code_text(code_edit) != base, code_edit
     # every module a cell runs parses
     assert all(run.code_text(p.read_text()) for p in run.code_files(None) if p.stat().st_size)
+
+
+def _fake_cell(method, scheme, acc, kl, group_size=64):
+    vqa = {"accuracy": acc, "ci_low": acc - 0.03, "ci_high": acc + 0.03, "n": 500}
+    return {"method": method, "scheme": scheme, "group_size": group_size, "answers_identical_to_fp": 0.9,
+            "git_commit": "abc", "code_version": "v",
+            "fp": {"vqa": {"accuracy": 0.878, "ci_low": 0.85, "ci_high": 0.9, "n": 500},
+                   "ppl": {"perplexity": 30.0, "tokens": 2040}, "size_bytes": 2**29},
+            "quantized": {"vqa": vqa, "kl": {"kl_mean": kl, "kl_max": 10 * kl},
+                          "ppl": {"perplexity": 31.0}, "size_bytes": 2**27,
+                          "calibration": {"wall_s": 60.0, "peak_rss_bytes": 2**31}}}
+
+
+def test_plot_draws_one_line_per_method_against_bits_per_panel(eval_script, tmp_path):
+    """Weight-only cells go on a weight-bits axis, weight-activation cells on an axis ordered by
+    activation then weight bits; no line joins the two; seed reruns are not drawn."""
+    run = eval_script("run_experiments")
+    cells = {"gptq_w3": _fake_cell("GPTQ", "W3A16", 0.80, 0.04), "gptq_w4": _fake_cell("GPTQ", "W4A16", 0.87, 0.006),
+             "gptq_w4a8": _fake_cell("GPTQ", "W4A8", 0.79, 0.16), "gptq_w8a8": _fake_cell("GPTQ", "W8A8", 0.84, 0.03),
+             "rtn_w4a4": _fake_cell("RTN", "W4A4", 0.0, 10.3), "rtn_w6a6": _fake_cell("RTN", "W6A6", 0.46, 0.84),
+             "gptq_w3@seed1": _fake_cell("GPTQ", "W3A16", 0.79, 0.05)}
+    lines = run.plot_lines(cells)
+    assert set(lines) == {("weight-only", "GPTQ"), ("weight-activation", "GPTQ"), ("weight-activation", "RTN")}
+    assert [(x, acc) for x, acc, _, _ in lines[("weight-only", "GPTQ")]] == [(3, 80.0), (4, 87.0)]
+    # W4A4 < W6A6 < W4A8 < W8A8
+    assert [(x, s) for x, _, _, s in lines[("weight-activation", "GPTQ")]] == [(2, "W4A8"), (3, "W8A8")]
+    assert [(x, s) for x, _, _, s in lines[("weight-activation", "RTN")]] == [(0, "W4A4"), (1, "W6A6")]
+    assert run.scheme_bits("W6A6") == (6, 6)
+    with pytest.raises(ValueError, match="W<bits>A<bits>"):
+        run.scheme_bits("int4-awq")
+    # the figure has one drawn line per (panel, method), plus the full-precision line in each accuracy panel
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = {}
+    original_close = plt.close
+    plt.close = lambda fig: drawn.setdefault("fig", fig)
+    try:
+        (path,) = run.plot(cells, tmp_path)
+    finally:
+        plt.close = original_close
+    assert path.stat().st_size > 0
+    labels = [[line.get_label() for line in ax.get_lines()] for ax in drawn["fig"].axes[:4]]
+    assert labels == [["GPTQ", "full precision"], ["GPTQ"], ["GPTQ", "RTN", "full precision"], ["GPTQ", "RTN"]]
+    styles = {line.get_label(): (line.get_color(), line.get_marker(), line.get_linestyle())
+              for line in drawn["fig"].axes[2].get_lines()}
+    assert styles["GPTQ"] != styles["RTN"]
+    original_close(drawn["fig"])
+
+
+def test_report_rewrites_the_table_and_plot_from_results_json(eval_script, tmp_path, capsys):
+    run = eval_script("run_experiments")
+    config = tmp_path / "experiments.yaml"
+    config.write_text(yaml.safe_dump({"models": [{"name": "m", "path": str(tmp_path / "absent"), "group_size": 64}],
+                                      "cells": [{"method": "RTN", "scheme": "W4A16", "recipe": "rtn_w4a16"}]}))
+    out_dir = tmp_path / "results" / "m"
+    out_dir.mkdir(parents=True)
+    (out_dir / "results.json").write_text(json.dumps({"cells": {"gptq_w4": _fake_cell("GPTQ", "W4A16", 0.87, 0.006)}}))
+    assert run.main(["--config", str(config), "--results-root", str(tmp_path / "results"), "--report"]) == 0
+    table = (out_dir / "results.md").read_text()
+    assert "| W4A16 | GPTQ | gptq_w4 | 87.0 [84.0, 90.0] |" in table and "group size 64" in table and "Q4_1" in table
+    assert (out_dir / "metrics.png").stat().st_size > 0
+    assert "from 1 cells" in capsys.readouterr().out
