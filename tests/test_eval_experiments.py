@@ -295,3 +295,22 @@ def test_report_rewrites_the_table_and_plot_from_results_json(eval_script, tmp_p
     assert "| W4A16 | GPTQ | gptq_w4 | 87.0 [84.0, 90.0] |" in table and "group size 64" in table and "Q4_1" in table
     assert (out_dir / "metrics.png").stat().st_size > 0
     assert "from 1 cells" in capsys.readouterr().out
+
+
+def test_the_default_matrix_holds_every_method_at_every_scheme_the_issue_names(eval_script):
+    """Full precision is every table's baseline; the cells: RTN, GPTQ, AWQ, MBQ, MBQ+GPTQ, Q-VLM at
+    W3A16/W4A16; the same at W4A8/W8A8 with SmoothQuant as the AWQ-family activation method (AWQ itself
+    is weight-only), and the activation methods at W4A4/W6A6."""
+    from pathlib import Path
+
+    run = eval_script("run_experiments")
+    config = yaml.safe_load((Path(run.__file__).resolve().parent / "experiments.yaml").read_text())
+    have = {(c["method"], c["scheme"]) for c in run.parse_cells(config) if c["calib_seed"] is None}
+    required = {(m, s) for s in ("W3A16", "W4A16") for m in ("RTN", "GPTQ", "AWQ", "MBQ", "MBQ+GPTQ", "Q-VLM")}
+    required |= {(m, s) for s in ("W4A8", "W8A8") for m in ("RTN", "GPTQ", "SmoothQuant", "MBQ", "MBQ+GPTQ", "Q-VLM")}
+    required -= {("SmoothQuant", "W8A8")}  # W8A8 smooths with GPTQ after it (SmoothQuant+GPTQ)
+    required |= {("SmoothQuant+GPTQ", "W8A8")}
+    required |= {(m, s) for s in ("W4A4", "W6A6") for m in ("RTN", "SmoothQuant", "MBQ", "Q-VLM")}
+    assert required - have == set()
+    # two cells rerun with another calibration seed: the noise level
+    assert sum(1 for c in run.parse_cells(config) if c["calib_seed"] is not None) >= 2
