@@ -218,3 +218,38 @@ def test_model_without_processor_or_chat_template_is_a_clear_error(tiny_idefics3
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="Could not load a VLM"):
         metrics.load_model_and_processor(tmp_path / "nothing-here")
+
+
+def test_metrics_command_runs_on_a_model_folder_and_a_save_to_disk_dataset(saved_vlm, tiny_vqa, tmp_path, capsys):
+    """`python -m qvlm_modifiers.metrics --model M --quantized Q --data FOLDER --split S`: the user's own
+    model and VQA data (a DatasetDict written by save_to_disk). The same checkpoint as both model and
+    "quantized" has KL exactly 0, the same accuracy and the same size (KL > 0 for a changed model is
+    test_answer_kl_is_zero_for_the_same_model_and_positive_for_a_perturbed_one)."""
+    import datasets
+    import json
+
+    folder = tmp_path / "my_vqa"
+    datasets.DatasetDict({"validation": tiny_vqa}).save_to_disk(str(folder))
+    path = saved_vlm("idefics3")
+    out = tmp_path / "metrics.json"
+    argv = ["--model", str(path), "--quantized", str(path), "--data", str(folder), "--split", "validation",
+            "--num-questions", "4", "--kl-rows", "2", "--ppl-tokens", "64", "--batch-size", "2", "--output", str(out)]
+    assert metrics.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["fp"]["vqa"]["n"] == 4 and result["quantized"]["kl"]["kl_mean"] == 0.0
+    assert result["fp"]["vqa"]["accuracy"] == result["quantized"]["vqa"]["accuracy"]
+    assert result["fp"]["size_bytes"] == result["quantized"]["size_bytes"] == metrics.checkpoint_size(path)
+    assert result["fp"]["ppl"]["tokens"] > 0
+    # a split the folder does not have: a clear error naming the splits and the fix, exit code != 0
+    with pytest.raises(SystemExit) as exc:
+        metrics.main(["--model", str(path), "--data", str(folder), "--split", "test"])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err
+    assert "validation" in err and "--split" in err
+
+
+def test_vqa_columns_under_other_names_are_renamed(tiny_vqa):
+    renamed = tiny_vqa.rename_columns({"image": "img", "question": "q", "answer": "multiple_choice_answer"})
+    ds = metrics.load_vqa_dataset(renamed, image_column="img", question_column="q",
+                                  answer_column="multiple_choice_answer")
+    assert ds.column_names == ["image", "question", "answer"] and ds["answer"] == tiny_vqa["answer"]
