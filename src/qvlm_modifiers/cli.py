@@ -618,10 +618,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     reference model (KL and top-1 agreement on the same tokens)."""
     import math
 
-    import torch
     from tqdm import tqdm
 
     from qvlm_modifiers.data import build_calibration_dataset
+    from qvlm_modifiers.metrics import kl_divergence
 
     source = resolve_model_source(args.checkpoint)
     config = load_config(source, args.trust_remote_code)
@@ -647,7 +647,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if reference is not None:
             ref_lp, _ = _answer_token_stats(reference, row)
             ref_nll_sum += -ref_lp.gather(1, targets[:, None]).sum().item()
-            kl_sum += torch.sum(ref_lp.exp() * (ref_lp - logprobs)).item()  # KL(reference || checkpoint)
+            kl_sum += kl_divergence(ref_lp, logprobs).sum().item()  # KL(reference || checkpoint), per token
             agree += int((ref_lp.argmax(-1) == logprobs.argmax(-1)).sum())
     if tokens == 0:
         raise CalibrationDataError("The evaluation rows contain no answer tokens. Give every image a non-empty text.")
