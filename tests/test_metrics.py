@@ -170,7 +170,23 @@ def test_measure_resources_sees_a_known_allocation_and_wall_time():
     assert result == 1.0
     assert usage.wall_s >= 0.2
     assert usage.peak_rss_bytes - usage.rss_before_bytes >= 250 * 2**20
-    assert usage.cuda_max_allocated_bytes is None or usage.cuda_max_allocated_bytes >= 0
+    assert (usage.cuda_max_allocated_bytes is None) == (not torch.cuda.is_available())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA max allocated is only measured on a GPU")
+def test_measure_resources_sees_a_known_cuda_allocation():
+    """256 MiB allocated on the GPU inside the measured call: its CUDA peak is at least that, and the
+    peak is reset before the call (a larger allocation made and freed before does not count)."""
+    big = torch.empty(1024 * 2**20, dtype=torch.uint8, device="cuda")
+    del big
+
+    def work():
+        block = torch.ones(256 * 2**20, dtype=torch.uint8, device="cuda")
+        return int(block[-1])
+
+    result, usage = metrics.measure_resources(work)
+    assert result == 1
+    assert 256 * 2**20 <= usage.cuda_max_allocated_bytes < 1024 * 2**20
 
 
 def test_checkpoint_size_sums_the_files(tmp_path):
