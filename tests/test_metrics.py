@@ -231,6 +231,15 @@ def test_model_without_processor_or_chat_template_is_a_clear_error(tiny_idefics3
         processor.chat_template, processor.tokenizer.chat_template = template, tok_template
 
 
+def test_folder_saved_without_its_processor_is_a_clear_error(tiny_idefics3, tmp_path):
+    """A checkpoint folder with the model but no processor files (a common save mistake): refused by
+    the loader with the fix, not a crash later inside generation."""
+    model, _ = tiny_idefics3
+    model.save_pretrained(tmp_path / "model_only")
+    with pytest.raises(UnsupportedModelError, match=r"processor.save_pretrained"):
+        metrics.load_model_and_processor(tmp_path / "model_only")
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="Could not load a VLM"):
         metrics.load_model_and_processor(tmp_path / "nothing-here")
