@@ -296,9 +296,13 @@ def _scheme_rank(scheme: str) -> int:
     return SCHEME_ORDER.index(scheme) if scheme in SCHEME_ORDER else len(SCHEME_ORDER)
 
 
-def _group_sizes(cells: dict) -> str:
+def _group_size_note(cells: dict) -> str:
     sizes = sorted({str(c.get("group_size")) for c in cells.values() if c.get("group_size")})
-    return "/".join(sizes) if sizes else "as in each recipe"
+    if not sizes:
+        return "Group sizes are the recipes' own (no `group_size` override for this model)."
+    return (f"Group-quantized weights use group size {'/'.join(sizes)}: the model's `group_size` in "
+            "experiments.yaml replaces the group size of every group-quantized recipe (the shipped ones use "
+            "128); per-channel recipes stay per channel.")
 
 
 def markdown_table(cells: dict) -> str:
@@ -311,9 +315,7 @@ def markdown_table(cells: dict) -> str:
         f"perplexity {fp['ppl']['perplexity']:.2f} (Lee corpus, {fp['ppl']['tokens']} tokens), "
         f"{fp['size_bytes'] / 2**20:.1f} MiB.",
         "",
-        f"Grouped weight schemes (W3A16, W4A16) use group size {_group_sizes(cells)}"
-        " (the recipes' 128 does not divide every width of the model, e.g. SmolLM2's 576 and 1536);"
-        " W4A8/W8A8/W4A4/W6A6 weights are per output channel.",
+        _group_size_note(cells),
         "",
         "| scheme | method | cell | accuracy % (95% CI) | Δ vs FP | same answer as FP | KL(FP‖Q) mean / max | ppl | size MiB | calib s | peak RSS GiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -389,19 +391,18 @@ def plot(cells: dict, out_dir: Path) -> list[Path]:
     fp_acc = 100 * next(iter(cells.values()))["fp"]["vqa"]["accuracy"]
     for row, panel in enumerate(panels):
         ax_acc, ax_kl = fig.add_subplot(grid[row, 0]), fig.add_subplot(grid[row, 1])
-        ticks: dict = {}
+        ticks: dict = {}  # x -> the scheme drawn there
         for (p, method), points in sorted(lines.items()):
             if p != panel:
                 continue
             xs = [x for x, *_ in points]
             ax_acc.plot(xs, [a for _, a, _, _ in points], label=method, **style[method])
             ax_kl.plot(xs, [k for _, _, k, _ in points], label=method, **style[method])
-            for x, _, _, scheme in points:
-                ticks.setdefault(x, set()).add(scheme)
+            ticks.update({x: scheme for x, _, _, scheme in points})
         ax_acc.axhline(fp_acc, color="k", ls=":", label="full precision")
         ax_kl.set_yscale("log")
         for ax in (ax_acc, ax_kl):
-            ax.set_xticks(sorted(ticks), ["/".join(sorted(ticks[x])) for x in sorted(ticks)], fontsize=8)
+            ax.set_xticks(sorted(ticks), [ticks[x] for x in sorted(ticks)], fontsize=8)
             ax.set_xlabel("weight bits" if panel == "weight-only" else "scheme, by activation then weight bits")
         ax_acc.set_ylabel(f"{panel}: easy-vqa accuracy (%)")
         ax_kl.set_ylabel("KL(FP || Q), answer tokens (nats, log)")
