@@ -46,7 +46,8 @@ sys.path.insert(0, str(EVAL_DIR))
 import main_job  # noqa: E402
 
 Q4_NOTE = main_job.Q4_NOTE
-# x axis of the plots and order of the table: weight-only schemes, then weight-activation ones
+# order of the table rows and of the calibration-time bars: weight-only schemes, then weight-activation
+# ones (the accuracy/KL panels place schemes by their bits instead: plot_lines)
 SCHEME_ORDER = ["W3A16", "W4A16", "W4A4", "W6A6", "W4A8", "W8A8"]
 
 

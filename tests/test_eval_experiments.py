@@ -243,7 +243,7 @@ def _fake_cell(method, scheme, acc, kl, group_size=64):
                           "calibration": {"wall_s": 60.0, "peak_rss_bytes": 2**31}}}
 
 
-def test_plot_draws_one_line_per_method_against_bits_per_panel(eval_script, tmp_path):
+def test_plot_draws_one_line_per_method_against_bits_per_panel(eval_script, tmp_path, monkeypatch):
     """Weight-only cells go on a weight-bits axis, weight-activation cells on an axis ordered by
     activation then weight bits; no line joins the two; seed reruns are not drawn."""
     run = eval_script("run_experiments")
@@ -268,11 +268,8 @@ def test_plot_draws_one_line_per_method_against_bits_per_panel(eval_script, tmp_
 
     drawn = {}
     original_close = plt.close
-    plt.close = lambda fig: drawn.setdefault("fig", fig)
-    try:
-        (path,) = run.plot(cells, tmp_path)
-    finally:
-        plt.close = original_close
+    monkeypatch.setattr(plt, "close", lambda fig: drawn.setdefault("fig", fig))  # keep the figure to inspect
+    (path,) = run.plot(cells, tmp_path)
     assert path.stat().st_size > 0
     labels = [[line.get_label() for line in ax.get_lines()] for ax in drawn["fig"].axes[:4]]
     assert labels == [["GPTQ", "full precision"], ["GPTQ"], ["GPTQ", "RTN", "full precision"], ["GPTQ", "RTN"]]
