@@ -2,7 +2,7 @@
 
 Fixtures for every test module:
 
-* ``saved_vlm`` (session): a factory ``saved_vlm(family, seed=0, num_layers=2) -> Path`` giving the
+* ``saved_vlm`` (session): a factory ``saved_vlm(family, seed=0, num_layers=2, checkpoint_like=False) -> Path`` giving the
   directory of a tiny random-weight model of ``family`` (one of :data:`qvlm_modifiers.zoo.FAMILY_NAMES`)
   with ``num_layers`` decoder layers, saved with ``save_pretrained`` together with its processor.
   Each (family, seed, num_layers) is built once per test session in a temporary directory; treat the directory as read-only (load it with
@@ -34,15 +34,17 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def saved_vlm(tmp_path_factory) -> Callable[..., Path]:
-    """``saved_vlm(family, seed=0, num_layers=2) -> Path`` of a tiny saved model + processor (built once)."""
+    """``saved_vlm(family, seed=0, num_layers=2, checkpoint_like=False) -> Path`` of a tiny saved model +
+    processor (built once; ``checkpoint_like``: see ``zoo.build``)."""
     root = tmp_path_factory.mktemp("tiny_vlms")
-    cache: dict[tuple[str, int, int], Path] = {}
+    cache: dict[tuple[str, int, int, bool], Path] = {}
 
-    def get(family: str, seed: int = 0, num_layers: int = 2) -> Path:
-        key = (family, seed, num_layers)
+    def get(family: str, seed: int = 0, num_layers: int = 2, checkpoint_like: bool = False) -> Path:
+        key = (family, seed, num_layers, checkpoint_like)
         if key not in cache:
-            cache[key] = zoo.save(family, root / f"{family}-seed{seed}-layers{num_layers}", seed=seed,
-                                  num_layers=num_layers)
+            tag = "-ckptlike" if checkpoint_like else ""
+            cache[key] = zoo.save(family, root / f"{family}-seed{seed}-layers{num_layers}{tag}", seed=seed,
+                                  num_layers=num_layers, checkpoint_like=checkpoint_like)
         return cache[key]
 
     return get

@@ -227,10 +227,16 @@ def test_only_language_model_is_smoothed(llava):
             assert torch.equal(after[key], value), key
 
 
-def test_missing_loss_mask_is_a_clear_error(llava):
+def test_rows_own_loss_mask_is_used_without_use_loss_mask(llava):
+    """Without ``use_loss_mask`` llm-compressor hands the Modifier no masks; MBQ then takes each row's
+    own ``loss_mask`` itself (qvlm_modifiers.modality), so the scales are those of the flagged run.
+    (Rows without any loss_mask: tests/test_plain_path.py.)"""
     path, processor, rows = llava
-    with pytest.raises(CalibrationDataError, match="use_loss_mask=True"):
-        _run(path, processor, rows, SpyMBQ(vision_weight=0.2), _quant(W3_G128), use_loss_mask=False)
+    _, flagged = _run(path, processor, rows, SpyMBQ(vision_weight=0.2), _quant(W3_G128), use_loss_mask=True)
+    _, plain = _run(path, processor, rows, SpyMBQ(vision_weight=0.2), _quant(W3_G128), use_loss_mask=False)
+    assert set(flagged["mbq"]) == set(plain["mbq"]) and flagged["mbq"]
+    for name, scales in flagged["mbq"].items():
+        assert torch.equal(scales, plain["mbq"][name]), name
 
 
 def test_sensitivity_file_errors_name_the_fix(tmp_path):

@@ -124,10 +124,24 @@ def test_save_load_roundtrip_and_bad_file(tmp_path):
         ModalitySensitivity.load(tmp_path / "bad.json")
 
 
-def test_rows_without_loss_mask_are_refused(llava_and_rows):
+def test_rows_without_loss_mask_get_derived_labels(llava_and_rows):
+    """Rows without a loss_mask (plain processor output): the pass derives the labels from the ids
+    (no labels column: every non-image token is text), exactly as if the rows carried them; the
+    answer-only labels of build_calibration_dataset give other ratios, so the labels matter."""
+    from qvlm_modifiers.modality import derive_loss_mask
+
     model, rows = llava_and_rows
-    with pytest.raises(CalibrationDataError, match="loss_mask"):
-        compute_modality_sensitivity(model, rows.remove_columns("loss_mask"), collate_fn=data.collate_fn)
+    plain = rows.remove_columns("loss_mask")
+    derived = compute_modality_sensitivity(model, plain, collate_fn=data.collate_fn)
+
+    def label(row):
+        mask, _ = derive_loss_mask(row["input_ids"], model.config, attention_mask=row["attention_mask"])
+        return {"loss_mask": mask.tolist()}
+
+    explicit = compute_modality_sensitivity(model, plain.map(label), collate_fn=data.collate_fn)
+    assert derived.ratios == explicit.ratios
+    own = compute_modality_sensitivity(model, rows, collate_fn=data.collate_fn)
+    assert own.ratios != derived.ratios
 
 
 def test_layerwise_backward_equals_full_backward_and_counts_each_sample_once(saved_vlm, calib_pairs, monkeypatch):

@@ -54,6 +54,7 @@ import torch
 
 from qvlm_modifiers.errors import CalibrationDataError
 from qvlm_modifiers.families import VLMFamily, get_family, image_token_id
+from qvlm_modifiers.modality import IGNORE, TEXT, VISION  # ``loss_mask`` values
 
 __all__ = [
     "IGNORE",
@@ -68,8 +69,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-#: ``loss_mask`` values
-IGNORE, TEXT, VISION = 0, 1, 2
 
 CAPTION_FILES = ("captions.jsonl", "captions.tsv")
 

@@ -426,16 +426,91 @@ _BUILDERS: dict[str, Callable[[int], tuple[Any, Any]]] = {
 }
 
 
+def _tie(config) -> None:
+    """Tie input and output embeddings, as the small real checkpoints of the family do."""
+    config.tie_word_embeddings = True
+    config.get_text_config().tie_word_embeddings = True
+
+
+def _llava_real(config, processor) -> None:
+    # LLaVA-1.5 (Vicuna): untied embeddings, full multi-head attention (as built); rows may hold
+    # several <image> placeholders. Nothing to change in the config.
+    config.get_text_config().tie_word_embeddings = False
+
+
+def _llava_onevision_real(config, processor) -> None:
+    # Qwen2-0.5B LM: tied embeddings, one KV head group per 4 query heads (GQA); SigLIP keeps its
+    # attention-pooling head (vision_use_head); anyres: a 3x3 grid of base tiles plus the base image.
+    _tie(config)
+    config.get_text_config().num_key_value_heads = 1
+    config.vision_config.vision_use_head = True
+    size = processor.image_processor.size["height"]
+    pinpoints = [[size * i, size * j] for i in range(1, 4) for j in range(1, 4)]
+    config.image_grid_pinpoints = pinpoints
+    processor.image_processor.image_grid_pinpoints = pinpoints
+
+
+def _qwen_vl_real(config, processor) -> None:
+    # Qwen2-VL-2B / Qwen2.5-VL-3B: tied embeddings, GQA; images keep their own resolution
+    # (up to 8x8 merged tokens here), so rows differ in image-token count.
+    _tie(config)
+    processor.image_processor.max_pixels = 128 * 128
+
+
+def _idefics3_real(config, processor) -> None:
+    # SmolVLM: tied embeddings; image splitting into a grid of 32-px crops plus the global image,
+    # each crop framed by <row_i_col_j> tokens.
+    _tie(config)
+    ip = processor.image_processor
+    ip.do_image_splitting = True
+    ip.size = {"longest_edge": 2 * config.vision_config.image_size}
+    ip.max_image_size = {"longest_edge": config.vision_config.image_size}
+
+
+def _gemma3_real(config, processor) -> None:
+    # Gemma 3: tied embeddings (always), sliding-window and global layers, eager attention
+    # (Gemma 3's recommended implementation), pan-and-scan crops of wide images.
+    _tie(config)
+    config._attn_implementation = "eager"
+    config.get_text_config()._attn_implementation = "eager"
+    ip = processor.image_processor
+    ip.do_pan_and_scan = True
+    ip.pan_and_scan_min_crop_size = 16
+    ip.pan_and_scan_max_num_crops = 2
+    ip.pan_and_scan_min_ratio_to_activate = 1.2
+
+
+#: per family, the changes that make the tiny model configured the way the family's real
+#: checkpoints are (tied embeddings, attention variant, crop grids / image splitting, vision head)
+_CHECKPOINT_LIKE: dict[str, Callable[[Any, Any], None]] = {
+    "llava": _llava_real,
+    "llava_onevision": _llava_onevision_real,
+    "qwen2_vl": _qwen_vl_real,
+    "qwen2_5_vl": _qwen_vl_real,
+    "idefics3": _idefics3_real,
+    "gemma3": _gemma3_real,
+}
+
+
 def _check_family(family: str) -> str:
     if family not in _BUILDERS:
         raise ValueError(f"Unknown tiny family {family!r}; choose one of {', '.join(FAMILY_NAMES)}.")
     return family
 
 
-def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, num_layers: int = _LAYERS):
+def build(
+    family: str,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    num_layers: int = _LAYERS,
+    checkpoint_like: bool = False,
+):
     """A tiny random-weight model of ``family`` (its real transformers class) and its processor.
 
     :param num_layers: decoder layers of the language model (the vision tower keeps 2)
+    :param checkpoint_like: configure it the way the family's real checkpoints are (tied
+        embeddings, GQA / eager attention, crop grids and image splitting, SigLIP's pooling head;
+        see ``_CHECKPOINT_LIKE``); images then become more, and more varied, image tokens
 
     Weights are drawn from a generator seeded with ``seed`` only (the global RNG state is
     restored afterwards), so the same ``(family, seed)`` always gives the same weights.
@@ -445,6 +520,8 @@ def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, num_la
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}.")
     config, processor = _BUILDERS[_check_family(family)](num_layers)
+    if checkpoint_like:
+        _CHECKPOINT_LIKE[family](config, processor)
     cpu_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
@@ -456,7 +533,12 @@ def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, num_la
 
 
 def save(
-    family: str, path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32, num_layers: int = _LAYERS
+    family: str,
+    path: str | Path,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    num_layers: int = _LAYERS,
+    checkpoint_like: bool = False,
 ) -> Path:
     """Build ``family`` and ``save_pretrained`` model + processor to ``path``; returns the path.
 
@@ -465,7 +547,7 @@ def save(
     ``oneshot``: it reloads the config from the model's ``name_or_path``.
     """
     path = Path(path)
-    model, processor = build(family, seed=seed, dtype=dtype, num_layers=num_layers)
+    model, processor = build(family, seed=seed, dtype=dtype, num_layers=num_layers, checkpoint_like=checkpoint_like)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     processor.save_pretrained(path)

@@ -29,6 +29,8 @@ from typing import Literal
 
 import torch
 
+from qvlm_modifiers.modality import IGNORE, TEXT, VISION
+
 __all__ = [
     "IGNORED_TOKEN",
     "TEXT_TOKEN",
@@ -43,9 +45,8 @@ __all__ = [
     "modality_weighted_loss",
 ]
 
-IGNORED_TOKEN = 0
-TEXT_TOKEN = 1
-VISION_TOKEN = 2
+# the loss_mask classes, defined once in qvlm_modifiers.modality
+IGNORED_TOKEN, TEXT_TOKEN, VISION_TOKEN = IGNORE, TEXT, VISION
 
 LossMode = Literal["mae", "mse"]
 TextTokens = Literal["answer", "all_text"]

@@ -25,9 +25,11 @@ whose scheme it searches against. Recipe example::
                                 symmetric: false, strategy: group, group_size: 128}}}
       ignore: [lm_head, 're:.*vision_tower.*', 're:.*multi_modal_projector.*']
 
-Run with ``oneshot(..., use_loss_mask=True)`` on rows from
-:func:`qvlm_modifiers.data.build_calibration_dataset` (per-token ``loss_mask``: 0 ignored,
-1 answer text, 2 vision).
+Per-token modality labels: rows from :func:`qvlm_modifiers.data.build_calibration_dataset` carry a
+``loss_mask`` (0 ignored, 1 text, 2 vision). Any other VLM calibration data works too (the
+processor's output per row, as llm-compressor's VLM examples build it, with or without ``labels``):
+the labels are then derived per row by :mod:`qvlm_modifiers.modality` (vision = image tokens, text =
+``labels != -100`` when the rows have labels, else every non-image token), and the rule used is logged.
 
 Where this follows the reference code (thu-nics/MBQ) rather than the paper, and the options that
 switch to the other reading (each a field below). Two points have no switch, on purpose: the
@@ -75,6 +77,7 @@ from qvlm_modifiers.awq_cpu import CPUSafeAWQMixin
 from qvlm_modifiers.errors import CalibrationDataError, RecipeError
 from qvlm_modifiers.families import get_family
 from qvlm_modifiers.lm_scoped import scope_awq_mappings
+from qvlm_modifiers.modality import DerivedLossMasks
 from qvlm_modifiers.mbq.loss import (
     LossMode,
     ModalityErrorSums,
@@ -181,6 +184,7 @@ class MBQModifier(CPUSafeAWQMixin, AWQModifier):
     _all_token_stats: dict[str, list[torch.Tensor]] = PrivateAttr(default_factory=dict)
     _active_vision_weight: float | None = PrivateAttr(default=None)
     _active_masks: list[tuple[torch.Tensor, torch.Tensor]] | None = PrivateAttr(default=None)
+    _derived_masks: DerivedLossMasks | None = PrivateAttr(default=None)
 
     @field_validator("sensitivity", mode="before")
     @classmethod
@@ -197,6 +201,11 @@ class MBQModifier(CPUSafeAWQMixin, AWQModifier):
             # smooths the vision tower or projector; AWQ's bare regexes also match CLIP q/k/v)
             self.mappings = scope_awq_mappings(get_layer_mappings_from_model(state.model), self._layer_prefix)
         super().on_initialize(state, **kwargs)
+        calib = state.data.calib if state.data is not None else None
+        if calib is not None:
+            # modality labels for rows without a loss_mask; refuses unusable rows before any work
+            self._derived_masks = DerivedLossMasks(state.model, type(self).__name__)
+            self._derived_masks.index_dataset(getattr(calib, "dataset", calib))
 
         if self.vision_weight is not None:
             return True
@@ -205,7 +214,6 @@ class MBQModifier(CPUSafeAWQMixin, AWQModifier):
         elif isinstance(self.sensitivity, dict):
             self._sensitivity = ModalitySensitivity(ratios=self.sensitivity)
         else:
-            calib = state.data.calib if state.data is not None else None
             if calib is None:
                 raise CalibrationDataError(
                     "MBQModifier needs calibration data for its gradient sensitivity pass. Pass a "
@@ -225,6 +233,8 @@ class MBQModifier(CPUSafeAWQMixin, AWQModifier):
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         super().on_calibration_start(state, event, **kwargs)
         self._resolved_act_bits = self._resolve_act_bits()
+        if self._derived_masks is not None:
+            self._derived_masks.attach(state.model, state)
 
     def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
         # llm-compressor fills state.loss_masks after calibration_start, so check them here
@@ -234,9 +244,11 @@ class MBQModifier(CPUSafeAWQMixin, AWQModifier):
     def _check_loss_masks(self, state: State) -> None:
         if not state.loss_masks or any(m is None for m in state.loss_masks):
             raise CalibrationDataError(
-                "MBQModifier needs per-token modality labels: run oneshot(..., use_loss_mask=True) on "
-                "rows with a 'loss_mask' column (0 ignore, 1 answer text, 2 vision), e.g. built by "
-                "qvlm_modifiers.data.build_calibration_dataset, with its collate_fn as data_collator."
+                "MBQModifier found no per-token modality labels for some calibration batches: they are "
+                "derived from each batch's input_ids when the model embeds them, and this model's input "
+                "embeddings were not called with them. Pass the processor's output (input_ids, ...) per "
+                "row, or rows with a 'loss_mask' column (0 ignore, 1 text, 2 vision) and "
+                "oneshot(..., use_loss_mask=True)."
             )
         if self.text_tokens == "answer" and all(int((m != 0).sum()) == 0 for m in state.loss_masks):
             raise CalibrationDataError(
@@ -246,6 +258,8 @@ class MBQModifier(CPUSafeAWQMixin, AWQModifier):
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         result = super().on_finalize(state, **kwargs)
+        if self._derived_masks is not None:
+            self._derived_masks.detach()
         self._all_token_stats.clear()
         self._active_mapping = None
         self._wa_scales = None

@@ -53,6 +53,7 @@ from torch import nn
 
 from qvlm_modifiers.errors import CalibrationDataError, UnsupportedModelError
 from qvlm_modifiers.mbq.loss import TEXT_TOKEN, TextTokens, modality_token_masks
+from qvlm_modifiers.modality import batch_loss_mask
 
 __all__ = [
     "SENSITIVITY_KINDS",
@@ -336,13 +337,8 @@ def compute_modality_sensitivity(
         if num_samples is not None:
             batches = islice(batches, num_samples)
         for batch in batches:
-            if "loss_mask" not in batch:
-                raise CalibrationDataError(
-                    "Calibration batch has no 'loss_mask': MBQ needs per-token modality labels "
-                    "(0 ignore, 1 answer text, 2 vision). Build the dataset with "
-                    "qvlm_modifiers.data.build_calibration_dataset."
-                )
-            loss_mask = torch.as_tensor(batch["loss_mask"])
+            # the batch's own labels, or derived from its input_ids / labels (qvlm_modifiers.modality)
+            loss_mask, _rule = batch_loss_mask(batch, model.config)
             if not (loss_mask == TEXT_TOKEN).any():
                 logger.warning("MBQ sensitivity: skipping a sample without answer tokens (loss_mask == 1)")
                 continue

@@ -76,6 +76,7 @@ from llmcompressor.utils.dev import get_main_device
 
 from qvlm_modifiers.errors import CalibrationDataError, RecipeError
 from qvlm_modifiers.families import decoder_layers, get_family
+from qvlm_modifiers.modality import VISION, DerivedLossMasks
 from qvlm_modifiers.qvlm.block_search import (
     DEFAULT_PERCENTILES,
     DEFAULT_SHRINK_FACTORS,
@@ -247,6 +248,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
     _num_levels: int = PrivateAttr(default=16)
     _offload_device: torch.device = PrivateAttr(default=torch.device("cpu"))
     _veo_history: list[dict[str, float]] | None = PrivateAttr(default=None)
+    _derived_masks: DerivedLossMasks | None = PrivateAttr(default=None)
 
     @field_validator("percentile_grid")
     @classmethod
@@ -304,6 +306,11 @@ class QVLMModifier(Modifier, QuantizationMixin):
         self._num_levels = self._resolve_num_levels()
         if self._research_mode:
             self._install_research_activation_quant()
+        calib = state.data.calib if state.data is not None else None
+        if self.vision_token_weight != 1.0 and calib is not None:
+            # modality labels for rows without a loss_mask (qvlm_modifiers.modality)
+            self._derived_masks = DerivedLossMasks(model, type(self).__name__)
+            self._derived_masks.index_dataset(getattr(calib, "dataset", calib))
         return True
 
     def _install_research_activation_quant(self) -> None:
@@ -347,6 +354,8 @@ class QVLMModifier(Modifier, QuantizationMixin):
             self.register_hook(layer, self._capture_call_hook, "forward_pre", with_kwargs=True)
             self.register_hook(layer, self._dependency_hook, "forward", with_kwargs=True)
         self._q_hidden, self._fp_hidden = [], None
+        if self._derived_masks is not None:
+            self._derived_masks.attach(state.model, state)
 
     def on_sequential_epoch_end(self, state: State, event: Event, modules: list[torch.nn.Module], **kwargs):
         layer_ids = sorted({self._layer_index[id(m)] for m in modules if id(m) in self._layer_index})
@@ -366,6 +375,8 @@ class QVLMModifier(Modifier, QuantizationMixin):
         self._quantize_outside_decoder(leftovers)
         QuantizationMixin.end_calibration(self, state.model)
         self.remove_hooks()
+        if self._derived_masks is not None:
+            self._derived_masks.detach()
         self._write_metadata(state.model)
         self._templates.clear()
         self._q_hidden = self._fp_hidden = None
@@ -742,7 +753,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
                 "build_calibration_dataset and run qvlm_modifiers.oneshot (or pass use_loss_mask=True to "
                 "llmcompressor.oneshot), or set vision_token_weight: 1.0."
             )
-        if not any(bool((torch.as_tensor(m) == 2).any()) for m in masks):
+        if not any(bool((torch.as_tensor(m) == VISION).any()) for m in masks):
             raise CalibrationDataError(
                 f"QVLMModifier: vision_token_weight={self.vision_token_weight} weighs image tokens, but no "
                 "calibration loss_mask marks any (value 2): the masks are not modality labels (e.g. "
