@@ -2,11 +2,18 @@
 through ``AutoModelForImageTextToText.from_pretrained`` with ``import qvlm_modifiers``'s packed
 loader. The reference is independent of the loader: the original model whose quantized Linears
 get the weights compressed-tensors' own ``PackedQuantizationCompressor.decompress`` produces from
-the saved safetensors."""
+the saved safetensors.
+
+Also: GPTQ (act-order ``static``, llm-compressor's default) and AWQ checkpoints stay packed after
+forward and ``generate`` (bytes held by the language model's Linears against bf16), where
+transformers' own loader holds dense weights after one forward; group act-order checkpoints
+(``weight_g_idx``) load with their index; a packed SigLIP vision tower reloads without hiding
+missing tensors; ``qvlm inspect`` says which Linears run packed."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -21,7 +28,7 @@ from transformers import AutoModelForImageTextToText  # noqa: E402
 
 import qvlm_modifiers  # noqa: E402,F401  (registers the packed loader)
 from qvlm_modifiers import packed_loader, zoo  # noqa: E402
-from qvlm_modifiers.packed_loader import PackedKernelsConfig  # noqa: E402
+from qvlm_modifiers.packed_loader import PackedKernelsConfig, PackedLinear, linear_status, upstream_loading  # noqa: E402
 
 SCHEMES = {"w4_asym": ("W4A16_ASYM", 4), "w3_sym": ("W3A16", 3)}
 NOT_QUANTIZED = ("model.vision_tower.", "model.multi_modal_projector.", "lm_head")
@@ -321,3 +328,235 @@ def test_only_called_linears_are_taken_over():
 
     assert packed_loader._supported_for_packing(mark(torch.nn.Linear(8, 8)))
     assert not packed_loader._supported_for_packing(mark(torch.nn.MultiheadAttention(8, 2).out_proj))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPTQ (act-order static) and AWQ checkpoints stay packed; group act-order; SigLIP; inspect
+# ---------------------------------------------------------------------------------------------
+CALIBRATED = ("gptq_w4a16", "awq_w4a16")  # shipped recipes: GPTQ writes actorder "static"
+# Bytes held by the language model's packed W4 g128 asym Linears over their bf16 weights: 4/16 for
+# the codes, plus per group of 128 weights one bf16 scale and one 4-bit zero point
+# ((2 + 0.5) / 128 / 2 = 0.0098), plus the bf16 bias of q/k/v (1/in_features <= 0.0078) and a
+# 16-byte weight_shape per module: 0.26 here. 0.25 + 0.02 leaves no room for any dense copy.
+W4_PACKED_BOUND = 4 / 16 + 0.02
+
+
+@pytest.fixture(scope="module")
+def calibrated(ckpts, tmp_path_factory):
+    """gptq_w4a16 and awq_w4a16 checkpoints of the bf16 tiny LLaVA (2 calibration rows)."""
+    from transformers import AutoProcessor
+
+    from qvlm_modifiers import data
+
+    base, _ = ckpts
+    root = tmp_path_factory.mktemp("calibrated")
+    processor = AutoProcessor.from_pretrained(base)
+    out = {}
+    for recipe in CALIBRATED:
+        model = AutoModelForImageTextToText.from_pretrained(base)
+        calib = data.build_calibration_dataset(zoo.sample_pairs(2), processor, model, num_samples=2)
+        qvlm_modifiers.oneshot(model=model, processor=processor, dataset=calib, recipe=recipe,
+                               num_calibration_samples=2, output_dir=root / recipe)
+        out[recipe] = root / recipe
+    return out
+
+
+def _lm_linear_bytes_over_bf16(model) -> float:
+    """Bytes held (parameters + buffers) by the Linears of the language model's decoder layers,
+    over 2 bytes x the numel of their dense weights."""
+    from qvlm_modifiers.families import get_family
+
+    layers = get_family(model).layers + "."
+    held = dense = 0
+    for name, module in model.named_modules():
+        if name.startswith(layers) and isinstance(module, (torch.nn.Linear, PackedLinear)):
+            tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+            held += sum(t.numel() * t.element_size() for t in tensors)
+            dense += 2 * module.in_features * module.out_features
+    assert dense
+    return held / dense
+
+
+@pytest.mark.parametrize("recipe", CALIBRATED)
+def test_gptq_and_awq_checkpoints_stay_packed_after_forward_and_generate(calibrated, inputs, recipe, caplog):
+    ckpt = calibrated[recipe]
+    weights = json.loads((ckpt / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["weights"]
+    assert weights["actorder"] == ("static" if recipe.startswith("gptq") else None)
+    with caplog.at_level(logging.INFO, logger="qvlm_modifiers.packed_loader"):
+        model = _load(ckpt)
+    assert "qvlm packed loader: 14 of 14 quantized Linears packed (W4 g128 asym); 0 left to transformers" in caplog.text
+    assert set(linear_status(model).values()) == {"packed"} and len(linear_status(model)) == 14
+    with torch.no_grad():
+        model(**inputs)
+    model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert len(packed_loader.packed_modules(model)) == 14
+    assert _lm_linear_bytes_over_bf16(model) <= W4_PACKED_BOUND
+
+    # transformers' own loader (what happened to these checkpoints before "static" was accepted):
+    # the whole model is decompressed on the first forward, dense weights held from then on
+    with upstream_loading():
+        upstream = _load(ckpt)
+    assert _lm_linear_bytes_over_bf16(upstream) <= W4_PACKED_BOUND  # packed until the first forward
+    with torch.no_grad():
+        upstream(**inputs)
+    assert _lm_linear_bytes_over_bf16(upstream) >= 1.0
+
+
+def _with_group_act_order(src, dst, seed=0):
+    """Copy of GPTQ checkpoint ``src`` as an act-order ``group`` checkpoint (older llm-compressor):
+    ``actorder: group`` and, per quantized Linear, a ``weight_g_idx`` assigning each input column
+    to a scale group (a random permutation of the contiguous assignment, group_size columns each)."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    weights = cfg["quantization_config"]["config_groups"]["group_0"]["weights"]
+    weights["actorder"] = "group"
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with safe_open(str(dst / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    gen = torch.Generator().manual_seed(seed)
+    for key in [k for k in tensors if k.endswith(".weight_packed")]:
+        prefix = key[: -len("weight_packed")]
+        in_features = int(tensors[prefix + "weight_shape"][1])
+        tensors[prefix + "weight_g_idx"] = (torch.randperm(in_features, generator=gen) // weights["group_size"]).int()
+    save_file(tensors, str(dst / "model.safetensors"), metadata=metadata)
+    return dst
+
+
+def _g_idx_reference_model(base, ckpt):
+    """Base model whose quantized Linears get W[:, j] = (q[:, j] - z[:, g]) * s[:, g] with
+    g = weight_g_idx[j], written group by group (independent of the loader's gather)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    model = AutoModelForImageTextToText.from_pretrained(base)
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        disk = {k: f.get_tensor(k) for k in f.keys()}
+    replaced = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.startswith(NOT_QUANTIZED):
+            continue
+        suffix = name.split("language_model.", 1)[1] + "."
+        (prefix,) = [k[: -len("weight_packed")] for k in disk if k.endswith(suffix + "weight_packed")]
+        n, k = module.weight.shape
+        q = unpack_from_int32(disk[prefix + "weight_packed"], 4, torch.Size((n, k))).float()
+        scale = disk[prefix + "weight_scale"].float()
+        zp = unpack_from_int32(disk[prefix + "weight_zero_point"], 4, torch.Size((n, scale.shape[1])), packed_dim=0)
+        g_idx = disk[prefix + "weight_g_idx"]
+        w = torch.empty(n, k)
+        for g in range(scale.shape[1]):
+            cols = (g_idx == g).nonzero().flatten()
+            w[:, cols] = (q[:, cols] - zp[:, g : g + 1].float()) * scale[:, g : g + 1]
+        module.weight.data.copy_(w)
+        replaced += 1
+    assert replaced == 14
+    return model
+
+
+def test_group_act_order_checkpoint_loads_packed_with_its_index(ckpts, calibrated, inputs, tmp_path, caplog, monkeypatch):
+    """compressed-tensors 0.19 refuses ``actorder: group`` outright, so transformers cannot load
+    such a checkpoint and there is no upstream result to compare with: the reference is the
+    dequantization with the index, written independently."""
+    from qvlm_modifiers.errors import CheckpointError
+    from qvlm_modifiers.kernels import dispatch
+
+    base, _ = ckpts
+    ckpt = _with_group_act_order(calibrated["gptq_w4a16"], tmp_path / "group")
+    with upstream_loading(), pytest.raises(Exception, match="actorder='group' has been removed"):
+        AutoModelForImageTextToText.from_pretrained(ckpt)
+
+    with caplog.at_level(logging.WARNING, logger="qvlm_modifiers.packed_loader"):
+        model = _load(ckpt)  # no missing / unexpected key: the index was loaded
+    assert "14 with a GPTQ act-order index (weight_g_idx) run dequantize + matmul per call" in caplog.text
+    assert set(linear_status(model).values()) == {"packed, act-order index"}
+    reference = _g_idx_reference_model(base, ckpt)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        assert torch.equal(logits, reference(**inputs).logits)
+        # the index matters: the same codes read without it (the static checkpoint) give other logits
+        assert not torch.equal(logits, _reference_model(base, calibrated["gptq_w4a16"])(**inputs).logits)
+        # no Triton kernel takes the index: forced "triton" still runs the reference path
+        monkeypatch.setattr(dispatch, "packed_linear", lambda *a, **k: pytest.fail("Triton kernel called"))
+        packed_loader.set_backend(model, "triton")
+        assert torch.equal(model(**inputs).logits, logits)
+    gen = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert torch.equal(gen, reference.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False))
+
+    # a resave keeps the act-order and the index
+    model.save_pretrained(tmp_path / "resaved")
+    weights = json.loads((tmp_path / "resaved" / "config.json").read_text())["quantization_config"]
+    assert weights["config_groups"]["group_0"]["weights"]["actorder"] == "group"
+    with torch.no_grad():
+        assert torch.equal(_load(tmp_path / "resaved")(**inputs).logits, logits)
+
+    # transformers' own dequantization would ignore the index: refused, naming the reason
+    monkeypatch.setenv(packed_loader.ENV_KERNELS, "0")
+    with pytest.raises(CheckpointError, match="weight_g_idx"):
+        AutoModelForImageTextToText.from_pretrained(ckpt)
+
+
+def test_packed_siglip_tower_reloads_and_missing_tensors_stay_reported(tmp_path):
+    """The init workaround lets a packed SigLIP tower reload, but hides nothing: tensors removed
+    from the checkpoint are reported missing, and a missing bias is initialized as usual."""
+    from safetensors.torch import save_file
+
+    model, processor = zoo.build("llava_onevision")
+    model.get_submodule("model.vision_tower.encoder.layers.0.self_attn.q_proj").bias.data.fill_(0.5)  # zoo: zeros
+    ckpt = qvlm_modifiers.save_pretrained(
+        qvlm_modifiers.oneshot(model=model, processor=processor, recipe="rtn_w4a16_vision"), processor, tmp_path / "c"
+    )
+    with upstream_loading(), pytest.raises(AttributeError, match="has no attribute 'weight'"):
+        AutoModelForImageTextToText.from_pretrained(ckpt)  # plain transformers: SigLIP's _init_weights
+    reloaded = _load(ckpt)
+    assert any(n.startswith("model.vision_tower.") for n in packed_loader.packed_modules(reloaded))
+    assert not any("_qvlm_init_placeholder" in m.__dict__ for m in reloaded.modules())  # placeholders removed
+
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    dropped = ["vision_tower.encoder.layers.0.self_attn.q_proj.bias", "vision_tower.encoder.layers.0.mlp.fc1.weight_packed"]
+    assert torch.equal(tensors[dropped[0]], torch.full_like(tensors[dropped[0]], 0.5))
+    save_file({k: v for k, v in tensors.items() if k not in dropped}, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    reloaded, info = AutoModelForImageTextToText.from_pretrained(ckpt, output_loading_info=True)
+    assert {"model." + k for k in dropped} <= set(info["missing_keys"]), info["missing_keys"]
+    assert torch.equal(reloaded.get_submodule("model.vision_tower.encoder.layers.0.self_attn.q_proj").bias,
+                       torch.zeros(tensors[dropped[0]].shape))  # SiglipAttention's init zeroes a missing bias
+
+
+def test_init_workaround_warns_outside_the_transformers_versions_it_was_written_for(monkeypatch, caplog):
+    import transformers
+
+    for version, warns in (("5.17.0", False), ("5.15.2", False), ("5.18.0", True), ("4.57.1", True)):
+        monkeypatch.setattr(transformers, "__version__", version)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="qvlm_modifiers.packed_loader"):
+            assert packed_loader.skip_init_of_compressed_linears(torch.nn.Linear(2, 2)) == []
+        assert ("written for transformers 5.15-5.17" in caplog.text) == warns, version
+
+
+def test_inspect_says_which_linears_run_packed(ckpts, calibrated, tmp_path, capsys):
+    """``qvlm inspect`` reads it from config.json (no weights loaded) and agrees with the load."""
+    from qvlm_modifiers.cli import main
+    from qvlm_modifiers.inspect_ckpt import inspect_checkpoint
+
+    base, _ = ckpts
+    checkpoints = {
+        "gptq": calibrated["gptq_w4a16"],
+        "group": _with_group_act_order(calibrated["gptq_w4a16"], tmp_path / "group"),
+        "w8a8": _quantize(base, tmp_path / "w8a8", "W8A8"),
+    }
+    expected = {"gptq": "packed", "group": "packed, act-order index",
+                "w8a8": "transformers: activations quantized too (W8A8): no packed kernel"}
+    for name, ckpt in checkpoints.items():
+        report = inspect_checkpoint(ckpt)
+        quantized = [m for m in report.modules if m.loader]
+        assert len(quantized) == 14 and {m.loader for m in quantized} == {expected[name]}, name
+        assert set(linear_status(_load(ckpt)).values()) == {expected[name]}, name
+    assert main(["inspect", str(checkpoints["w8a8"]), "--no-reload"]) == 0
+    out = capsys.readouterr().out
+    assert "0 of 14 quantized Linears packed; 14 left to transformers" in out
+    assert "not packed: language_model.model.layers.0.mlp.down_proj (activations quantized too (W8A8)" in out
+    assert main(["inspect", str(checkpoints["gptq"]), "--all", "--no-reload"]) == 0
+    out = capsys.readouterr().out
+    assert "with import qvlm_modifiers: 14 of 14 quantized Linears packed; 0 left to transformers" in out
+    assert out.count("-> packed") == 14

@@ -4,6 +4,10 @@
   by :func:`qvlm_modifiers.recipe_path`, keeps (or, for ``*_vision``, quantizes) the vision tower
   of every family, and runs end to end on at least one family (the exact round trip in
   ``test_roundtrip.py`` or the vision-variant run below);
+* every ``*_vision`` recipe on every family reloads through plain
+  ``AutoModelForImageTextToText.from_pretrained`` with the in-memory quantized model's logits,
+  with ``import qvlm_modifiers``'s loader always, and with transformers' own loader except where a
+  packed SigLIP tower makes that impossible (:data:`NEEDS_QVLM_IMPORT`, shown to fail);
 * LM-scoped AWQ/SmoothQuant mappings resolve inside the decoder layers only, for every family;
 * AWQ on CPU-only PyTorch fails upstream in ``pin_memory`` and works with our mixin;
 * ``load_recipe`` errors: missing file, not YAML, no Modifier, unknown Modifier, unknown field,
@@ -12,8 +16,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import pytest
 import torch
+from transformers import AutoModelForImageTextToText
 from compressed_tensors.utils.match import is_match, match_modules_set
 
 import qvlm_modifiers
@@ -21,7 +29,9 @@ from qvlm_modifiers import data, zoo
 from qvlm_modifiers.errors import RecipeError
 from qvlm_modifiers.families import get_family
 
-from test_roundtrip import ROUNDTRIP_RECIPES, ROUNDTRIP_SCHEMES, load_upstream
+from qvlm_modifiers.packed_loader import PackedLinear, linear_status, upstream_loading
+
+from test_roundtrip import LOGITS_ATOL, ROUNDTRIP_RECIPES, ROUNDTRIP_SCHEMES, _image_text_batch
 
 BASELINES = sorted(
     name for name in qvlm_modifiers.list_recipes() if not name.startswith(("mbq_", "qvlm_"))
@@ -30,8 +40,12 @@ EXPECTED_BASELINES = {
     "rtn_w4a16", "rtn_w4a16_sym", "gptq_w4a16", "awq_w4a16", "rtn_w3a16", "gptq_w3a16", "w8a8",
     "smoothquant_gptq_w8a8", "smoothquant_gptq_w4a8", "rtn_w4a16_vision", "w8a8_vision",
 }
-#: vision variants run here (the others run in test_roundtrip.py)
-VISION_RUNS = [("rtn_w4a16_vision", "qwen2_vl"), ("w8a8_vision", "gemma3")]
+#: vision variants, run here on every family (the others run in test_roundtrip.py)
+VISION_RECIPES = [name for name in BASELINES if name.endswith("_vision")]
+VISION_RUNS = [(name, family) for name in VISION_RECIPES for family in zoo.FAMILY_NAMES]
+#: checkpoints that plain transformers (no ``import qvlm_modifiers``) cannot reload: packed int4
+#: SigLIP Linears, whose missing ``.weight`` SiglipPreTrainedModel._init_weights reads
+NEEDS_QVLM_IMPORT = {("rtn_w4a16_vision", "llava_onevision"), ("rtn_w4a16_vision", "gemma3")}
 
 
 def _quant_ignore(recipe) -> list[str]:
@@ -82,25 +96,75 @@ def test_ignore_covers_every_family(name, family):
             assert not ignored, f"{name}: decoder Linear {n} would stay unquantized"
 
 
+def _check_reloads(out, fam, projector, batch, quant_logits, packed_vision=True,
+                   loaders=("qvlm_modifiers", "transformers")):
+    """Reload ``out`` through plain ``from_pretrained`` with the packed loader and/or transformers'
+    own: nothing missing, vision tower quantized, projector untouched, in-memory model's logits."""
+    for loader in loaders:
+        with upstream_loading() if loader == "transformers" else contextlib.nullcontext():
+            reloaded, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], (loader, info)
+        quantized = [
+            n for n, m in reloaded.named_modules() if hasattr(m, "quantization_scheme") or isinstance(m, PackedLinear)
+        ]
+        assert any(n.startswith(fam.vision_tower + ".") for n in quantized), loader
+        assert not any(n.startswith(fam.projector + ".") for n in quantized), loader
+        if loader == "qvlm_modifiers":
+            status = linear_status(reloaded)
+            assert status and set(status) == set(quantized)
+            if packed_vision:  # every quantized Linear, vision tower included, runs packed
+                assert set(status.values()) == {"packed"}, status
+            else:  # W8A8: int8 weights + activations, left to transformers, and said so
+                assert all(v.startswith("transformers: activations quantized") for v in status.values()), status
+        reloaded.eval()
+        with torch.no_grad():
+            logits = reloaded(**batch).logits
+        torch.testing.assert_close(logits, quant_logits, atol=LOGITS_ATOL, rtol=0, msg=loader)
+        state = reloaded.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in projector.items()), loader
+
+
 @pytest.mark.parametrize("name,family", VISION_RUNS)
-def test_vision_variant_quantizes_vision_tower_and_reloads(name, family, tmp_path):
+def test_vision_variant_quantizes_vision_tower_and_reloads(name, family, tmp_path, caplog):
+    """Every family x every *_vision recipe: our save, plain from_pretrained, in-memory logits."""
+    torch.manual_seed(0)
     model, processor = zoo.build(family)
+    model.eval()
     fam = get_family(model)
-    original = {k: v.clone() for k, v in model.state_dict().items()}
-    out = tmp_path / "out"
-    qvlm_modifiers.oneshot(model=model, processor=processor, recipe=name, output_dir=out)
-    reloaded, info = load_upstream(out)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    quantized = {n for n, m in reloaded.named_modules() if hasattr(m, "quantization_scheme")}
-    assert any(n.startswith(fam.vision_tower + ".") for n in quantized)
-    assert not any(n.startswith(fam.projector + ".") for n in quantized)
-    batch = data.collate_fn([data.build_calibration_dataset(zoo.sample_pairs(1), processor, model, num_samples=1)[0]])
-    batch.pop("loss_mask")
+    projector = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(fam.projector + ".")}
+    assert projector
+    _, batch = _image_text_batch(processor, model, zoo.sample_pairs(1))
+    with caplog.at_level(logging.WARNING, logger="qvlm_modifiers.api"):
+        qvlm_modifiers.oneshot(model=model, processor=processor, recipe=name)
+    needs_import = (name, family) in NEEDS_QVLM_IMPORT
+    assert ("only after `import qvlm_modifiers`" in caplog.text) == needs_import
+    with torch.no_grad():  # the in-memory quantized model (weights fake-quantized on the fly)
+        quant_logits = model(**batch).logits
+    out = qvlm_modifiers.save_pretrained(model, processor, tmp_path / "out")
+    if needs_import:
+        # plain transformers 5.17 cannot reload it, hence the README's "needs import qvlm_modifiers"
+        with upstream_loading(), pytest.raises(AttributeError, match="has no attribute 'weight'"):
+            AutoModelForImageTextToText.from_pretrained(out)
+    _check_reloads(out, fam, projector, batch, quant_logits, packed_vision=name == "rtn_w4a16_vision",
+                   loaders=("qvlm_modifiers",) if needs_import else ("qvlm_modifiers", "transformers"))
+
+
+def test_llmcompressor_save_of_packed_siglip_tower_reloads(saved_vlm, tmp_path):
+    """llm-compressor's own ``oneshot`` + ``model.save_pretrained(save_compressed=True)`` (with
+    ``import qvlm_modifiers``): the packed SigLIP tower reloads through the packed loader."""
+    from llmcompressor import oneshot
+    from transformers import AutoProcessor
+
+    path = saved_vlm("gemma3")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    _, batch = _image_text_batch(processor, model, zoo.sample_pairs(1))
+    oneshot(model=model, processor=processor, recipe=str(qvlm_modifiers.recipe_path("rtn_w4a16_vision")))
     with torch.no_grad():
-        reloaded(**batch)  # decompresses; weights now readable
-    state = reloaded.state_dict()
-    proj = [k for k in original if k.startswith(fam.projector + ".")]
-    assert proj and all(torch.equal(state[k], original[k]) for k in proj)
+        quant_logits = model(**batch).logits
+    model.save_pretrained(tmp_path / "out", save_compressed=True)
+    fam = get_family(model)
+    _check_reloads(tmp_path / "out", fam, {}, batch, quant_logits, loaders=("qvlm_modifiers",))
 
 
 # ---------------------------------------------------------------------------- LM-scoped mappings
@@ -280,11 +344,3 @@ def test_unsupported_bits(tmp_path, weights, acts, expected):
     with pytest.raises(RecipeError, match=expected):
         qvlm_modifiers.load_recipe(_write(tmp_path, text))
 
-
-@pytest.mark.parametrize("family", ["llava_onevision", "gemma3"])
-def test_packed_siglip_vision_tower_refused_before_calibration(family, tmp_path):
-    model, processor = zoo.build(family)
-    with pytest.raises(RecipeError, match="SigLIP vision tower.*w8a8_vision"):
-        qvlm_modifiers.oneshot(model=model, processor=processor, recipe="rtn_w4a16_vision", output_dir=tmp_path / "o")
-    assert not any(hasattr(m, "quantization_scheme") for m in model.modules())
-    assert not (tmp_path / "o").exists()

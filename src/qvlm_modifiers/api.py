@@ -9,8 +9,8 @@ Before calibration starts it
 - loads a model given as a path with ``AutoModelForImageTextToText`` (llm-compressor would use
   ``AutoModelForCausalLM``) and its processor from the same path;
 - checks the model is a supported VLM family -> ``UnsupportedModelError``;
-- refuses a recipe that packs a SigLIP vision tower to < 8 bit (transformers 5.17 cannot reload
-  it) -> ``RecipeError``;
+- warns when the recipe packs a SigLIP vision tower (LLaVA-OneVision, Gemma 3): that checkpoint
+  reloads in transformers only after ``import qvlm_modifiers`` (see :func:`_warn_if_reload_needs_our_loader`);
 - gives a never-saved model a ``name_or_path`` (llm-compressor reloads the config from it): the
   config is written to a temporary directory, removed again at the end;
 - fills ``sequential_targets`` with the family's decoder layer class when the recipe needs
@@ -26,6 +26,7 @@ reloads exactly, atomic) instead of llm-compressor's in-place save.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -35,6 +36,8 @@ from typing import Any
 from qvlm_modifiers.errors import CalibrationDataError, RecipeError
 
 __all__ = ["oneshot"]
+
+logger = logging.getLogger(__name__)
 
 _UNSET = object()
 
@@ -78,13 +81,17 @@ def _prepare_recipe(recipe: Any) -> Any:
     return recipe
 
 
-def _check_vision_tower_reloadable(model: Any, modifiers: list) -> None:
-    """Refuse, before calibration, a recipe whose checkpoint transformers could not reload.
+def _warn_if_reload_needs_our_loader(model: Any, modifiers: list) -> bool:
+    """Warn (and return True) when the recipe packs Linears of a SigLIP vision tower.
 
-    transformers 5.17's ``SiglipPreTrainedModel._init_weights`` reads ``Linear.weight``; a
+    transformers 5.15-5.17's ``SiglipPreTrainedModel._init_weights`` reads ``Linear.weight``; a
     pack-quantized Linear (int weights without int8 activations: W4A16, W3A16, W8A16, W4A8) only
-    has ``weight_packed``, so reloading a checkpoint with a quantized SigLIP vision tower
-    (LLaVA-OneVision, Gemma 3) fails with ``AttributeError``. W8A8 int stores ``weight`` and works.
+    has ``weight_packed``, so plain transformers cannot reload such a checkpoint
+    (``AttributeError``). ``import qvlm_modifiers`` (the packed loader,
+    :func:`qvlm_modifiers.packed_loader.skip_init_of_compressed_linears`) reloads it exactly, and
+    that fix cannot be written into the checkpoint: what a Linear looks like during
+    initialization follows from its scheme, not from the stored tensors. W8A8 int stores
+    ``weight`` and reloads everywhere.
     """
     from compressed_tensors.utils.match import match_named_modules
     from llmcompressor.modifiers.quantization import QuantizationMixin
@@ -94,27 +101,26 @@ def _check_vision_tower_reloadable(model: Any, modifiers: list) -> None:
     fam = get_family(model)
     vision = model.get_submodule(fam.vision_tower)
     if not type(vision).__name__.startswith("Siglip"):
-        return
+        return False
     for modifier in modifiers:
         if not isinstance(modifier, QuantizationMixin):
             continue
         config = modifier.resolve_quantization_config()
         for scheme in config.config_groups.values():
             weights, acts = scheme.weights, scheme.input_activations
-            packed = weights is not None and weights.type == "int" and (
-                acts is None or weights.num_bits < 8
-            )
+            packed = weights is not None and weights.type == "int" and (acts is None or weights.num_bits < 8)
             if not packed:
                 continue
             for name, _ in match_named_modules(model, scheme.targets, config.ignore):
                 if name.startswith(fam.vision_tower + "."):
-                    raise RecipeError(
-                        f"The recipe quantizes the SigLIP vision tower of {fam.architecture} "
-                        f"({name}, ...) to packed {weights.num_bits}-bit weights, which transformers "
-                        "5.17 cannot reload (SiglipPreTrainedModel._init_weights reads "
-                        "Linear.weight). Keep the vision tower in 'ignore' (e.g. rtn_w4a16.yaml) "
-                        "or quantize it with W8A8 (w8a8_vision.yaml)."
+                    logger.warning(
+                        "The recipe packs the SigLIP vision tower of %s (%s, ...) to %d-bit weights: the checkpoint "
+                        "reloads in transformers only after `import qvlm_modifiers` (plain transformers 5.17 fails "
+                        "in SiglipPreTrainedModel._init_weights, which reads Linear.weight).",
+                        fam.architecture, name, weights.num_bits,
                     )
+                    return True
+    return False
 
 
 def _is_saved(model: Any) -> bool:
@@ -177,7 +183,7 @@ def oneshot(
         processor = AutoProcessor.from_pretrained(str(processor))
 
     get_family(model)  # UnsupportedModelError with the supported list
-    _check_vision_tower_reloadable(model, _recipe_modifiers(recipe))
+    _warn_if_reload_needs_our_loader(model, _recipe_modifiers(recipe))
 
     if processor is None and getattr(model.config, "_name_or_path", ""):
         from transformers import AutoProcessor

@@ -7,6 +7,12 @@ loads the checkpoint with ``AutoModelForImageTextToText.from_pretrained`` (safet
 compares every tensor of the reloaded model, mapped back to on-disk names with transformers' own
 ``revert_weight_conversion``, bit for bit against the file; it also reports transformers'
 missing/unexpected/mismatched keys (the symptom of the vision-tower re-initialization pitfall).
+It loads with transformers' own loader first; when that fails and ``import qvlm_modifiers``'s
+packed loader succeeds (a packed SigLIP vision tower), it says so and checks that load instead.
+
+Per quantized module it also says, from ``config.json`` alone, whether ``import qvlm_modifiers``'s
+packed loader would keep it packed or leave it to transformers (which dequantizes it to dense on
+the first forward), and why (:func:`qvlm_modifiers.packed_loader.scheme_packing_blocker`).
 """
 
 from __future__ import annotations
@@ -167,6 +173,8 @@ class ModuleInfo:
     format: str  # on-disk form: "pack-quantized", "int-quantized", "dense"
     weight_shape: tuple[int, ...]
     stored_bytes: int  # weight + its quantization parameters
+    # quantized modules: "packed", "packed, act-order index" or "transformers: <reason>" (packed loader)
+    loader: str = ""
 
 
 @dataclass
@@ -184,6 +192,7 @@ class CheckpointReport:
     bf16_size: int
     files: list[str]
     reload: dict[str, Any] | None = field(default=None)
+    loader_summary: str = ""  # one line: what the packed loader would pack / leave to transformers
 
     @property
     def compression_vs_bf16(self) -> float:
@@ -235,6 +244,36 @@ def _group_for(name: str, groups: dict[str, dict]) -> str | None:
     class_targets = [g for g, spec in groups.items() if any(
         not t.startswith("re:") and "." not in t for t in spec.get("targets", []))]
     return class_targets[0] if class_targets else None
+
+
+def _loader_status(spec: dict, quant_format: str | None, leaves: dict) -> str:
+    """What ``import qvlm_modifiers``'s packed loader does with a module of config group ``spec``."""
+    from qvlm_modifiers.packed_loader import INDEX_ACT_ORDERS, scheme_packing_blocker
+
+    weights = spec.get("weights") or {}
+    reason = scheme_packing_blocker(spec.get("format") or quant_format, weights,
+                                    spec.get("input_activations"), spec.get("output_activations"))
+    if reason is not None:
+        return f"transformers: {reason}"
+    if "weight_g_idx" in leaves or str(weights.get("actorder")).lower() in INDEX_ACT_ORDERS:
+        return "packed, act-order index"
+    return "packed"
+
+
+def loader_summary(modules: list[ModuleInfo]) -> str:
+    """``"14 of 14 quantized Linears packed; 0 left to transformers"`` (+ reasons, act-order index)."""
+    statuses = [m.loader for m in modules if m.loader]
+    if not statuses:
+        return ""
+    packed = sum(1 for s in statuses if s.startswith("packed"))
+    left = Counter(s.split(": ", 1)[1] for s in statuses if s.startswith("transformers: "))
+    line = (f"{packed} of {len(statuses)} quantized Linears packed; {sum(left.values())} left to transformers "
+            "(dense after the first forward)")
+    line += "".join(f"; {n} x {reason}" for reason, n in sorted(left.items()))
+    indexed = statuses.count("packed, act-order index")
+    if indexed:
+        line += f"; {indexed} with a GPTQ act-order index (reference dequantize + matmul, no Triton kernel)"
+    return line
 
 
 def _read_small_tensor(path: Path, name: str) -> tuple[int, ...]:
@@ -311,7 +350,8 @@ def inspect_checkpoint(ckpt: str | Path, reload: bool = False) -> CheckpointRepo
         quantized_numel += numel
         quantized_stored += stored
         scheme = describe_scheme(groups[group]) if group in groups else "quantized (no matching config group)"
-        modules.append(ModuleInfo(module, scheme, fmt, shape, stored))
+        loader = _loader_status(groups[group], quant_format, leaves) if group in groups else "transformers: no config group"
+        modules.append(ModuleInfo(module, scheme, fmt, shape, stored, loader))
 
     counts = Counter(m.scheme for m in modules)
     nominal = sorted({((g.get("weights") or {}).get("num_bits")) for g in groups.values() if g.get("weights")})
@@ -328,6 +368,7 @@ def inspect_checkpoint(ckpt: str | Path, reload: bool = False) -> CheckpointRepo
         size_on_disk=sum(h.file_size for h in headers),
         bf16_size=bf16_bytes,
         files=[f.name for f in files],
+        loader_summary=loader_summary(modules),
     )
     if reload:
         report.reload = check_reload(ckpt, headers)
@@ -342,25 +383,36 @@ def check_reload(ckpt: str | Path, headers: list[SafetensorsHeader] | None = Non
     tensor of the reloaded model (mapped back to on-disk names by transformers'
     ``revert_weight_conversion``) equals the checkpoint's tensor of that name; tied weights that the
     file stores once are compared once. Loads with transformers' own compressed-tensors quantizer
-    (what vLLM-free users and other tools get), not this package's packed loader.
+    (what vLLM-free users and other tools get); only when that raises, with this package's packed
+    loader, and then reports ``loader: "qvlm_modifiers"`` and ``upstream_error`` (the checkpoint
+    reloads only after ``import qvlm_modifiers``: a packed SigLIP vision tower).
     """
     import torch
     from safetensors import safe_open
     from transformers import AutoModelForImageTextToText
     from transformers.core_model_loading import revert_weight_conversion
 
-    from qvlm_modifiers.packed_loader import upstream_loading
+    from qvlm_modifiers.packed_loader import packed_loading, upstream_loading
 
     ckpt = Path(ckpt)
     headers = headers or [read_safetensors_header(f) for f in checkpoint_files(ckpt)]
+
+    def load():
+        return AutoModelForImageTextToText.from_pretrained(
+            ckpt, dtype="auto", use_safetensors=True, output_loading_info=True, trust_remote_code=trust_remote_code,
+        )
+
+    via: dict[str, Any] = {"loader": "transformers"}
     try:
         with upstream_loading():  # judge the checkpoint itself, as plain transformers loads it
-            model, info = AutoModelForImageTextToText.from_pretrained(
-                ckpt, dtype="auto", use_safetensors=True, output_loading_info=True,
-                trust_remote_code=trust_remote_code,
-            )
-    except Exception as err:  # noqa: BLE001 - reported as the check's result, with its message
-        return {"exact": False, "error": f"{type(err).__name__}: {err}"}
+            model, info = load()
+    except Exception as upstream_err:  # noqa: BLE001 - reported as the check's result, with its message
+        try:
+            with packed_loading():
+                model, info = load()
+        except Exception:  # noqa: BLE001
+            return {"exact": False, "error": f"{type(upstream_err).__name__}: {upstream_err}"}
+        via = {"loader": "qvlm_modifiers", "upstream_error": f"{type(upstream_err).__name__}: {upstream_err}"}
     model.eval()
     problems: dict[str, list[str]] = {
         k: sorted(map(str, info.get(k) or [])) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
@@ -394,6 +446,7 @@ def check_reload(ckpt: str | Path, headers: list[SafetensorsHeader] | None = Non
     exact = not any(problems.values()) and not differing and not not_in_file and not in_file_not_model
     return {
         "exact": exact,
+        **via,
         "compared_tensors": compared,
         "differing": differing[:20],
         "model_tensors_not_in_file": not_in_file[:20],
@@ -429,11 +482,14 @@ def format_report(report: CheckpointReport, all_modules: bool = False) -> str:
         f"size         {_human(report.size_on_disk)} on disk vs {_human(report.bf16_size)} in bf16 "
         f"({report.compression_vs_bf16:.2f}x smaller)"
     )
+    if report.loader_summary:
+        lines.append(f"packed       with import qvlm_modifiers: {report.loader_summary}")
     if all_modules:
         lines.append("modules:")
         width = max((len(m.name) for m in report.modules), default=0)
         for m in report.modules:
-            lines.append(f"  {m.name:<{width}}  {m.scheme}  [{m.format}, {'x'.join(map(str, m.weight_shape))}]")
+            runs = f"  -> {m.loader}" if m.loader else ""
+            lines.append(f"  {m.name:<{width}}  {m.scheme}  [{m.format}, {'x'.join(map(str, m.weight_shape))}]{runs}")
     else:
         by_scheme: dict[str, list[str]] = defaultdict(list)
         for m in report.modules:
@@ -441,11 +497,21 @@ def format_report(report: CheckpointReport, all_modules: bool = False) -> str:
         for scheme, names in sorted(by_scheme.items()):
             shown = ", ".join(names[:3]) + (f", ... ({len(names) - 3} more)" if len(names) > 3 else "")
             lines.append(f"  {scheme}: {shown}")
+        left = [m for m in report.modules if m.loader.startswith("transformers: ")]
+        for m in left[:5]:
+            lines.append(f"  not packed: {m.name} ({m.loader.split(': ', 1)[1]})")
+        if len(left) > 5:
+            lines.append(f"  not packed: ... ({len(left) - 5} more)")
         lines.append("  (--all lists every module)")
     if report.reload is not None:
         r = report.reload
         if r.get("error"):
             lines.append(f"reload       FAILED: {r['error']}")
+        elif r["exact"] and r.get("loader") == "qvlm_modifiers":
+            lines.append(
+                f"reload       exact only with `import qvlm_modifiers` ({r['compared_tensors']} tensors bit-identical "
+                f"after from_pretrained); plain transformers fails: {r['upstream_error'][:200]}"
+            )
         elif r["exact"]:
             lines.append(f"reload       exact ({r['compared_tensors']} tensors bit-identical after from_pretrained)")
         else:

@@ -22,6 +22,21 @@ changes:
     dense weight, freed after the call).
 
   Linears that accelerate offloads (multi-device or disk ``device_map``) keep upstream's route.
+- GPTQ act-order: ``static``/``weight`` (llm-compressor's ``GPTQModifier`` default) only changes
+  the calibration order, the layout is the plain one: packed as above. ``group``/``dynamic``
+  (older checkpoints; a ``weight_g_idx`` tensor maps each input column to its scale group) is
+  refused by compressed-tensors 0.19 at config parsing, so transformers cannot load such a
+  checkpoint at all; this loader accepts it, keeps it packed with its ``weight_g_idx`` and runs
+  it through the reference dequantize + matmul (no Triton kernel takes the index), with a
+  warning that names the modules' count and the reason.
+- Every quantized Linear's outcome is logged in one line at load (``qvlm_modifiers.packed_loader``
+  logger: INFO when all are packed, WARNING when some are left to transformers, with the reasons)
+  and kept per module in :func:`linear_status`; ``qvlm inspect CKPT`` shows the same from the
+  checkpoint's config alone (:func:`scheme_packing_blocker`).
+- Compressed Linears keep transformers' weight initialization away (:func:`skip_init_of_compressed_linears`):
+  SigLIP's ``_init_weights`` reads ``Linear.weight``, which a pack-quantized Linear does not have,
+  so a checkpoint with a packed SigLIP vision tower (LLaVA-OneVision, Gemma 3) only reloads
+  through this loader.
 - Modules in the checkpoint's ``ignore`` list stay plain ``nn.Linear`` with their stored weights,
   whether ``ignore`` holds in-memory names (``model.vision_tower...``) or the on-disk names
   compressed-tensors 0.19 writes (``vision_tower...``): on-disk names are mapped to in-memory
@@ -45,10 +60,11 @@ tensors needs ``TRITON_INTERPRET=1`` (tests only).
 from __future__ import annotations
 
 import contextlib
-
 import functools
+import logging
 import os
 import re
+from collections import Counter
 
 import torch
 from torch import nn
@@ -68,9 +84,17 @@ __all__ = [
     "set_backend",
     "packed_modules",
     "in_memory_ignore_entries",
+    "linear_status",
+    "scheme_packing_blocker",
+    "skip_init_of_compressed_linears",
+    "upstream_loading",
+    "packed_loading",
+    "INDEX_ACT_ORDERS",
     "ENV_KERNELS",
     "ENV_BACKEND",
 ]
+
+logger = logging.getLogger(__name__)
 
 ENV_KERNELS = "QVLM_PACKED_KERNELS"
 ENV_BACKEND = "QVLM_PACKED_BACKEND"
@@ -101,6 +125,9 @@ class CompressedTensorsConfig(_HFCompressedTensorsConfig):
     """
 
     def __init__(self, *args, packed_kernels: bool | None = None, **kwargs):
+        if args:  # config_groups given positionally
+            kwargs["config_groups"], args = args[0], args[1:]
+        kwargs["config_groups"], self.index_act_order_groups = _strip_index_act_order(kwargs.get("config_groups"))
         super().__init__(*args, **kwargs)
         self.packed_kernels = packed_kernels
 
@@ -113,7 +140,41 @@ class CompressedTensorsConfig(_HFCompressedTensorsConfig):
     def to_dict(self):
         d = super().to_dict()
         d.pop("packed_kernels", None)
+        # write back the act-order that compressed-tensors 0.19 cannot parse (see _strip_index_act_order)
+        for group, actorder in getattr(self, "index_act_order_groups", {}).items():
+            weights = ((d.get("config_groups") or {}).get(group) or {}).get("weights")
+            if isinstance(weights, dict):
+                weights["actorder"] = actorder
         return d
+
+
+#: GPTQ act-orders that store a ``weight_g_idx`` (column -> scale group). compressed-tensors 0.19
+#: refuses them when parsing a config ("actorder='group' has been removed").
+INDEX_ACT_ORDERS = ("group", "dynamic")
+
+
+def _strip_index_act_order(config_groups):
+    """``(config_groups without group/dynamic act-order, {group name: that act-order})``.
+
+    compressed-tensors 0.19's ``QuantizationArgs`` raises on ``actorder: group``/``dynamic``, so
+    transformers cannot even parse such a checkpoint's config. Parsing it with ``actorder: null``
+    and remembering the groups lets :class:`PackedCompressedTensorsHfQuantizer` load their
+    ``weight_g_idx`` and dequantize with it (or refuse clearly when the packed kernels are off)."""
+    import copy
+
+    if not isinstance(config_groups, dict):
+        return config_groups, {}
+    stripped: dict[str, str] = {}
+    out = {}
+    for name, group in config_groups.items():
+        weights = group.get("weights") if isinstance(group, dict) else None
+        actorder = weights.get("actorder") if isinstance(weights, dict) else None
+        if isinstance(actorder, str) and actorder.lower() in INDEX_ACT_ORDERS:
+            group = copy.deepcopy(group)
+            group["weights"]["actorder"] = None
+            stripped[name] = actorder
+        out[name] = group
+    return out, stripped
 
 
 PackedKernelsConfig = CompressedTensorsConfig
@@ -125,9 +186,13 @@ class PackedLinear(nn.Module):
 
     Buffers (names as in the checkpoint): ``weight_packed`` int32 ``[N, ceil(K*b/32)]``,
     ``weight_scale`` ``[N, groups]``, ``weight_zero_point`` int32 ``[ceil(N*b/32), groups]``
-    (asymmetric only), ``weight_shape`` int64 ``[2]``; optional ``bias``."""
+    (asymmetric only), ``weight_shape`` int64 ``[2]``; optional ``bias``; optional ``weight_g_idx``
+    int ``[K]`` (GPTQ act-order ``group``: input column -> scale group). With ``weight_g_idx`` the
+    forward always takes the reference path (dequantize with the index + matmul): the Triton
+    kernels assume contiguous groups."""
 
-    def __init__(self, layout, weight_packed, weight_scale, weight_zero_point=None, weight_shape=None, bias=None):
+    def __init__(self, layout, weight_packed, weight_scale, weight_zero_point=None, weight_shape=None, bias=None,
+                 weight_g_idx=None):
         super().__init__()
         self.layout = layout
         self.in_features = layout.in_features
@@ -141,6 +206,18 @@ class PackedLinear(nn.Module):
         if weight_shape is None:
             weight_shape = torch.tensor([layout.out_features, layout.in_features])
         self.register_buffer("weight_shape", weight_shape)
+        if weight_g_idx is not None:
+            if weight_g_idx.shape != (layout.in_features,):
+                from qvlm_modifiers.errors import CheckpointError
+
+                raise CheckpointError(
+                    f"weight_g_idx has shape {tuple(weight_g_idx.shape)}, expected ({layout.in_features},) (one scale "
+                    "group per input column): the checkpoint's act-order index does not belong to this Linear. "
+                    "Re-create the checkpoint."
+                )
+            self.register_buffer("weight_g_idx", weight_g_idx)
+        else:
+            self.weight_g_idx = None
         self.bias = bias
         self.backend = os.environ.get(ENV_BACKEND, "auto")
         if self.backend not in _BACKENDS:
@@ -174,6 +251,7 @@ class PackedLinear(nn.Module):
         )
         zp = getattr(module, "weight_zero_point", None) if not args.symmetric else None
         bias = module.bias
+        g_idx = getattr(module, "weight_g_idx", None)
         return cls(
             layout,
             module.weight_packed.data,
@@ -181,6 +259,7 @@ class PackedLinear(nn.Module):
             zp.data if zp is not None else None,
             module.weight_shape.data,
             bias,
+            g_idx.data if g_idx is not None else None,
         )
 
     def __getattr__(self, name: str):
@@ -193,7 +272,7 @@ class PackedLinear(nn.Module):
         return super().__getattr__(name)
 
     def _use_triton(self, x: torch.Tensor) -> bool:
-        if self.backend == "reference":
+        if self.backend == "reference" or self.weight_g_idx is not None:
             return False
         if self.backend == "triton":
             return True
@@ -212,16 +291,40 @@ class PackedLinear(nn.Module):
         """Dense ``[N, K]`` weight via compressed-tensors' unpack + dequantize (reference path)."""
         from qvlm_modifiers.kernels.packing import reference_dequantize
 
-        w = reference_dequantize(self.weight_packed, self.weight_scale, self.weight_zero_point, self.layout)
+        if self.weight_g_idx is not None:
+            w = _dequantize_with_g_idx(
+                self.weight_packed, self.weight_scale, self.weight_zero_point, self.weight_g_idx, self.layout
+            )
+        else:
+            w = reference_dequantize(self.weight_packed, self.weight_scale, self.weight_zero_point, self.layout)
         return w.to(dtype or self.weight_scale.dtype)
 
     def extra_repr(self) -> str:
         lay = self.layout
         g = f"group={lay.group_size}" if lay.group_size else "per-channel"
+        act = ", act-order index" if self.weight_g_idx is not None else ""
         return (
             f"in_features={lay.in_features}, out_features={lay.out_features}, bias={self.bias is not None}, "
-            f"W{lay.num_bits} {g} {'sym' if lay.symmetric else 'asym'}, backend={self.backend}"
+            f"W{lay.num_bits} {g} {'sym' if lay.symmetric else 'asym'}{act}, backend={self.backend}"
         )
+
+
+def _dequantize_with_g_idx(weight_packed, weight_scale, weight_zero_point, g_idx, layout) -> torch.Tensor:
+    """Dense float32 ``[N, K]`` weight of a GPTQ act-order ``group`` Linear: column ``j`` uses scale
+    (and zero point) group ``g_idx[j]``, i.e. ``W[:, j] = (q[:, j] - z[:, g_idx[j]]) * s[:, g_idx[j]]``
+    (what compressed-tensors < 0.10 and vLLM compute). Same operations and order as
+    compressed-tensors' ``_dequantize`` in float32 (exact: small integers times a bf16 scale)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    n, k = layout.out_features, layout.in_features
+    q = unpack_from_int32(weight_packed, layout.num_bits, torch.Size((n, k)))
+    cols = g_idx.to(device=weight_scale.device, dtype=torch.long)
+    scale = weight_scale.to(torch.float32)
+    w = q.to(torch.float32)
+    if not layout.symmetric:
+        zp = unpack_from_int32(weight_zero_point, layout.num_bits, torch.Size((n, layout.n_groups)), packed_dim=0)
+        w = w - zp.to(torch.float32)[:, cols]
+    return w * scale[:, cols]
 
 
 @functools.lru_cache(maxsize=1)
@@ -245,31 +348,158 @@ def set_backend(model: nn.Module, backend: str) -> None:
         module.backend = backend
 
 
-def _supported_for_packing(module: nn.Module) -> bool:
-    from compressed_tensors.config import CompressionFormat
-    from compressed_tensors.quantization import QuantizationStatus
+def _get(obj, key):
+    return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
 
+
+def scheme_packing_blocker(fmt, weights, input_activations=None, output_activations=None) -> str | None:
+    """Why a Linear with this compressed-tensors scheme would *not* be packed by this loader
+    (``None``: it would). Reads only the config (``weights`` etc. as ``QuantizationArgs`` or the
+    dicts of ``config.json``), so ``qvlm inspect`` can say it without loading weights.
+
+    Packed: integer, pack-quantized, 2/3/4/8-bit, group or channel, weight-only; act-order
+    ``None``/``weight``/``static`` (one layout) or ``group``/``dynamic`` (packed with its
+    ``weight_g_idx``, reference path). Everything else is left to transformers, which dequantizes
+    it to dense on the first forward."""
     from qvlm_modifiers.kernels.packing import SUPPORTED_BITS
 
+    if not weights:
+        return "weights not quantized"
+    bits, wtype = _get(weights, "num_bits"), _get(weights, "type") or "int"
+    if input_activations or output_activations:
+        abits = _get(input_activations or output_activations, "num_bits")
+        return f"activations quantized too (W{bits}A{abits}): no packed kernel"
+    fmt = getattr(fmt, "value", fmt)
+    if fmt != "pack-quantized":
+        return f"format {fmt} (not pack-quantized)"
+    if wtype != "int":
+        return f"{wtype} weights"
+    if bits not in SUPPORTED_BITS:
+        return f"{bits}-bit weights (packed kernels: {'/'.join(map(str, SUPPORTED_BITS))})"
+    strategy = getattr(_get(weights, "strategy"), "value", _get(weights, "strategy"))
+    if strategy not in ("group", "channel"):
+        return f"strategy {strategy} (packed kernels: group, channel)"
+    actorder = getattr(_get(weights, "actorder"), "value", _get(weights, "actorder"))
+    if actorder not in (None, "weight", "static", *INDEX_ACT_ORDERS):
+        return f"act-order {actorder!r}"
+    return None
+
+
+def _module_packing_blocker(module: nn.Module) -> str | None:
+    """:func:`scheme_packing_blocker` for a loaded module, plus what only the loaded model shows."""
+    from compressed_tensors.quantization import QuantizationStatus
+
     scheme = getattr(module, "quantization_scheme", None)
-    if scheme is None or scheme.weights is None or not isinstance(module, nn.Linear):
-        return False
+    if scheme is None or scheme.weights is None:
+        return "weights not quantized"
+    if not isinstance(module, nn.Linear):
+        return f"{type(module).__name__} is not a Linear"
     if hasattr(module, "_hf_hook"):  # accelerate-offloaded (multi-device/disk maps): leave to upstream
-        return False
+        return "offloaded by accelerate (multi-device or disk device_map)"
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
-        return False  # nn.MultiheadAttention reads out_proj.weight directly instead of calling it
-    args = scheme.weights
-    return (
-        getattr(module, "quantization_status", None) == QuantizationStatus.COMPRESSED
-        and scheme.format == CompressionFormat.pack_quantized.value
-        and scheme.input_activations is None
-        and scheme.output_activations is None
-        and args.type == "int"
-        and args.num_bits in SUPPORTED_BITS
-        and args.strategy in ("group", "channel")
-        and args.actorder in (None, "weight")  # "weight" reorders at calibration only: layout unchanged
-        and hasattr(module, "weight_packed")
+        return "nn.MultiheadAttention reads out_proj.weight directly instead of calling it"
+    reason = scheme_packing_blocker(scheme.format, scheme.weights, scheme.input_activations, scheme.output_activations)
+    if reason is not None:
+        return reason
+    if getattr(module, "quantization_status", None) != QuantizationStatus.COMPRESSED or not hasattr(
+        module, "weight_packed"
+    ):
+        return "not stored compressed"
+    return None
+
+
+def _supported_for_packing(module: nn.Module) -> bool:
+    return _module_packing_blocker(module) is None
+
+
+def linear_status(model: nn.Module) -> dict[str, str]:
+    """Per quantized Linear of a model loaded through this loader: ``"packed"``, ``"packed,
+    act-order index"`` (``weight_g_idx``, reference path), or ``"transformers: <reason>"`` (left to
+    transformers' decompress-on-first-forward). Empty when the loader did not run (kernels off)."""
+    return dict(getattr(model, "_qvlm_linear_status", {}))
+
+
+def _layout_summary(modules) -> str:
+    kinds = Counter()
+    for m in modules:
+        lay = m.layout
+        kinds[f"W{lay.num_bits} {'g' + str(lay.group_size) if lay.group_size else 'channel'}"
+              f" {'sym' if lay.symmetric else 'asym'}"] += 1
+    return ", ".join(k if len(kinds) == 1 else f"{n} x {k}" for k, n in sorted(kinds.items()))
+
+
+def _log_load_summary(model: nn.Module, status: dict[str, str]) -> str:
+    packed = [m for m in packed_modules(model).values()]
+    left = Counter(v.split(": ", 1)[1] for v in status.values() if v.startswith("transformers: "))
+    indexed = sum(1 for v in status.values() if v == "packed, act-order index")
+    line = (
+        f"qvlm packed loader: {len(packed)} of {len(status)} quantized Linears packed"
+        + (f" ({_layout_summary(packed)})" if packed else "")
+        + f"; {sum(left.values())} left to transformers (dense after the first forward)"
+        + ("".join(f"; {n} x {reason}" for reason, n in sorted(left.items())) if left else "")
     )
+    if indexed:
+        line += (
+            f"; {indexed} with a GPTQ act-order index (weight_g_idx) run dequantize + matmul per call, "
+            "not the Triton kernels"
+        )
+    logger.log(logging.WARNING if left or indexed else logging.INFO, line)
+    return line
+
+
+# --------------------------------------------------------------------------- weight initialization
+#: transformers versions whose loading order :func:`skip_init_of_compressed_linears` was written for
+_INIT_WORKAROUND_TRANSFORMERS = ((5, 15), (5, 17))
+
+
+def skip_init_of_compressed_linears(model: nn.Module) -> list[str]:
+    """Keep transformers' weight initialization from reading the missing ``.weight`` of compressed Linears.
+
+    Works around transformers-internal behaviour (written for transformers 5.15-5.17; a warning is
+    logged on other versions, where it may be unnecessary or insufficient): ``from_pretrained``
+    runs ``_initialize_missing_keys`` -> ``initialize_weights`` *after* the quantizer compressed
+    the modules, and some models' ``_init_weights`` read ``module.weight`` without checking it
+    exists. SigLIP (LLaVA-OneVision's and Gemma 3's vision tower) does, on every ``nn.Linear``
+    (``lecun_normal_(module.weight)``) and on ``SiglipAttention``/``SiglipMLP`` (``q_proj.weight``,
+    ``fc1.weight``...); a pack-quantized Linear only has ``weight_packed``, so the load raised
+    ``AttributeError: 'Linear' object has no attribute 'weight'``.
+
+    Each compressed Linear gets a plain (unregistered) ``weight`` attribute: a meta tensor of the
+    logical shape flagged ``_is_hf_initialized``, which every ``transformers.initialization``
+    function skips, and which is not in ``state_dict`` (loading and ``missing_keys`` are
+    unchanged). Everything else is initialized as before, so a genuinely missing tensor (a bias,
+    a norm) is still reported and initialized. :func:`_remove_init_placeholders` deletes the
+    attributes after loading. Returns the names of the modules that got one."""
+    import transformers
+
+    version = tuple(int(v) for v in re.findall(r"\d+", transformers.__version__)[:2])
+    low, high = _INIT_WORKAROUND_TRANSFORMERS
+    if not low <= version <= high:
+        logger.warning(
+            "qvlm packed loader: skip_init_of_compressed_linears was written for transformers %s-%s, this is %s; "
+            "if loading a checkpoint with a quantized vision tower fails in _init_weights, report it.",
+            ".".join(map(str, low)), ".".join(map(str, high)), transformers.__version__,
+        )
+    names = []
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, nn.Linear)
+            and getattr(module, "quantization_scheme", None) is not None
+            and getattr(module, "weight", None) is None  # compressed: weight_packed etc. instead
+        ):
+            dtype = getattr(getattr(module, "weight_scale", None), "dtype", None) or torch.get_default_dtype()
+            placeholder = torch.empty(module.out_features, module.in_features, device="meta", dtype=dtype)
+            placeholder._is_hf_initialized = True
+            object.__setattr__(module, "weight", placeholder)
+            module._qvlm_init_placeholder = True
+            names.append(name)
+    return names
+
+
+def _remove_init_placeholders(model: nn.Module) -> None:
+    for module in model.modules():
+        if module.__dict__.pop("_qvlm_init_placeholder", False):
+            module.__dict__.pop("weight", None)
 
 
 # --------------------------------------------------------------------------- ignore names
@@ -335,28 +565,61 @@ def _weight_renamings(model: nn.Module) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------- quantizer
 class PackedCompressedTensorsHfQuantizer(CompressedTensorsHfQuantizer):
     """transformers' compressed-tensors quantizer that (1) maps on-disk ``ignore`` names to
-    in-memory names before the model is prepared and (2) after loading replaces every integer
-    pack-quantized Linear by a :class:`PackedLinear` (unless switched off)."""
+    in-memory names before the model is prepared, (2) keeps weight initialization away from
+    compressed Linears (:func:`skip_init_of_compressed_linears`), (3) loads GPTQ act-order
+    ``weight_g_idx`` tensors, and (4) after loading replaces every integer pack-quantized Linear by
+    a :class:`PackedLinear` (unless switched off) and logs a one-line summary."""
+
+    def _keeps_packed(self) -> bool:
+        config = self.quantization_config
+        return not config.dequantize and config.is_quantization_compressed and packed_kernels_enabled(config)
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         ct_config = self.compressor.quantization_config
         if ct_config is not None:
             ct_config.ignore = in_memory_ignore_entries(model, list(ct_config.ignore or []))
-        return super()._process_model_before_weight_loading(model, **kwargs)
+        index_groups = getattr(self.quantization_config, "index_act_order_groups", {})
+        if index_groups and not self._keeps_packed():
+            from qvlm_modifiers.errors import CheckpointError
+
+            raise CheckpointError(
+                f"This checkpoint uses GPTQ act-order {sorted(set(index_groups.values()))} (config groups "
+                f"{sorted(index_groups)}): its weights need their weight_g_idx to be dequantized, which "
+                "compressed-tensors 0.19 (transformers' own path) no longer supports. Only the packed loader "
+                "reads it: load without QVLM_PACKED_KERNELS=0 / packed_kernels=False / dequantize=True."
+            )
+        result = super()._process_model_before_weight_loading(model, **kwargs)
+        if index_groups:
+            _add_g_idx_parameters(model, ct_config, index_groups)
+        skip_init_of_compressed_linears(model)
+        return result
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        config = self.quantization_config
-        if (
-            config.dequantize
-            or not config.is_quantization_compressed
-            or not packed_kernels_enabled(config)
-        ):
+        _remove_init_placeholders(model)
+        if not self._keeps_packed():
             return super()._process_model_after_weight_loading(model, **kwargs)
         replaced = 0
+        status: dict[str, str] = {}
         for name, module in list(model.named_modules()):
-            if not _supported_for_packing(module):
+            scheme = getattr(module, "quantization_scheme", None)
+            if scheme is None or scheme.weights is None:
                 continue
-            _set_submodule(model, name, PackedLinear.from_compressed_linear(module))
+            reason = _module_packing_blocker(module)
+            if reason is not None:
+                if getattr(module, "weight_g_idx", None) is not None:
+                    from qvlm_modifiers.errors import CheckpointError
+
+                    raise CheckpointError(
+                        f"{name} uses a GPTQ act-order index (weight_g_idx) but cannot be packed ({reason}), and "
+                        "transformers' own path (compressed-tensors 0.19) would dequantize it without the index, "
+                        "i.e. wrongly. Load it so that it can be packed (e.g. on one device, without a "
+                        "multi-device or disk device_map)."
+                    )
+                status[name] = f"transformers: {reason}"
+                continue
+            packed = PackedLinear.from_compressed_linear(module)
+            _set_submodule(model, name, packed)
+            status[name] = "packed, act-order index" if packed.weight_g_idx is not None else "packed"
             replaced += 1
         # Modules we could not take over (other schemes) keep upstream's decompress-on-first-forward
         # hook; it only visits modules that still carry a quantization scheme.
@@ -365,6 +628,8 @@ class PackedCompressedTensorsHfQuantizer(CompressedTensorsHfQuantizer):
         if not any(is_module_quantized(m) for m in model.modules()):
             self.compressor.remove_decompression_hook(model)
         model._qvlm_packed_linears = replaced
+        model._qvlm_linear_status = status
+        _log_load_summary(model, status)
 
     @property
     def is_trainable(self):
@@ -372,6 +637,21 @@ class PackedCompressedTensorsHfQuantizer(CompressedTensorsHfQuantizer):
 
     def is_qat_trainable(self) -> bool:
         return False if packed_kernels_enabled(self.quantization_config) else super().is_qat_trainable()
+
+
+def _add_g_idx_parameters(model: nn.Module, ct_config, index_groups: dict[str, str]) -> None:
+    """Give every compressed Linear of a group/dynamic act-order config group a ``weight_g_idx``
+    parameter, so that transformers loads the checkpoint's index into it (compressed-tensors 0.19
+    no longer registers one)."""
+    from compressed_tensors.utils.match import match_named_modules
+
+    for group in index_groups:
+        scheme = ct_config.config_groups[group]
+        for _, module in match_named_modules(model, scheme.targets, ct_config.ignore):
+            packed = getattr(module, "weight_packed", None)
+            if isinstance(module, nn.Linear) and packed is not None and not hasattr(module, "weight_g_idx"):
+                g_idx = torch.empty(module.in_features, dtype=torch.int32, device=packed.device)
+                module.register_parameter("weight_g_idx", nn.Parameter(g_idx, requires_grad=False))
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -398,6 +678,19 @@ def unregister() -> None:
 
 def is_registered() -> bool:
     return hf_auto.AUTO_QUANTIZER_MAPPING.get("compressed-tensors") is PackedCompressedTensorsHfQuantizer
+
+
+@contextlib.contextmanager
+def packed_loading():
+    """Load with this package's quantizer inside the block, even after :func:`unregister` (then restore)."""
+    was_registered = is_registered()
+    if not was_registered:
+        register()
+    try:
+        yield
+    finally:
+        if not was_registered:
+            unregister()
 
 
 @contextlib.contextmanager
