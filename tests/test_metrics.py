@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from qvlm_modifiers import metrics
+from qvlm_modifiers.scoring import next_token_logprobs, predicting_positions
 from qvlm_modifiers.errors import CalibrationDataError, CheckpointError, UnsupportedModelError
 
 
@@ -94,10 +95,15 @@ def test_answer_kl_is_zero_for_the_same_model_and_positive_for_a_perturbed_one(t
 def test_answer_positions_point_at_the_answer_tokens(tiny_idefics3, tiny_vqa):
     _, processor = tiny_idefics3
     row = tiny_vqa[0]
-    batch, positions = metrics._answer_positions(processor, row["image"], row["question"], row["answer"])
+    batch, target = metrics._answer_positions(processor, row["image"], row["question"], row["answer"])
     ids = batch["input_ids"][0]
+    positions = predicting_positions(target)
     predicted = processor.tokenizer.decode(ids[positions + 1], skip_special_tokens=True)
     assert predicted.strip() == row["answer"].strip()
+    # scoring: position t predicts token t + 1; the log-probs are those of exactly these positions
+    logits = torch.randn(len(ids), 7)
+    expected = torch.log_softmax(logits[positions], dim=-1)
+    torch.testing.assert_close(next_token_logprobs(logits, target), expected, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------ generation / accuracy on a model

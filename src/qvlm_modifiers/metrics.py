@@ -24,16 +24,15 @@ import math
 import os
 import re
 import string
-import threading
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from qvlm_modifiers.errors import CalibrationDataError, CheckpointError, UnsupportedModelError
+from qvlm_modifiers.resources import ResourceUsage, measure_resources  # noqa: F401  (re-exported)
+from qvlm_modifiers.scoring import kl_divergence, mean_kl, next_token_logprobs  # noqa: F401  (re-exported)
 
 __all__ = [
     "EvalDataError",
@@ -278,7 +277,8 @@ def evaluate_vqa(model: Any, processor: Any, dataset: Any, batch_size: int = 8, 
 
 # --------------------------------------------------------------------------------------- KL on answer tokens
 def _answer_positions(processor, image, question: str, answer: str):
-    """Processor batch for prompt+answer and the positions whose logits predict the answer tokens."""
+    """Processor batch for prompt+answer and the mask of its answer tokens (scored by
+    :func:`qvlm_modifiers.scoring.next_token_logprobs`)."""
     prompt = build_prompt(processor, question)
     end = getattr(processor.tokenizer, "eos_token", None) or ""
     prompt_ids = processor(text=[prompt], images=[[image]], return_tensors="pt")["input_ids"][0]
@@ -290,7 +290,9 @@ def _answer_positions(processor, image, question: str, answer: str):
             "The tokenized prompt is not a prefix of prompt+answer for this processor, so answer tokens cannot "
             "be located. Fix: use a chat template whose generation prompt ends the user turn cleanly."
         )
-    return full, torch.arange(n - 1, ids.shape[0] - 1)
+    target = torch.zeros(ids.shape[0], dtype=torch.bool)
+    target[n:] = True  # the answer (and end-of-turn) tokens
+    return full, target
 
 
 @torch.no_grad()
@@ -306,23 +308,10 @@ def answer_logprobs(model: Any, processor: Any, dataset: Any, progress: bool = F
     for i in rows:
         record = dataset[i]
         image = record["image"].convert("RGB") if hasattr(record["image"], "convert") else record["image"]
-        batch, positions = _answer_positions(processor, image, record["question"], str(record["answer"]))
-        logits = model(**_to_model(dict(batch), model)).logits[0, positions.to(_device(model))]
-        out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
+        batch, target = _answer_positions(processor, image, record["question"], str(record["answer"]))
+        logits = model(**_to_model(dict(batch), model)).logits[0]
+        out.append(next_token_logprobs(logits, target).cpu())
     return out
-
-
-def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(P || Q) per row of log-probabilities: sum_v p_v (log p_v - log q_v)."""
-    return (logp.exp() * (logp - logq)).sum(-1)
-
-
-def mean_kl(reference: Sequence[torch.Tensor], quantized: Sequence[torch.Tensor]) -> dict[str, float]:
-    """Mean (over all answer tokens) and max KL(full precision || quantized) in nats."""
-    if len(reference) != len(quantized):
-        raise ValueError(f"{len(reference)} reference rows vs {len(quantized)} quantized rows")
-    values = torch.cat([kl_divergence(p, q) for p, q in zip(reference, quantized)])
-    return {"kl_mean": float(values.mean()), "kl_max": float(values.max()), "tokens": int(values.numel())}
 
 
 # --------------------------------------------------------------------------------------- perplexity
@@ -361,56 +350,6 @@ def perplexity(model: Any, tokenizer: Any, text: str, max_tokens: int = 2048, wi
         nll += torch.nn.functional.cross_entropy(logits, chunk[1:].to(device), reduction="sum").item()
         count += chunk.numel() - 1
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count}
-
-
-# --------------------------------------------------------------------------------------- resources
-@dataclass
-class ResourceUsage:
-    wall_s: float
-    peak_rss_bytes: int
-    rss_before_bytes: int
-    cuda_max_allocated_bytes: int | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _rss_bytes() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def measure_resources(fn: Callable[[], Any], poll_s: float = 0.01) -> tuple[Any, ResourceUsage]:
-    """Run ``fn()``; return its result and wall time, peak RSS (sampled every ``poll_s`` and at the
-    end), and CUDA max allocated memory when CUDA is available (reset before the call)."""
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    before = _rss_bytes()
-    peak = [before]
-    stop = threading.Event()
-
-    def poll():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            stop.wait(poll_s)
-
-    thread = threading.Thread(target=poll, daemon=True)
-    start = time.perf_counter()
-    thread.start()
-    try:
-        result = fn()
-        if cuda:
-            torch.cuda.synchronize()
-    finally:
-        wall = time.perf_counter() - start
-        stop.set()
-        thread.join()
-    peak[0] = max(peak[0], _rss_bytes())
-    usage = ResourceUsage(wall, peak[0], before, torch.cuda.max_memory_allocated() if cuda else None)
-    return result, usage
 
 
 def checkpoint_size(path: str | os.PathLike) -> int:
