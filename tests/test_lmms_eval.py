@@ -50,7 +50,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E40
 import qvlm_modifiers  # noqa: E402
 from qvlm_modifiers import zoo  # noqa: E402
 from qvlm_modifiers.families import decoder_layers, get_family  # noqa: E402
-from qvlm_modifiers.packed_loader import upstream_loading  # noqa: E402
+from qvlm_modifiers.upstream import upstream_loading  # noqa: E402
 
 RECIPE = "w8a8"
 MAX_NEW_TOKENS = 8

@@ -27,8 +27,9 @@ from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForImageTextToText  # noqa: E402
 
 import qvlm_modifiers  # noqa: E402,F401  (registers the packed loader)
-from qvlm_modifiers import packed_loader, zoo  # noqa: E402
-from qvlm_modifiers.packed_loader import PackedKernelsConfig, PackedLinear, linear_status, upstream_loading  # noqa: E402
+from qvlm_modifiers import packed_loader, upstream, zoo  # noqa: E402
+from qvlm_modifiers.packed_loader import PackedKernelsConfig, PackedLinear, linear_status  # noqa: E402
+from qvlm_modifiers.upstream import upstream_loading  # noqa: E402
 
 SCHEMES = {"w4_asym": ("W4A16_ASYM", 4), "w3_sym": ("W3A16", 3)}
 NOT_QUANTIZED = ("model.vision_tower.", "model.multi_modal_projector.", "lm_head")
@@ -230,27 +231,24 @@ def test_on_disk_ignore_names_are_honoured(ckpts, tmp_path):
 
     # upstream (pinned transformers 5.17 / compressed-tensors 0.19) gets this wrong: proves the
     # test exercises the fix
-    packed_loader.unregister()
-    try:
-        upstream, info = AutoModelForImageTextToText.from_pretrained(ckpt, output_loading_info=True)
-    finally:
-        packed_loader.register()
-    assert hasattr(upstream.get_submodule(q_name), "quantization_scheme") or info["missing_keys"]
+    with upstream_loading():
+        plain, info = AutoModelForImageTextToText.from_pretrained(ckpt, output_loading_info=True)
+    assert hasattr(plain.get_submodule(q_name), "quantization_scheme") or info["missing_keys"]
 
 
 def test_registration_is_idempotent_and_reversible():
     from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
     from transformers.quantizers.quantizer_compressed_tensors import CompressedTensorsHfQuantizer
 
-    assert packed_loader.is_registered()
-    packed_loader.register()
+    assert upstream.is_registered()
+    upstream.register()
     assert AUTO_QUANTIZER_MAPPING["compressed-tensors"] is packed_loader.PackedCompressedTensorsHfQuantizer
-    packed_loader.unregister()
+    upstream.unregister()
     try:
         assert AUTO_QUANTIZER_MAPPING["compressed-tensors"] is CompressedTensorsHfQuantizer
     finally:
-        packed_loader.register()
-    assert packed_loader.is_registered()
+        upstream.register()
+    assert upstream.is_registered()
 
 
 def test_bad_backend_is_rejected(ckpts):
@@ -529,8 +527,8 @@ def test_init_workaround_warns_outside_the_transformers_versions_it_was_written_
     for version, warns in (("5.17.0", False), ("5.15.2", False), ("5.18.0", True), ("4.57.1", True)):
         monkeypatch.setattr(transformers, "__version__", version)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="qvlm_modifiers.packed_loader"):
-            assert packed_loader.skip_init_of_compressed_linears(torch.nn.Linear(2, 2)) == []
+        with caplog.at_level(logging.WARNING, logger="qvlm_modifiers.upstream"):
+            assert upstream.skip_init_of_compressed_linears(torch.nn.Linear(2, 2)) == []
         assert ("written for transformers 5.15-5.17" in caplog.text) == warns, version
 
 

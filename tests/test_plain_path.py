@@ -26,7 +26,7 @@ from qvlm_modifiers import zoo
 from qvlm_modifiers.errors import CalibrationDataError
 from qvlm_modifiers.families import get_family
 from qvlm_modifiers.modality import IGNORE, TEXT, VISION, derive_loss_mask
-from qvlm_modifiers.packed_loader import upstream_loading
+from qvlm_modifiers.upstream import upstream_loading
 
 RECIPES = sorted(qvlm_modifiers.list_recipes())
 N_ROWS = 4

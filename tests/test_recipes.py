@@ -29,7 +29,8 @@ from qvlm_modifiers import data, zoo
 from qvlm_modifiers.errors import RecipeError
 from qvlm_modifiers.families import get_family
 
-from qvlm_modifiers.packed_loader import PackedLinear, linear_status, upstream_loading
+from qvlm_modifiers.packed_loader import PackedLinear, linear_status
+from qvlm_modifiers.upstream import upstream_loading
 
 from test_roundtrip import LOGITS_ATOL, ROUNDTRIP_RECIPES, ROUNDTRIP_SCHEMES, _image_text_batch
 
@@ -227,7 +228,7 @@ def test_awq_cpu_fix_is_needed(calib_pairs):
     from llmcompressor.modifiers.transform.awq import AWQModifier
     from llmcompressor.modifiers.transform.awq.dynamic_mappings import get_layer_mappings_from_model
 
-    from qvlm_modifiers.awq_cpu import PinSafeIntermediatesCache
+    from qvlm_modifiers.upstream import PinSafeIntermediatesCache
     from qvlm_modifiers.lm_scoped import LMAWQModifier, scope_awq_mappings
 
     model, processor = zoo.build("llava")

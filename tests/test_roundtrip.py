@@ -63,7 +63,7 @@ LOGITS_ATOL = 1e-5
 # ``import qvlm_modifiers`` also registers qvlm_modifiers.packed_loader (packed kernels, and it
 # repairs ``ignore`` lists on load). The checkpoint itself must reload exactly in a process that
 # never imported this package (and in vLLM), so reloads here go through upstream.
-from qvlm_modifiers.packed_loader import upstream_loading  # noqa: E402
+from qvlm_modifiers.upstream import upstream_loading  # noqa: E402
 
 
 def load_upstream(path):

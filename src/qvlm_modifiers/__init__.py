@@ -64,33 +64,23 @@ def register_modifiers() -> list[str]:
     return names
 
 
+# What ``import qvlm_modifiers`` does, all of it:
+# 1. registers our Modifiers with llm-compressor's ModifierFactory (its public extension point), so
+#    recipes name them like built-ins;
+# 2. qvlm_modifiers.upstream.install(): checks the upstream versions, then the integrations that
+#    need upstream internals (processor stand-ins without torchvision, the packed compressed-tensors
+#    loader, reload-safe saves from llm-compressor's own oneshot). See that module for each one.
+# 3. the glibc heap setting for long CPU calibrations, only when QVLM_MALLOC_TUNING=1 asks for it
+#    (it must precede model loading; `qvlm quantize` applies it itself).
 register_modifiers()
 
-# Processors of Qwen2/2.5-VL, LLaVA-OneVision and Idefics3 reload without torchvision (CPU torch).
-from qvlm_modifiers.compat import install_torchvision_free_standins as _install_standins  # noqa: E402
+from qvlm_modifiers import upstream as _upstream  # noqa: E402
 
-_install_standins()
+_upstream.install()
 
-# Our save path, the checked oneshot wrapper and recipe validation (see save.py / api.py).
 from qvlm_modifiers.api import oneshot  # noqa: E402
-from qvlm_modifiers.recipe_check import load_recipe  # noqa: E402
-from qvlm_modifiers.save import install_oneshot_save_hook as _install_oneshot_save_hook  # noqa: E402
-from qvlm_modifiers.save import save_pretrained  # noqa: E402
-
-# llm-compressor's own oneshot(..., output_dir=...) then also writes checkpoints that reload
-# exactly (one rebound name in llmcompressor.entrypoints.utils; see qvlm_modifiers.save).
-_install_oneshot_save_hook()
-
-
-# Packed W3/W4 loading: "compressed-tensors" checkpoints keep their weights packed and run the
-# Triton kernels on CUDA (see qvlm_modifiers.packed_loader; QVLM_PACKED_KERNELS=0 turns it off).
-from qvlm_modifiers.packed_loader import register as _register_packed_loader  # noqa: E402
-
-_register_packed_loader()
-
-# glibc heap setting for long CPU calibrations (qvlm_modifiers.heap): it must precede model loading
-# but slows CPU inference, so at import only on request (QVLM_MALLOC_TUNING=1); `qvlm quantize`
-# applies it itself.
 from qvlm_modifiers.heap import apply_if_requested as _apply_heap_setting_if_requested  # noqa: E402
+from qvlm_modifiers.recipe_check import load_recipe  # noqa: E402
+from qvlm_modifiers.save import save_pretrained  # noqa: E402
 
 _apply_heap_setting_if_requested()

@@ -88,7 +88,7 @@ def _warn_if_reload_needs_our_loader(model: Any, modifiers: list) -> bool:
     pack-quantized Linear (int weights without int8 activations: W4A16, W3A16, W8A16, W4A8) only
     has ``weight_packed``, so plain transformers cannot reload such a checkpoint
     (``AttributeError``). ``import qvlm_modifiers`` (the packed loader,
-    :func:`qvlm_modifiers.packed_loader.skip_init_of_compressed_linears`) reloads it exactly, and
+    :func:`qvlm_modifiers.upstream.skip_init_of_compressed_linears`) reloads it exactly, and
     that fix cannot be written into the checkpoint: what a Linear looks like during
     initialization follows from its scheme, not from the stored tensors. W8A8 int stores
     ``weight`` and reloads everywhere.

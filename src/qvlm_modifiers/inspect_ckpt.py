@@ -392,7 +392,7 @@ def check_reload(ckpt: str | Path, headers: list[SafetensorsHeader] | None = Non
     from transformers import AutoModelForImageTextToText
     from transformers.core_model_loading import revert_weight_conversion
 
-    from qvlm_modifiers.packed_loader import packed_loading, upstream_loading
+    from qvlm_modifiers.upstream import packed_loading, upstream_loading
 
     ckpt = Path(ckpt)
     headers = headers or [read_safetensors_header(f) for f in checkpoint_files(ckpt)]

@@ -11,7 +11,7 @@ the pattern unchanged. Explicit ``mappings`` in a recipe are used as given.
 
 - ``LMAWQModifier`` scopes llm-compressor's own AWQ mappings for the architecture
   (``get_layer_mappings_from_model``; Gemma 3 gets its q/k-norm-aware set) and carries
-  :class:`~qvlm_modifiers.awq_cpu.CPUSafeAWQMixin`, so it runs on CPU-only PyTorch. Like
+  :class:`~qvlm_modifiers.upstream.CPUSafeAWQMixin`, so it runs on CPU-only PyTorch. Like
   AWQModifier it is a transform: follow it with a QuantizationModifier/GPTQModifier.
 - ``LMSmoothQuantModifier`` uses :func:`smoothquant_mappings`: ``input_layernorm -> q/k/v`` and
   the norm that really feeds the MLP -> ``gate/up``. That norm is ``post_attention_layernorm`` in
@@ -32,7 +32,7 @@ from llmcompressor.modifiers.transform.awq.mappings import AWQMapping
 from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 from torch import nn
 
-from qvlm_modifiers.awq_cpu import CPUSafeAWQMixin
+from qvlm_modifiers.upstream import CPUSafeAWQMixin
 from qvlm_modifiers.families import decoder_layers, get_family
 
 __all__ = [

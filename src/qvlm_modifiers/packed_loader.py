@@ -1,6 +1,6 @@
 """Load pack-quantized (W3/W4/...) compressed-tensors checkpoints with the weights kept packed.
 
-``import qvlm_modifiers`` calls :func:`register`, which makes transformers' ``"compressed-tensors"``
+``import qvlm_modifiers`` calls :func:`qvlm_modifiers.upstream.register`, which makes transformers' ``"compressed-tensors"``
 quantization method use :class:`PackedCompressedTensorsHfQuantizer` (a subclass of transformers'
 own ``CompressedTensorsHfQuantizer``) and :class:`CompressedTensorsConfig` (a subclass of
 transformers' config adding one loading option). Checkpoints stay standard compressed-tensors
@@ -49,7 +49,7 @@ Switching the packed kernels off (the model then loads exactly as upstream does)
 - ``from_pretrained(ckpt, quantization_config=PackedKernelsConfig(packed_kernels=False))``, or
 - ``from_pretrained(ckpt, quantization_config=transformers.CompressedTensorsConfig(dequantize=True))``
   (upstream option: dense weights at load time), or
-- :func:`unregister` (restores transformers' own classes for the process).
+- :func:`qvlm_modifiers.upstream.unregister` (restores transformers' own classes for the process).
 
 ``QVLM_PACKED_BACKEND`` (``auto`` default, ``triton``, ``reference``) picks the forward of the
 loaded :class:`PackedLinear` modules; :func:`set_backend` changes it on a loaded model.
@@ -59,7 +59,6 @@ tensors needs ``TRITON_INTERPRET=1`` (tests only).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -68,27 +67,22 @@ from collections import Counter
 
 import torch
 from torch import nn
-from transformers.quantizers import auto as hf_auto
 from transformers.quantizers.quantizer_compressed_tensors import CompressedTensorsHfQuantizer
 from transformers.utils.quantization_config import CompressedTensorsConfig as _HFCompressedTensorsConfig
+
+from qvlm_modifiers.upstream import remove_init_placeholders, skip_init_of_compressed_linears
 
 __all__ = [
     "CompressedTensorsConfig",
     "PackedKernelsConfig",
     "PackedCompressedTensorsHfQuantizer",
     "PackedLinear",
-    "register",
-    "unregister",
-    "is_registered",
     "packed_kernels_enabled",
     "set_backend",
     "packed_modules",
     "in_memory_ignore_entries",
     "linear_status",
     "scheme_packing_blocker",
-    "skip_init_of_compressed_linears",
-    "upstream_loading",
-    "packed_loading",
     "INDEX_ACT_ORDERS",
     "ENV_KERNELS",
     "ENV_BACKEND",
@@ -447,61 +441,6 @@ def _log_load_summary(model: nn.Module, status: dict[str, str]) -> str:
     return line
 
 
-# --------------------------------------------------------------------------- weight initialization
-#: transformers versions whose loading order :func:`skip_init_of_compressed_linears` was written for
-_INIT_WORKAROUND_TRANSFORMERS = ((5, 15), (5, 17))
-
-
-def skip_init_of_compressed_linears(model: nn.Module) -> list[str]:
-    """Keep transformers' weight initialization from reading the missing ``.weight`` of compressed Linears.
-
-    Works around transformers-internal behaviour (written for transformers 5.15-5.17; a warning is
-    logged on other versions, where it may be unnecessary or insufficient): ``from_pretrained``
-    runs ``_initialize_missing_keys`` -> ``initialize_weights`` *after* the quantizer compressed
-    the modules, and some models' ``_init_weights`` read ``module.weight`` without checking it
-    exists. SigLIP (LLaVA-OneVision's and Gemma 3's vision tower) does, on every ``nn.Linear``
-    (``lecun_normal_(module.weight)``) and on ``SiglipAttention``/``SiglipMLP`` (``q_proj.weight``,
-    ``fc1.weight``...); a pack-quantized Linear only has ``weight_packed``, so the load raised
-    ``AttributeError: 'Linear' object has no attribute 'weight'``.
-
-    Each compressed Linear gets a plain (unregistered) ``weight`` attribute: a meta tensor of the
-    logical shape flagged ``_is_hf_initialized``, which every ``transformers.initialization``
-    function skips, and which is not in ``state_dict`` (loading and ``missing_keys`` are
-    unchanged). Everything else is initialized as before, so a genuinely missing tensor (a bias,
-    a norm) is still reported and initialized. :func:`_remove_init_placeholders` deletes the
-    attributes after loading. Returns the names of the modules that got one."""
-    import transformers
-
-    version = tuple(int(v) for v in re.findall(r"\d+", transformers.__version__)[:2])
-    low, high = _INIT_WORKAROUND_TRANSFORMERS
-    if not low <= version <= high:
-        logger.warning(
-            "qvlm packed loader: skip_init_of_compressed_linears was written for transformers %s-%s, this is %s; "
-            "if loading a checkpoint with a quantized vision tower fails in _init_weights, report it.",
-            ".".join(map(str, low)), ".".join(map(str, high)), transformers.__version__,
-        )
-    names = []
-    for name, module in model.named_modules():
-        if (
-            isinstance(module, nn.Linear)
-            and getattr(module, "quantization_scheme", None) is not None
-            and getattr(module, "weight", None) is None  # compressed: weight_packed etc. instead
-        ):
-            dtype = getattr(getattr(module, "weight_scale", None), "dtype", None) or torch.get_default_dtype()
-            placeholder = torch.empty(module.out_features, module.in_features, device="meta", dtype=dtype)
-            placeholder._is_hf_initialized = True
-            object.__setattr__(module, "weight", placeholder)
-            module._qvlm_init_placeholder = True
-            names.append(name)
-    return names
-
-
-def _remove_init_placeholders(model: nn.Module) -> None:
-    for module in model.modules():
-        if module.__dict__.pop("_qvlm_init_placeholder", False):
-            module.__dict__.pop("weight", None)
-
-
 # --------------------------------------------------------------------------- ignore names
 def in_memory_ignore_entries(model: nn.Module, ignore: list[str]) -> list[str]:
     """``ignore`` plus the in-memory form of every entry that matches no module as written.
@@ -595,7 +534,7 @@ class PackedCompressedTensorsHfQuantizer(CompressedTensorsHfQuantizer):
         return result
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        _remove_init_placeholders(model)
+        remove_init_placeholders(model)
         if not self._keeps_packed():
             return super()._process_model_after_weight_loading(model, **kwargs)
         replaced = 0
@@ -658,52 +597,3 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
-
-
-# --------------------------------------------------------------------------- registration
-def register() -> None:
-    """Make ``quant_method: compressed-tensors`` load through this module (idempotent).
-
-    transformers' ``register_quantizer``/``register_quantization_config`` refuse to replace an
-    existing method, so the two mapping entries are set directly (the same dicts they write)."""
-    hf_auto.AUTO_QUANTIZER_MAPPING["compressed-tensors"] = PackedCompressedTensorsHfQuantizer
-    hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING["compressed-tensors"] = CompressedTensorsConfig
-
-
-def unregister() -> None:
-    """Restore transformers' own compressed-tensors quantizer and config."""
-    hf_auto.AUTO_QUANTIZER_MAPPING["compressed-tensors"] = CompressedTensorsHfQuantizer
-    hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING["compressed-tensors"] = _HFCompressedTensorsConfig
-
-
-def is_registered() -> bool:
-    return hf_auto.AUTO_QUANTIZER_MAPPING.get("compressed-tensors") is PackedCompressedTensorsHfQuantizer
-
-
-@contextlib.contextmanager
-def packed_loading():
-    """Load with this package's quantizer inside the block, even after :func:`unregister` (then restore)."""
-    was_registered = is_registered()
-    if not was_registered:
-        register()
-    try:
-        yield
-    finally:
-        if not was_registered:
-            unregister()
-
-
-@contextlib.contextmanager
-def upstream_loading():
-    """Load with transformers' own compressed-tensors quantizer inside the block (then restore).
-
-    For judging a checkpoint itself, as a process that never imported this package (or vLLM)
-    would see it: this loader also repairs ``ignore`` lists on load, upstream does not."""
-    was_registered = is_registered()
-    if was_registered:
-        unregister()
-    try:
-        yield
-    finally:
-        if was_registered:
-            register()

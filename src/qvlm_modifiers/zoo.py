@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from qvlm_modifiers.compat import install_torchvision_free_standins, torchvision_available  # noqa: F401
+from qvlm_modifiers.upstream import install_torchvision_free_standins
 
 __all__ = [
     "FAMILY_NAMES",

@@ -11,7 +11,7 @@ error by the vision/text gradient ratio of each layer (:mod:`qvlm_modifiers.mbq.
   inputs per token (:mod:`qvlm_modifiers.mbq.scale_search`),
 - mappings restricted to the language model's decoder layers (vision tower and projector untouched),
 - a CPU-only fix for the activation cache (AWQ 0.14 pins memory unconditionally):
-  :class:`~qvlm_modifiers.awq_cpu.CPUSafeAWQMixin`, per instance, no global patch.
+  :class:`~qvlm_modifiers.upstream.CPUSafeAWQMixin`, per instance, no global patch.
 
 Like ``AWQModifier`` it is a transform: follow it with ``QuantizationModifier`` (or ``GPTQModifier``)
 whose scheme it searches against. Recipe example::
@@ -66,18 +66,17 @@ from compressed_tensors.quantization import QuantizationStrategy
 from compressed_tensors.utils import get_execution_device
 from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers.transform.awq import AWQModifier
-from llmcompressor.modifiers.transform.awq.base import _allreduce_data_sum
 from llmcompressor.modifiers.transform.awq.dynamic_mappings import get_layer_mappings_from_model
 from llmcompressor.modifiers.transform.awq.mappings import ResolvedMapping
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator
 from torch.nn import Module
 
-from qvlm_modifiers.awq_cpu import CPUSafeAWQMixin
 from qvlm_modifiers.errors import CalibrationDataError, RecipeError
 from qvlm_modifiers.families import get_family
 from qvlm_modifiers.lm_scoped import scope_awq_mappings
 from qvlm_modifiers.modality import DerivedLossMasks
+from qvlm_modifiers.upstream import CPUSafeAWQMixin, allreduce_data_sum
 from qvlm_modifiers.mbq.loss import (
     LossMode,
     ModalityErrorSums,
@@ -346,7 +345,7 @@ class MBQModifier(CPUSafeAWQMixin, AWQModifier):
         if self._resolved_act_bits is not None:
             x_sum, count = self._smooth_activation_stats[name]
             if is_distributed():
-                x_sum, count = _allreduce_data_sum([x_sum, count])
+                x_sum, count = allreduce_data_sum([x_sum, count])
             device = get_execution_device(mapping.parent)
             self._x_mean_for_wa = x_sum.to(device) / count.to(device)
             bits = self._resolved_act_bits
@@ -408,7 +407,7 @@ class MBQModifier(CPUSafeAWQMixin, AWQModifier):
             batch_sums = masked_error_sums(reference, candidate, text, vision, self.loss_mode)
             sums = batch_sums if sums is None else sums + batch_sums
         if is_distributed():
-            sums = ModalityErrorSums.from_tensors(_allreduce_data_sum(sums.as_tensors()), sums.channels)
+            sums = ModalityErrorSums.from_tensors(allreduce_data_sum(sums.as_tensors()), sums.channels)
         loss = modality_weighted_loss(
             sums,
             vision_weight=self._active_vision_weight,
