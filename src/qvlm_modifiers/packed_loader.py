@@ -59,10 +59,8 @@ tensors needs ``TRITON_INTERPRET=1`` (tests only).
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-import re
 from collections import Counter
 
 import torch
@@ -70,6 +68,8 @@ from torch import nn
 from transformers.quantizers.quantizer_compressed_tensors import CompressedTensorsHfQuantizer
 from transformers.utils.quantization_config import CompressedTensorsConfig as _HFCompressedTensorsConfig
 
+from qvlm_modifiers.names import in_memory_ignore_entries
+from qvlm_modifiers.packed_linear import ENV_BACKEND, PackedLinear, packed_modules, set_backend  # noqa: F401
 from qvlm_modifiers.upstream import remove_init_placeholders, skip_init_of_compressed_linears
 
 __all__ = [
@@ -91,8 +91,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ENV_KERNELS = "QVLM_PACKED_KERNELS"
-ENV_BACKEND = "QVLM_PACKED_BACKEND"
-_BACKENDS = ("auto", "triton", "reference")
 
 
 def packed_kernels_enabled(config=None) -> bool:
@@ -172,174 +170,6 @@ def _strip_index_act_order(config_groups):
 
 
 PackedKernelsConfig = CompressedTensorsConfig
-
-
-# --------------------------------------------------------------------------- module
-class PackedLinear(nn.Module):
-    """A Linear whose weight stays in the compressed-tensors pack-quantized layout.
-
-    Buffers (names as in the checkpoint): ``weight_packed`` int32 ``[N, ceil(K*b/32)]``,
-    ``weight_scale`` ``[N, groups]``, ``weight_zero_point`` int32 ``[ceil(N*b/32), groups]``
-    (asymmetric only), ``weight_shape`` int64 ``[2]``; optional ``bias``; optional ``weight_g_idx``
-    int ``[K]`` (GPTQ act-order ``group``: input column -> scale group). With ``weight_g_idx`` the
-    forward always takes the reference path (dequantize with the index + matmul): the Triton
-    kernels assume contiguous groups."""
-
-    def __init__(self, layout, weight_packed, weight_scale, weight_zero_point=None, weight_shape=None, bias=None,
-                 weight_g_idx=None):
-        super().__init__()
-        self.layout = layout
-        self.in_features = layout.in_features
-        self.out_features = layout.out_features
-        self.register_buffer("weight_packed", weight_packed)
-        self.register_buffer("weight_scale", weight_scale)
-        if weight_zero_point is not None:
-            self.register_buffer("weight_zero_point", weight_zero_point)
-        else:
-            self.weight_zero_point = None
-        if weight_shape is None:
-            weight_shape = torch.tensor([layout.out_features, layout.in_features])
-        self.register_buffer("weight_shape", weight_shape)
-        if weight_g_idx is not None:
-            if weight_g_idx.shape != (layout.in_features,):
-                from qvlm_modifiers.errors import CheckpointError
-
-                raise CheckpointError(
-                    f"weight_g_idx has shape {tuple(weight_g_idx.shape)}, expected ({layout.in_features},) (one scale "
-                    "group per input column): the checkpoint's act-order index does not belong to this Linear. "
-                    "Re-create the checkpoint."
-                )
-            self.register_buffer("weight_g_idx", weight_g_idx)
-        else:
-            self.weight_g_idx = None
-        self.bias = bias
-        self.backend = os.environ.get(ENV_BACKEND, "auto")
-        if self.backend not in _BACKENDS:
-            raise ValueError(f"{ENV_BACKEND}={self.backend!r} is not one of {_BACKENDS}; unset it or pick one.")
-
-    @classmethod
-    def from_compressed_linear(cls, module: nn.Linear) -> "PackedLinear":
-        """Take over the loaded compressed tensors of a compressed-tensors pack-quantized Linear."""
-        from qvlm_modifiers.kernels.packing import PackedLayout
-
-        from qvlm_modifiers.errors import CheckpointError
-        from qvlm_modifiers.kernels.packing import packed_words
-
-        args = module.quantization_scheme.weights
-        n, k = (int(v) for v in module.weight_shape.tolist())
-        rows, words = module.weight_packed.shape
-        if n != rows or k <= 0 or packed_words(k, args.num_bits) != words:
-            raise CheckpointError(
-                f"{type(module).__name__} quantized as W{args.num_bits} has weight_shape {(n, k)} inconsistent with "
-                f"its weight_packed {tuple(module.weight_packed.shape)}: the checkpoint holds no compressed tensors "
-                "for this module (it is probably stored dense but missing from quantization_config.ignore, or its "
-                "weight is tied). Add the module to `ignore` in config.json, or load with QVLM_PACKED_KERNELS=0 "
-                "to get transformers' own behaviour."
-            )
-        layout = PackedLayout(
-            out_features=n,
-            in_features=k,
-            num_bits=args.num_bits,
-            group_size=args.group_size if args.strategy == "group" else None,
-            symmetric=args.symmetric,
-        )
-        zp = getattr(module, "weight_zero_point", None) if not args.symmetric else None
-        bias = module.bias
-        g_idx = getattr(module, "weight_g_idx", None)
-        return cls(
-            layout,
-            module.weight_packed.data,
-            module.weight_scale.data,
-            zp.data if zp is not None else None,
-            module.weight_shape.data,
-            bias,
-            g_idx.data if g_idx is not None else None,
-        )
-
-    def __getattr__(self, name: str):
-        if name == "weight":
-            raise AttributeError(
-                "PackedLinear keeps its weight packed and has no dense `weight`: call `.dequantized_weight()` for "
-                "a dense copy, or load with QVLM_PACKED_KERNELS=0 (or "
-                "quantization_config=PackedKernelsConfig(packed_kernels=False)) to get dense Linears."
-            )
-        return super().__getattr__(name)
-
-    def _use_triton(self, x: torch.Tensor) -> bool:
-        if self.backend == "reference" or self.weight_g_idx is not None:
-            return False
-        if self.backend == "triton":
-            return True
-        return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _triton_available()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_triton(x):
-            from qvlm_modifiers.kernels.dispatch import packed_linear
-
-            return packed_linear(
-                x, self.weight_packed, self.weight_scale, self.weight_zero_point, self.layout, bias=self.bias
-            )
-        return nn.functional.linear(x, self.dequantized_weight(x.dtype), self.bias)
-
-    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Dense ``[N, K]`` weight via compressed-tensors' unpack + dequantize (reference path)."""
-        from qvlm_modifiers.kernels.packing import reference_dequantize
-
-        if self.weight_g_idx is not None:
-            w = _dequantize_with_g_idx(
-                self.weight_packed, self.weight_scale, self.weight_zero_point, self.weight_g_idx, self.layout
-            )
-        else:
-            w = reference_dequantize(self.weight_packed, self.weight_scale, self.weight_zero_point, self.layout)
-        return w.to(dtype or self.weight_scale.dtype)
-
-    def extra_repr(self) -> str:
-        lay = self.layout
-        g = f"group={lay.group_size}" if lay.group_size else "per-channel"
-        act = ", act-order index" if self.weight_g_idx is not None else ""
-        return (
-            f"in_features={lay.in_features}, out_features={lay.out_features}, bias={self.bias is not None}, "
-            f"W{lay.num_bits} {g} {'sym' if lay.symmetric else 'asym'}{act}, backend={self.backend}"
-        )
-
-
-def _dequantize_with_g_idx(weight_packed, weight_scale, weight_zero_point, g_idx, layout) -> torch.Tensor:
-    """Dense float32 ``[N, K]`` weight of a GPTQ act-order ``group`` Linear: column ``j`` uses scale
-    (and zero point) group ``g_idx[j]``, i.e. ``W[:, j] = (q[:, j] - z[:, g_idx[j]]) * s[:, g_idx[j]]``
-    (what compressed-tensors < 0.10 and vLLM compute). Same operations and order as
-    compressed-tensors' ``_dequantize`` in float32 (exact: small integers times a bf16 scale)."""
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
-    n, k = layout.out_features, layout.in_features
-    q = unpack_from_int32(weight_packed, layout.num_bits, torch.Size((n, k)))
-    cols = g_idx.to(device=weight_scale.device, dtype=torch.long)
-    scale = weight_scale.to(torch.float32)
-    w = q.to(torch.float32)
-    if not layout.symmetric:
-        zp = unpack_from_int32(weight_zero_point, layout.num_bits, torch.Size((n, layout.n_groups)), packed_dim=0)
-        w = w - zp.to(torch.float32)[:, cols]
-    return w * scale[:, cols]
-
-
-@functools.lru_cache(maxsize=1)
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def packed_modules(model: nn.Module) -> dict[str, PackedLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, PackedLinear)}
-
-
-def set_backend(model: nn.Module, backend: str) -> None:
-    """Set the forward of every :class:`PackedLinear` of ``model`` (``auto``/``triton``/``reference``)."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend {backend!r} is not one of {_BACKENDS}")
-    for module in packed_modules(model).values():
-        module.backend = backend
 
 
 def _get(obj, key):
@@ -439,66 +269,6 @@ def _log_load_summary(model: nn.Module, status: dict[str, str]) -> str:
         )
     logger.log(logging.WARNING if left or indexed else logging.INFO, line)
     return line
-
-
-# --------------------------------------------------------------------------- ignore names
-def in_memory_ignore_entries(model: nn.Module, ignore: list[str]) -> list[str]:
-    """``ignore`` plus the in-memory form of every entry that matches no module as written.
-
-    compressed-tensors 0.19 writes on-disk names (``vision_tower.x``) while the model being loaded
-    has in-memory names (``model.vision_tower.x``). An entry that already matches is kept as is.
-    For one that matches nothing: plain names go through the model's checkpoint conversion
-    mapping (transformers ``WeightRenaming``s, on-disk -> in-memory) and otherwise match modules
-    whose name ends with ``"." + entry``; ``re:`` patterns get the same renaming applied to their
-    literal prefix, else are also tried after an arbitrary ``prefix.``. Class-name entries are
-    left alone. Entries are only added, never removed (unmatched entries are harmless)."""
-    names = [n for n, _ in model.named_modules() if n]
-    name_set = set(names)
-    renamings = _weight_renamings(model)
-    out = list(dict.fromkeys(ignore))
-    for entry in ignore:
-        if entry.startswith("re:"):
-            body = entry[3:]
-            if any(re.match(body, n) for n in names):
-                continue
-            for src, dst in renamings:
-                if re.match(src, body):
-                    candidate = "re:" + re.sub(src, dst, body, count=1)
-                    if candidate not in out and any(re.match(candidate[3:], n) for n in names):
-                        out.append(candidate)
-            prefixed = r"re:(?:.*\.)?" + body
-            if prefixed not in out and any(re.match(prefixed[3:], n) for n in names):
-                out.append(prefixed)
-            continue
-        if entry in name_set or "." not in entry and not any(n.endswith("." + entry) for n in names):
-            continue  # exact name, or a class name such as "Linear"
-        added = False
-        for src, dst in renamings:
-            candidate = re.sub(src, dst, entry, count=1)
-            if candidate != entry and candidate in name_set and candidate not in out:
-                out.append(candidate)
-                added = True
-        if not added:
-            for n in names:
-                if n.endswith("." + entry) and n not in out:
-                    out.append(n)
-    return out
-
-
-def _weight_renamings(model: nn.Module) -> list[tuple[str, str]]:
-    """(source regex, target) pairs of the model's on-disk -> in-memory key renamings."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming
-
-        transforms = get_model_conversion_mapping(model, add_legacy=False)
-    except Exception:  # older/newer transformers without this API: suffix matching still works
-        return []
-    pairs = []
-    for t in transforms:
-        if isinstance(t, WeightRenaming) and len(t.source_patterns) == 1 and len(t.target_patterns) == 1:
-            pairs.append((t.source_patterns[0], t.target_patterns[0]))
-    return pairs
 
 
 # --------------------------------------------------------------------------- quantizer
