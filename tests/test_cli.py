@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -188,18 +189,37 @@ def test_recipes_lists_every_shipped_recipe_with_its_header(capsys):
 
 
 def test_bench_runs_the_script_with_its_arguments(tmp_path, monkeypatch, capfd):
-    import qvlm_modifiers.cli as cli
+    import qvlm_modifiers.cli.commands as commands
 
     script = tmp_path / "bench.py"
     script.write_text("import sys; print('ARGS', sys.argv[1:]); sys.exit(3)\n")
-    monkeypatch.setattr(cli, "_bench_scripts", lambda: {"kernels": script, "e2e": script,
-                                                        "memory": tmp_path / "missing.py"})
+    monkeypatch.setattr(commands, "_bench_scripts", lambda: {"kernels": script, "e2e": script})
     assert main(["bench", "kernels", "--sizes", "64"]) == 3  # the script's exit code is passed on
     assert "ARGS ['--sizes', '64']" in capfd.readouterr().out
     assert main(["bench", "e2e"]) == 3
     assert "ARGS ['--e2e', 'only']" in capfd.readouterr().out  # e2e = the kernel bench's decode line only
+
+
+def test_bench_memory_runs_the_installed_evaluation_lab(tmp_path, monkeypatch, capfd):
+    """`qvlm bench memory` runs `python -m qvlm_eval.bench_memory` (an installed package, never a file
+    of the source checkout); without qvlm_eval it exits 2 and says how to install it."""
+    import qvlm_modifiers.cli.commands as commands
+
+    monkeypatch.setattr(commands, "_eval_lab_installed", lambda: False)
     code = main(["bench", "memory"])
-    assert code == 2 and "not in this installation" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert code == 2 and "qvlm_eval" in err and "pip install -e eval" in err
+    monkeypatch.undo()
+
+    # a stand-in qvlm_eval, found first both here (find_spec) and in the child process
+    lab = tmp_path / "lab" / "qvlm_eval"
+    lab.mkdir(parents=True)
+    (lab / "__init__.py").write_text("")
+    (lab / "bench_memory.py").write_text("import sys; print('MEMORY', sys.argv[1:]); sys.exit(4)\n")
+    monkeypatch.syspath_prepend(str(lab.parent))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(lab.parent), os.environ.get("PYTHONPATH")])))
+    assert main(["bench", "memory", "--depths", "4"]) == 4
+    assert "MEMORY ['--depths', '4']" in capfd.readouterr().out
 
 
 def test_console_script_and_module_entry_point(tmp_path):

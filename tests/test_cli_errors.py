@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from qvlm_modifiers.cli import PAUSE_DURING_SAVE_ENV, RUN_RECORD_NAME, main
+from qvlm_modifiers.cli import RUN_RECORD_NAME, main
 
 
 
@@ -430,9 +430,35 @@ def test_usage_error_exits_2_with_usage(capsys):
 
 
 # ------------------------------------------------------------------------------------ kill during save
+#: Runs `qvlm ARGV` in a child process with a pause in the save path, so the test can SIGKILL it there.
+#: The pause wraps qvlm_modifiers.save._commit (called once the whole checkpoint, processor and run
+#: record are in the temporary sibling directory, right before it is renamed onto OUT): it writes that
+#: directory's path to MARKER and sleeps. Production code has no hook for this.
+_PAUSED_SAVE_DRIVER = """
+import sys, time
+from pathlib import Path
+
+import qvlm_modifiers.save as save
+from qvlm_modifiers.cli import main
+
+marker, argv = Path(sys.argv[1]), sys.argv[2:]
+commit = save._commit
+
+def paused_commit(tmp, out):
+    marker.with_name(marker.name + ".tmp").write_text(str(tmp))
+    marker.with_name(marker.name + ".tmp").replace(marker)  # the test never reads a half-written marker
+    time.sleep(120)
+    commit(tmp, out)
+
+save._commit = paused_commit
+sys.exit(main(argv))
+"""
+
+
 def _quantize_in_subprocess(assets, out: Path, marker: Path, extra=()):
-    env = dict(os.environ, **{PAUSE_DURING_SAVE_ENV: str(marker)}, TQDM_DISABLE="1")
-    cmd = [sys.executable, "-m", "qvlm_modifiers", *map(str, quantize_args(assets, out)), "--quiet", *extra]
+    env = dict(os.environ, TQDM_DISABLE="1")
+    cmd = [sys.executable, "-c", _PAUSED_SAVE_DRIVER, str(marker), *map(str, quantize_args(assets, out)), "--quiet",
+           *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -457,8 +483,8 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
 
 
 def test_sigkill_during_save_leaves_no_output_or_the_previous_checkpoint(assets, checkpoint, tmp_path):
-    """A real process is killed after part of the checkpoint is written (its temporary directory
-    already holds weights, config and processor). Fresh output: nothing at OUT. --overwrite of a
+    """A real process is killed in the save path (its temporary directory already holds weights,
+    config, processor and run record; the rename onto OUT has not happened). Fresh output: nothing at OUT. --overwrite of a
     complete checkpoint: OUT still holds exactly the previous checkpoint."""
     # fresh output directory
     out = tmp_path / "fresh"
