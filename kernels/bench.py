@@ -1,27 +1,30 @@
-"""Benchmark the packed W3/W4 kernels against torch fp16 and transformers' compressed-tensors path.
+"""Benchmark the packed W3/W4 kernels side by side with torch fp16 and other low-bit kernels.
 
     python kernels/bench.py                 # CUDA: 7B/13B layer shapes, M in 1..1024, + end-to-end
+    python kernels/bench.py --impls il tinygemm gemlite marlin --ms 1 16 256 1024 --e2e off
     python kernels/bench.py --help
 
-Per (scheme, layer shape K x N, M) it prints, in one run on the device it finds:
-- ``fp16``: ``torch.nn.functional.linear`` with a dense fp16 weight (cuBLAS);
+One row per (scheme, layer shape K x N, M, implementation), all on the device it finds:
+- ``fp16``: ``torch.nn.functional.linear`` with a dense fp16 weight (cuBLAS), the baseline;
 - ``ct``: transformers' default compressed-tensors route (transformers 5.17 + compressed-tensors
-  0.19): a Linear carrying the pack-quantized tensors is decompressed to a dense weight on its
-  first forward (``decompress_module``, the model-level pre-hook upstream installs) and then runs
-  compressed-tensors' wrapped forward on the dense weight (no memory saving);
-- ``ours``: ``qvlm_modifiers.kernels.dispatch.packed_linear`` (config tuned before timing; the
-  chosen path is printed: ``splitk`` decode, ``gemm`` Triton GEMM, ``dequant`` = Triton
-  dequantize + cuBLAS);
-- speed-ups ``fp16/ours`` and ``ct/ours``; achieved GB/s (bytes a kernel must move: weights in
-  their stored format + activations in + outputs out, over its latency) and % of the device's
-  peak memory bandwidth.
-Timing: CUDA events around each call, the L2 cache flushed (a buffer of twice the L2 size
-zeroed) before every timed call, median over ``--reps``.
+  0.19): decompressed to a dense weight on the first forward (``decompress_module``), then its
+  wrapped forward on the dense weight (no memory saving);
+- ``ours``: ``dispatch.packed_linear``, the kernels on the compressed-tensors layout (the loader's
+  default route);
+- ``il``: ``il_dispatch.interleaved_linear``, the kernels on the interleaved layout
+  (``interleaved.py``): single-launch decode, dequantize + cuBLAS prefill;
+- peers (``peers.py``), when they can run: ``tinygemm`` (``torch.ops.aten._weight_int4pack_mm``,
+  W4, bf16 activations), ``gemlite`` and vLLM's ``marlin`` when importable.
+Columns: eager latency (ms), CUDA-graph replay latency (ms, the kernels without the host's
+launch overhead), host enqueue time per call (us), speed-ups over fp16 in both timings, achieved
+GB/s (weights as stored + activations in + outputs out, over the graph latency when measured)
+with % of peak memory bandwidth, the error against the fp32 plain-PyTorch reference, and the
+chosen path/config. Tuned paths are tuned before timing. Timing: CUDA events around each call,
+the L2 cache flushed before every timed call, median over ``--reps``. A failing measurement
+prints FAILED and the run goes on (``--strict`` stops).
 
-End-to-end line (``--e2e``): a LLaVA whose language model has Llama-7B layer shapes
-(``--e2e-layers`` layers, default 8; random weights) quantized W4A16 g128 by llm-compressor,
-saved compressed, reloaded through ``AutoModelForImageTextToText`` with the packed loader, vs the
-bf16 model: greedy decode tokens/s and peak CUDA memory.
+End-to-end (``--e2e``): ``kernels/e2e.py``. bf16 against W4A16 g128 through ``ours`` and through
+``il`` on a LLaVA with Llama-7B layer shapes, greedy decode eager and with CUDA graphs.
 
 On CPU (no CUDA) it runs tiny shapes through the Triton interpreter (``TRITON_INTERPRET=1``,
 set automatically) so CI keeps the script working: the timings then mean nothing and are
@@ -42,8 +45,10 @@ from tqdm import tqdm
 if not torch.cuda.is_available():  # before the kernels are imported (see kernels/_unpack.py)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from qvlm_modifiers.kernels import dispatch  # noqa: E402
+from qvlm_modifiers.kernels import dispatch, il_dispatch  # noqa: E402
+from qvlm_modifiers.kernels.interleaved import repack, supports  # noqa: E402
 from qvlm_modifiers.kernels.packing import PackedLayout, quantize_and_pack, reference_dequantize  # noqa: E402
+from qvlm_modifiers.kernels.peers import PEERS, Unavailable, make_peer  # noqa: E402
 
 GPU_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (5120, 13824), (13824, 5120)]  # K x N
 GPU_MS = [1, 4, 16, 64, 256, 1024]
@@ -56,11 +61,12 @@ SCHEMES = {  # name: (bits, group_size, symmetric)
     "w3g128a": (3, 128, False),
     "w4ch": (4, None, True),
 }
+IMPLS = ["ct", "ours", "il", *PEERS]
 # peak HBM bandwidth (GB/s) by device name, when torch does not expose clock and bus width
 PEAK_GBS = {"H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800,
             "A100-SXM4-80GB": 2039, "A100-SXM4-40GB": 1555, "A100 80GB PCIe": 1935, "A100-PCIE-40GB": 1555,
             "L40S": 864, "L4": 300, "RTX 4090": 1008, "A10G": 600}
-# Targets from the issue (H100, fp16 baseline, group 128)
+# Targets from the issue (H100/H200, fp16 baseline, group 128)
 TARGETS = {("w4g128", 1): 3.0, ("w4g128a", 1): 3.0, ("w3g128", 1): 3.6, ("w3g128a", 1): 3.6}
 
 
@@ -156,187 +162,144 @@ def ct_default_linear(packed: dict, layout: PackedLayout, dtype: torch.dtype, de
     return linear
 
 
+def _implementations(args, packed, layout, tensors, w, dtype, device) -> dict:
+    """name -> (fn(x), stored bytes, w_ref or None, choose(x) -> config string) or the reason it cannot run."""
+    out = {}
+    stored = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    for name in args.impls:
+        try:
+            if name == "ct":
+                lin = ct_default_linear(packed, layout, dtype, device)
+                out[name] = (lin, layout.out_features * layout.in_features * 2, None, lambda x: "dense after decompression")
+            elif name == "ours":
+                def choose_ours(x):
+                    path, cfg = dispatch.choose(x, tensors, layout)
+                    return f"{path} " + ",".join(f"{a}={b}" for a, b in cfg.items() if a in CFG_KEYS)
+                out[name] = (lambda x: dispatch.packed_linear(x, *tensors, layout), stored, None, choose_ours)
+            elif name == "il":
+                if not supports(layout, args.tile_n):
+                    raise Unavailable("layout not supported by the interleaved kernels")
+                iw = repack(*tensors, layout, tile_n=args.tile_n)
+
+                def choose_il(x, iw=iw):
+                    path, cfg = il_dispatch.choose(x, iw)
+                    return f"{path} " + ",".join(f"{a}={b}" for a, b in cfg.items() if a in CFG_KEYS)
+                out[name] = (lambda x, iw=iw: il_dispatch.interleaved_linear(x, iw), iw.nbytes(), None, choose_il)
+            else:
+                peer = make_peer(name, tensors, layout, w, dtype, device)
+                out[name] = (peer.fn, peer.stored_bytes, peer.w_ref, lambda x, note=peer.note: note)
+        except Unavailable as e:
+            out[name] = str(e)
+        except Exception as e:  # noqa: BLE001
+            if args.strict:
+                raise
+            out[name] = f"FAILED to set up: {type(e).__name__}: {str(e)[:200]}"
+    return out
+
+
+CFG_KEYS = ("block_m", "block_n", "block_k", "split_k", "use_dot", "num_warps")
+
+
 def bench_layers(args, device: torch.device) -> list[dict]:
     on_gpu = device.type == "cuda"
+    graphs = on_gpu and args.timing == "both"
     dtype = torch.float16
     shapes = args.shapes or (GPU_SHAPES if on_gpu else CPU_SHAPES)
     ms = args.ms or (GPU_MS if on_gpu else CPU_MS)
     timer = Timer(device, args.reps, args.warmup)
     peak, peak_src = peak_bandwidth_gbs(device, args.peak_gbs)
     print(f"# peak memory bandwidth: {f'{peak:.0f} GB/s' if peak else 'unknown'} ({peak_src})")
-    header = (f"{'scheme':8} {'K':>6} {'N':>6} {'M':>5} | {'fp16 ms':>9} {'ct ms':>9} {'ours ms':>9} | "
-              f"{'x fp16':>6} {'x ct':>6} | {'GB/s fp16':>9} {'GB/s ours':>9} {'%peak':>6} | {'rel err':>7} | path")
+    header = (f"{'scheme':8} {'K':>6} {'N':>6} {'M':>5} {'impl':8} | {'eager ms':>9} {'graph ms':>9} {'host us':>7} | "
+              f"{'x fp16':>6} {'x graph':>7} | {'GB/s':>7} {'%peak':>6} | {'rel err':>7} | path / note")
     print(header)
     print("-" * len(header))
     rows = []
     gen = torch.Generator(device="cpu").manual_seed(0)
     for scheme in args.schemes:
         bits, group, sym = SCHEMES[scheme]
-        # progress on stderr (the table goes to stdout)
         for k, n in tqdm(shapes, desc=f"bench {scheme}", unit="shape", leave=False, file=sys.stderr):
             w = (torch.randn(n, k, generator=gen) * 0.02).to(device)
             # fp16 scales so the compressed-tensors route can run in fp16 too (ours accepts either)
             packed, layout = quantize_and_pack(w, bits, group, sym, scale_dtype=dtype)
-            tensors = tuple(
-                packed[name].to(device) if name in packed else None
-                for name in ("weight_packed", "weight_scale", "weight_zero_point")
-            )
+            tensors = tuple(packed[name].to(device) if name in packed else None
+                            for name in ("weight_packed", "weight_scale", "weight_zero_point"))
             w16 = w.to(dtype)
-            ct_linear = ct_default_linear(packed, layout, dtype, device)
-            stored_bytes = sum(t.numel() * t.element_size() for t in tensors if t is not None)
             w_ref = reference_dequantize(*tensors, layout, torch.float32)  # plain-PyTorch reference, fp32
+            impls = _implementations(args, packed, layout, tensors, w, dtype, device)
             del w
+            for name, impl in impls.items():
+                if isinstance(impl, str):
+                    print(f"{scheme:8} {k:6d} {n:6d} {'-':>5} {name:8} | unavailable: {impl}", flush=True)
             for m in ms:
                 x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
                 io_bytes = (m * k + m * n) * 2
-                try:
-                    path, cfg = dispatch.choose(x, tensors, layout)  # tune before timing
-                    t_fp16 = timer(lambda: torch.nn.functional.linear(x, w16))
-                    t_ct = timer(lambda: ct_linear(x))
-                    t_ours = timer(lambda: dispatch.packed_linear(x, *tensors, layout))
-                    g_fp16 = g_ours = h_fp16 = h_ours = float("nan")
-                    if on_gpu and args.timing == "both":
-                        g_fp16 = timer.graph(lambda: torch.nn.functional.linear(x, w16))
-                        g_ours = timer.graph(lambda: dispatch.packed_linear(x, *tensors, layout))
-                        h_fp16 = timer.host_us(lambda: torch.nn.functional.linear(x, w16))
-                        h_ours = timer.host_us(lambda: dispatch.packed_linear(x, *tensors, layout))
-                    y_ref = x.float() @ w_ref.T
-                    # error relative to the output's scale: fp16 output rounding alone is ~5e-4
-                    err = ((dispatch.packed_linear(x, *tensors, layout).float() - y_ref).abs().max()
-                           / y_ref.abs().max().clamp_min(1e-12)).item()
-                except Exception as e:  # keep the rest of the table (a GPU session runs this unattended)
-                    print(f"{scheme:8} {k:6d} {n:6d} {m:5d} | FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                    if args.strict:
-                        raise
-                    continue
-                gbs_fp16 = (n * k * 2 + io_bytes) / t_fp16 / 1e6
-                gbs_ours = (stored_bytes + io_bytes) / t_ours / 1e6
-                row = dict(scheme=scheme, k=k, n=n, m=m, fp16=t_fp16, ct=t_ct, ours=t_ours,
-                           x_fp16=t_fp16 / t_ours, x_ct=t_ct / t_ours, gbs_fp16=gbs_fp16, gbs_ours=gbs_ours,
-                           pct=(100 * gbs_ours / peak) if peak else float("nan"), path=path, cfg=cfg,
-                           rel_err=err, fp16_graph=g_fp16, ours_graph=g_ours, x_fp16_graph=g_fp16 / g_ours,
-                           host_us_fp16=h_fp16, host_us_ours=h_ours)
-                rows.append(row)
-                cfg_s = ",".join(f"{a}={b}" for a, b in cfg.items() if a in ("block_m", "block_n", "block_k", "split_k", "use_dot"))
-                print(f"{scheme:8} {k:6d} {n:6d} {m:5d} | {t_fp16:9.4f} {t_ct:9.4f} {t_ours:9.4f} | "
-                      f"{row['x_fp16']:6.2f} {row['x_ct']:6.2f} | {gbs_fp16:9.1f} {gbs_ours:9.1f} {row['pct']:6.1f} | "
-                      f"{err:7.1e} | {path} {cfg_s}", flush=True)
-                if on_gpu and args.timing == "both":
-                    print(f"{'':8} {'':6} {'':6} {'':5} | graph: fp16 {g_fp16:.4f} ms, ours {g_ours:.4f} ms, "
-                          f"x fp16 {g_fp16 / g_ours:5.2f} | host enqueue: fp16 {h_fp16:5.1f} us, ours {h_ours:5.1f} us",
-                          flush=True)
-            del ct_linear, w16, w_ref
+                fp16 = lambda: torch.nn.functional.linear(x, w16)  # noqa: E731
+                base = dict(eager=timer(fp16), graph=timer.graph(fp16) if graphs else float("nan"),
+                            host=timer.host_us(fp16) if graphs else float("nan"))
+                cases = [("fp16", (fp16, n * k * 2, w16.float(), None))] + [(a, b) for a, b in impls.items()
+                                                                     if not isinstance(b, str)]
+                for name, (fn, nbytes, own_ref, choose) in cases:
+                    try:
+                        label = choose(x) if choose else "cuBLAS"  # tune before timing
+                        call = fn if name == "fp16" else (lambda fn=fn: fn(x))
+                        t = base if name == "fp16" else dict(
+                            eager=timer(call), graph=timer.graph(call) if graphs else float("nan"),
+                            host=timer.host_us(call) if graphs else float("nan"))
+                        y_ref = x.float() @ (own_ref.to(device) if own_ref is not None else w_ref).T
+                        y = call() if name != "fp16" else fn()
+                        err = ((y.float() - y_ref).abs().max() / y_ref.abs().max().clamp_min(1e-12)).item()
+                    except Exception as e:  # keep the rest of the table (a GPU session runs this unattended)
+                        print(f"{scheme:8} {k:6d} {n:6d} {m:5d} {name:8} | FAILED: {type(e).__name__}: {str(e)[:300]}",
+                              flush=True)
+                        if args.strict:
+                            raise
+                        continue
+                    kernel_ms = t["graph"] if t["graph"] == t["graph"] else t["eager"]
+                    gbs = (nbytes + io_bytes) / kernel_ms / 1e6
+                    row = dict(scheme=scheme, k=k, n=n, m=m, impl=name, eager=t["eager"], graph=t["graph"],
+                               host_us=t["host"], x_fp16=base["eager"] / t["eager"],
+                               x_fp16_graph=base["graph"] / t["graph"], gbs=gbs,
+                               pct=(100 * gbs / peak) if peak else float("nan"), rel_err=err, path=label,
+                               stored_bytes=nbytes)
+                    rows.append(row)
+                    print(f"{scheme:8} {k:6d} {n:6d} {m:5d} {name:8} | {t['eager']:9.4f} {t['graph']:9.4f} "
+                          f"{t['host']:7.1f} | {row['x_fp16']:6.2f} {row['x_fp16_graph']:7.2f} | {gbs:7.1f} "
+                          f"{row['pct']:6.1f} | {err:7.1e} | {label}", flush=True)
+            del impls, w16, w_ref
             if on_gpu:
                 torch.cuda.empty_cache()
     return rows
 
 
 def summarize(rows: list[dict], device: torch.device) -> None:
-    if rows:
-        worst = max(rows, key=lambda r: r["rel_err"])
-        # fp16 output rounding is 2^-11 ~ 5e-4 of the output's scale; fp32 accumulation order adds less
-        print(f"\n# correctness: worst max|ours - fp32 reference| / max|reference| = {worst['rel_err']:.1e} "
-              f"({worst['scheme']} K={worst['k']} N={worst['n']} M={worst['m']}): "
-              f"{'OK' if worst['rel_err'] < 2e-3 else 'TOO LARGE'} (bound 2e-3)")
+    for impl in ("ours", "il"):
+        sel = [r for r in rows if r["impl"] == impl]
+        if sel:
+            worst = max(sel, key=lambda r: r["rel_err"])
+            # fp16 output rounding is 2^-11 ~ 5e-4 of the output's scale; fp32 accumulation order adds less
+            print(f"\n# correctness {impl}: worst max|y - fp32 reference| / max|reference| = {worst['rel_err']:.1e} "
+                  f"({worst['scheme']} K={worst['k']} N={worst['n']} M={worst['m']}): "
+                  f"{'OK' if worst['rel_err'] < 2e-3 else 'TOO LARGE'} (bound 2e-3)")
     print("\n# targets (issue): W4 g128 M=1 >= 3.0x fp16, W3 g128 M=1 >= 3.6x, never slower than fp16 at M >= 128")
     if device.type != "cuda":
         print("#   not evaluated: CPU interpreter timings mean nothing")
         return
     name = torch.cuda.get_device_name(device)
-    if "H100" not in name:
-        print(f"#   note: targets are stated for H100; this device is {name}")
-    for key, label in (("x_fp16", ""), ("x_fp16_graph", " (CUDA-graph replay, no launch overhead)")):
-        timed = [r for r in rows if r.get(key) == r.get(key)]  # NaN: not measured in this mode
-        for (scheme, m), target in TARGETS.items():
-            sel = [r[key] for r in timed if r["scheme"] == scheme and r["m"] == m]
-            if sel:
-                print(f"#   {scheme} M={m}{label}: min speed-up over shapes {min(sel):.2f}x (target {target}x): "
-                      f"{'MET' if min(sel) >= target else 'NOT MET'}")
-        big = [r for r in timed if r["m"] >= 128]
-        if big:
-            worst = min(big, key=lambda r: r[key])
-            print(f"#   M>=128{label}: worst speed-up {worst[key]:.2f}x ({worst['scheme']} K={worst['k']} "
-                  f"N={worst['n']} M={worst['m']}): {'MET' if worst[key] >= 1.0 else 'NOT MET'}")
-
-
-# ----------------------------------------------------------------------------- end to end
-def _llava_7b_shaped(layers: int):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=2, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, image_seq_length=576)
-
-
-def bench_end_to_end(args, device: torch.device, workdir: str) -> None:
-    import qvlm_modifiers  # noqa: F401  (registers the packed loader)
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import QuantizationModifier
-    from transformers import AutoModelForImageTextToText
-
-    from qvlm_modifiers import packed_loader
-
-    on_gpu = device.type == "cuda"
-    base_dir, q_dir = os.path.join(workdir, "base"), os.path.join(workdir, "w4a16")
-    if on_gpu:
-        config = _llava_7b_shaped(args.e2e_layers)
-        with torch.device(device):
-            model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
-        label = f"LLaVA, Llama-7B-shaped LM with {args.e2e_layers} layers"
-        new_tokens, prompt_len = args.e2e_tokens, 32
-    else:
-        from qvlm_modifiers import zoo
-
-        model, _ = zoo.build("llava", dtype=torch.bfloat16)
-        label = "tiny zoo LLaVA"
-        new_tokens, prompt_len = 8, 8
-    model.save_pretrained(base_dir)
-    del model  # oneshot needs a model loaded from disk (it re-reads the config from name_or_path)
-    model = AutoModelForImageTextToText.from_pretrained(base_dir, dtype=torch.bfloat16, device_map=str(device))
-    recipe = QuantizationModifier(targets="Linear", scheme="W4A16",
-                                  ignore=["lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"])
-    oneshot(model=model, recipe=[recipe])
-    model.save_pretrained(q_dir, save_compressed=True)
-    vocab = model.config.get_text_config().vocab_size
-    del model
-    if on_gpu:
-        torch.cuda.empty_cache()
-
-    ids = torch.randint(5, min(1000, vocab), (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
-
-    def run(path):
-        if on_gpu:
-            torch.cuda.reset_peak_memory_stats(device)
-        m = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16, device_map=str(device)).eval()
-        n_packed = len(packed_loader.packed_modules(m))
-        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        m.generate(input_ids=ids, **kw)  # warm-up (+ kernel tuning / upstream decompression)
-        if on_gpu:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        m.generate(input_ids=ids, **kw)
-        if on_gpu:
-            torch.cuda.synchronize()
-        tps = new_tokens / (time.perf_counter() - t0)
-        if on_gpu:
-            peak = torch.cuda.max_memory_allocated(device) / 2**30
-        else:
-            peak = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers())) / 2**30
-        del m
-        if on_gpu:
-            torch.cuda.empty_cache()
-        return tps, peak, n_packed
-
-    tps_bf16, mem_bf16, _ = run(base_dir)
-    tps_q, mem_q, n_packed = run(q_dir)
-    mem_kind = "peak CUDA memory" if on_gpu else "weight memory"
-    note = "" if on_gpu else "  [CPU reference path: tokens/s mean nothing]"
-    print(f"\n# end-to-end ({label}, greedy decode {new_tokens} tokens after {prompt_len}-token prompt, batch 1)")
-    print(f"e2e bf16      : {tps_bf16:8.2f} tok/s, {mem_kind} {mem_bf16:7.3f} GiB")
-    print(f"e2e W4A16 g128: {tps_q:8.2f} tok/s, {mem_kind} {mem_q:7.3f} GiB ({n_packed} packed Linears)  "
-          f"speed-up {tps_q / tps_bf16:.2f}x, memory {mem_q / mem_bf16:.2f}x{note}")
+    print(f"#   device: {name}")
+    impls = [i for i in dict.fromkeys(r["impl"] for r in rows) if i not in ("fp16", "ct")]
+    for impl in impls:
+        for key, label in (("x_fp16_graph", "graph"), ("x_fp16", "eager")):
+            timed = [r for r in rows if r["impl"] == impl and r[key] == r[key]]  # NaN: not measured
+            for (scheme, m), target in TARGETS.items():
+                sel = [r[key] for r in timed if r["scheme"] == scheme and r["m"] == m]
+                if sel:
+                    print(f"#   {impl:8} {scheme} M={m} ({label}): min speed-up over shapes {min(sel):.2f}x "
+                          f"(target {target}x): {'MET' if min(sel) >= target else 'NOT MET'}")
+            big = [r for r in timed if r["m"] >= 128]
+            if big:
+                worst = min(big, key=lambda r: r[key])
+                print(f"#   {impl:8} M>=128 ({label}): worst speed-up {worst[key]:.2f}x ({worst['scheme']} K={worst['k']} "
+                      f"N={worst['n']} M={worst['m']}): {'MET' if worst[key] >= 1.0 else 'NOT MET'}")
 
 
 def parse_args(argv=None):
@@ -353,11 +316,16 @@ def parse_args(argv=None):
     p.add_argument("--timing", choices=["eager", "both"], default="both",
                    help="eager: per-call latency only; both (GPU): also CUDA-graph replay (kernel time without "
                         "launch overhead) and the host's enqueue time per call")
+    p.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS,
+                   help="implementations besides fp16 (peers that cannot run print why)")
+    p.add_argument("--tile-n", type=int, default=32, help="row tile of the interleaved layout")
     p.add_argument("--strict", action="store_true", help="stop at the first failing measurement")
     p.add_argument("--e2e", choices=["on", "off", "only"], default="on",
                    help="end-to-end decode line: on (after the layer table), off, or only (skip the layer table)")
     p.add_argument("--e2e-layers", type=int, default=8)
     p.add_argument("--e2e-tokens", type=int, default=64)
+    p.add_argument("--e2e-variants", nargs="+", default=["bf16", "interleaved", "packed"],
+                   choices=["bf16", "packed", "interleaved"])
     p.add_argument("--workdir", default=None, help="where the e2e checkpoints go (default: a temp dir)")
     return p.parse_args(argv)
 
@@ -390,12 +358,16 @@ def main(argv=None) -> list[dict]:
         summarize(rows, device)
         print(f"# layer table took {time.perf_counter() - t0:.0f} s (Triton compilation and tuning included)")
     if args.e2e in ("on", "only"):
+        from qvlm_modifiers.kernels import e2e
+
         try:
+            run = lambda wd: e2e.run_e2e(wd, device, args.e2e_layers, args.e2e_tokens,  # noqa: E731
+                                         variants=args.e2e_variants)
             if args.workdir:
-                bench_end_to_end(args, device, args.workdir)
+                run(args.workdir)
             else:
                 with tempfile.TemporaryDirectory() as tmp:
-                    bench_end_to_end(args, device, tmp)
+                    run(tmp)
         except Exception as e:
             print(f"e2e FAILED: {type(e).__name__}: {str(e)[:500]}")
             if args.strict:
