@@ -32,6 +32,9 @@ their losses compare the whole pipeline, not one search.
     nice -n 19 python eval/bench_qvlm_search.py --layers 3 --samples 4 --modes reference exact
 
 ``--json PATH`` also writes the figures.
+
+``search_implementation`` is this benchmark's switch, not a recipe field of ``QVLMModifier``: the
+modes run :class:`BenchQVLMModifier`, ``QVLMModifier`` plus that field.
 """
 
 from __future__ import annotations
@@ -42,10 +45,32 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from qvlm_modifiers.qvlm import QVLMModifier
+
 EVAL_DIR = Path(__file__).resolve().parent
+
+
+class BenchQVLMModifier(QVLMModifier):
+    """``QVLMModifier`` with the benchmark's baseline switch.
+
+    :param search_implementation: ``"fast"`` (default, what ``QVLMModifier`` always runs): the
+        search with exact shortcuts -- the block input of the layer being searched is cached (layers
+        before it are not re-run per candidate), each Linear's fake-quantized weight is computed
+        once per candidate instead of once per forward, candidates stop being evaluated as soon as
+        their partial error already exceeds the best, and states already evaluated are not
+        evaluated again. ``"reference"``: the plain search in which every candidate re-runs the
+        whole block on every sample; same choices and losses, the benchmark's baseline
+    """
+
+    search_implementation: Literal["fast", "reference"] = "fast"
+
+    def _search(self, *args, **kwargs):
+        return super()._search(*args, reference=self.search_implementation == "reference", **kwargs)
+
 
 MODES = {
     "reference": {"search_implementation": "reference", "search_samples": None},
@@ -79,7 +104,6 @@ def run_mode(model_dir: Path, calib, overrides: dict, recipe: str, group_size: i
     import qvlm_modifiers
     from qvlm_modifiers import metrics
     from qvlm_modifiers.data import collate_fn
-    from qvlm_modifiers.qvlm.modifier import QVLMModifier
     from qvlm_modifiers.recipe_check import override_group_size
 
     text, _ = override_group_size(qvlm_modifiers.recipe_path(recipe).read_text(), group_size)
@@ -90,7 +114,7 @@ def run_mode(model_dir: Path, calib, overrides: dict, recipe: str, group_size: i
     if entropy_threshold is not None:
         fields["entropy_threshold"] = entropy_threshold
     fields.update(overrides)
-    modifier = QVLMModifier(**fields)
+    modifier = BenchQVLMModifier(**fields)
     model, processor = metrics.load_model_and_processor(model_dir, dtype=torch.float32)
     wall, cpu = time.perf_counter(), time.process_time()
     oneshot(model=model, processor=processor, dataset=calib, recipe=[modifier], data_collator=collate_fn,

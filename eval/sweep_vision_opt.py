@@ -131,7 +131,7 @@ def scheme_groups(model, lm_scheme: str) -> dict:
 
 
 def make_modifier(config: dict, args, model):
-    from qvlm_modifiers.qvlm.modifier import QVLMModifier
+    from qvlm_modifiers.qvlm import QVLMModifier
 
     fields = dict(config_groups=scheme_groups(model, args.lm_scheme),
                   max_block_layers=args.max_block_layers, search_epochs=args.search_epochs,

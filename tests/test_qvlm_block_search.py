@@ -10,22 +10,21 @@ import torch
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle import fake_quantize
 
-from qvlm_modifiers.qvlm.block_search import (
+from qvlm_modifiers.qvlm.block_search import RangeVariable, coordinate_descent, search_block, spread_batch_indices
+from qvlm_modifiers.qvlm.objective import (
     BlockObjective,
-    RangeVariable,
     block_mse_objective,
     combined_token_weights,
-    coordinate_descent,
-    flatten_for_ranges,
+    modality_token_weights,
+    token_error_weights,
+)
+from qvlm_modifiers.qvlm.ranges import (
     fake_quantize_observed,
+    flatten_for_ranges,
     lp_norm_range,
     minmax_range,
-    modality_token_weights,
     percentile_range,
     range_qparams,
-    search_block,
-    spread_batch_indices,
-    token_error_weights,
 )
 
 GROUP4 = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=16)

@@ -15,8 +15,8 @@ import qvlm_modifiers
 from qvlm_modifiers import data, zoo
 from qvlm_modifiers.errors import CalibrationDataError, RecipeError
 from qvlm_modifiers.families import decoder_layers, get_family
-from qvlm_modifiers.qvlm.block_search import modality_token_weights
-from qvlm_modifiers.qvlm.modifier import METADATA_ATTRIBUTE, QVLMModifier
+from qvlm_modifiers.qvlm import METADATA_ATTRIBUTE, QVLMModifier
+from qvlm_modifiers.qvlm.objective import modality_token_weights
 
 
 def _rows(path, calib_pairs, n=2):
@@ -300,34 +300,6 @@ def test_shipped_weight_activation_recipes(name, bits):
     assert s4.weights.group_size == 128 and s4.input_activations is None
 
 
-def _per_channel_qdq(x, scale, zero_point, bits):
-    """Independent asymmetric static per-input-channel QDQ (signed int grid like compressed-tensors)."""
-    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    q = torch.clamp(torch.round(x / scale) + zero_point.float(), qmin, qmax)
-    return (q - zero_point.float()) * scale
-
-
-def test_research_static_per_channel_activations_are_fake_quant_only(saved_vlm, calib_pairs):
-    model, processor, rows = _rows(saved_vlm("llava"), calib_pairs)
-    recipe = QVLMModifier(scheme="W4A16", targets=["Linear"], research_static_channel_activation_bits=4, search_epochs=1)
-    _oneshot(model, processor, rows, recipe)
-    choices = {k for b in model.config.qvlm_blocks["block_losses"] for k in b["choices"]}
-    assert sum(k.endswith(".input_per_channel_research") for k in choices) == len(_lm_linears(model))
-    g = torch.Generator().manual_seed(0)
-    for name, m in _lm_linears(model):
-        scale, zero_point = m.qvlm_research_act_qparams
-        assert scale.shape == (m.in_features,)
-        x = torch.randn(1, 5, m.in_features, generator=g)
-        expected = torch.nn.functional.linear(_per_channel_qdq(x, scale, zero_point, 4), m.weight)
-        with torch.no_grad():
-            torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-5)
-    # nothing of it reaches the state dict / quantization config: in-memory research option only
-    assert not any("research" in k for k in model.state_dict())
-    with pytest.raises(RecipeError, match="weight-only"):
-        _oneshot(AutoModelForImageTextToText.from_pretrained(saved_vlm("llava")), processor, rows,
-                 QVLMModifier(scheme="W8A8", targets=["Linear"], research_static_channel_activation_bits=4))
-
-
 def test_gptq_rounding_inside_searched_ranges(deep_llava, calib_pairs):
     model, processor, rows = _rows(deep_llava, calib_pairs, n=2)
     recipe = QVLMModifier(scheme="W4A16", targets=["Linear"], gptq_rounding=True, entropy_threshold=-1.0, search_epochs=1)
@@ -344,7 +316,7 @@ def test_visual_encoder_optimization_lowers_its_objective(saved_vlm, calib_pairs
     model, processor, rows = _rows(saved_vlm("llava"), calib_pairs)
     fam = get_family(model)
     init = {}
-    from qvlm_modifiers.qvlm.block_search import flatten_for_ranges, lp_norm_range, range_qparams
+    from qvlm_modifiers.qvlm.ranges import flatten_for_ranges, lp_norm_range, range_qparams
 
     for name, m in model.get_submodule(fam.vision_tower).named_modules():
         if isinstance(m, torch.nn.Linear):
@@ -418,28 +390,48 @@ def test_blocks_spanning_pipeline_subgraphs_give_the_same_result(deep_llava, cal
 
 
 def test_captured_layer_arguments_share_equal_tensors():
-    mod = QVLMModifier(scheme="W4A16")
+    from qvlm_modifiers.qvlm.capture import offload_tree
+
+    cpu = torch.device("cpu")
     mask = torch.zeros(1, 1, 5, 5)
     cos_sin = (torch.randn(1, 5, 8), torch.randn(1, 5, 8))
-    first = mod._to_offload({"attention_mask": mask, "position_embeddings": cos_sin, "flag": True})
-    second = mod._to_offload({"attention_mask": mask.clone(), "position_embeddings": (cos_sin[0].clone(), cos_sin[1] + 1), "flag": True}, first)
+    first = offload_tree({"attention_mask": mask, "position_embeddings": cos_sin, "flag": True}, cpu)
+    second = offload_tree({"attention_mask": mask.clone(), "position_embeddings": (cos_sin[0].clone(), cos_sin[1] + 1), "flag": True}, cpu, first)
     assert second["attention_mask"] is first["attention_mask"]  # equal: stored once
     assert second["position_embeddings"][0] is first["position_embeddings"][0]
     assert second["position_embeddings"][1] is not first["position_embeddings"][1]  # different: own copy
     torch.testing.assert_close(second["position_embeddings"][1], cos_sin[1] + 1)
 
 
+def _bench_modifier_class():
+    """eval/bench_qvlm_search.py's ``BenchQVLMModifier`` (QVLMModifier + ``search_implementation``)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "bench_qvlm_search" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "bench_qvlm_search", Path(__file__).resolve().parents[1] / "eval" / "bench_qvlm_search.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # pydantic resolves the field annotations through it
+        spec.loader.exec_module(module)
+    return sys.modules["bench_qvlm_search"].BenchQVLMModifier
+
+
 def test_fast_search_gives_the_reference_search_exactly(deep_llava, calib_pairs):
-    """``search_implementation: fast`` (cached block-input prefix, cached fake-quantized weights,
-    early stop, memo) must choose the same ranges with bit-identical losses as the plain search,
-    with weight and dynamic per-token activation quantization in the loop, in fewer evaluations."""
+    """The Modifier's search (cached block-input prefix, cached fake-quantized weights, early stop,
+    memo) must choose the same ranges with bit-identical losses as the plain search
+    (``search_implementation: reference`` of eval/bench_qvlm_search.py's subclass), with weight and
+    dynamic per-token activation quantization in the loop, in fewer evaluations."""
+    bench_modifier = _bench_modifier_class()
     runs = {}
     for impl in ("reference", "fast"):
         model, processor, rows = _rows(deep_llava, calib_pairs, n=2)
-        recipe = QVLMModifier(
+        recipe = (bench_modifier if impl == "reference" else QVLMModifier)(
             config_groups={"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 16},
                                  "input_activations": {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "token", "dynamic": True}}},
-            entropy_threshold=-1.0, search_epochs=3, search_implementation=impl, search_samples=None,
+            entropy_threshold=-1.0, search_epochs=3, search_samples=None,
+            **({"search_implementation": "reference"} if impl == "reference" else {}),
         )
         _oneshot(model, processor, rows, recipe)
         runs[impl] = (model.config.qvlm_blocks["block_losses"], model.state_dict())
@@ -453,3 +445,26 @@ def test_fast_search_gives_the_reference_search_exactly(deep_llava, calib_pairs)
         assert torch.equal(ref_state[key], fast_state[key]), key
     # and the search leaves no cache behind on the modules
     assert not any("_qvlm_fq_weight" in m.__dict__ or "_qvlm_weight_key" in m.__dict__ for m in model.modules())
+
+
+def test_public_and_compatibility_names_are_the_registered_class():
+    """``from qvlm_modifiers.qvlm import QVLMModifier``, the older ``qvlm_modifiers.qvlm.modifier``
+    and a recipe naming ``QVLMModifier`` all give the one class (registered by name)."""
+    from qvlm_modifiers.qvlm import base, modifier
+
+    assert modifier.QVLMModifier is base.QVLMModifier is QVLMModifier
+    assert modifier.METADATA_ATTRIBUTE == METADATA_ATTRIBUTE == "qvlm_blocks"
+    (mod,) = [m for m in qvlm_modifiers.load_recipe("qvlm_w4").modifiers if isinstance(m, QVLMModifier)]
+    assert type(mod) is QVLMModifier
+
+
+@pytest.mark.parametrize("field", ["research_static_channel_activation_bits", "search_implementation", "entropy_levels",
+                                   "entropy_level_grid", "entropy_temperature_scale", "init_norm", "init_weight_norm",
+                                   "search_activations"])
+def test_removed_research_switches_are_refused(field):
+    """Switches no shipped, matrix or study recipe used were removed (``search_implementation`` lives
+    on in eval/bench_qvlm_search.py's subclass): a recipe still setting one fails loudly, not silently."""
+    import pydantic
+
+    with pytest.raises(pydantic.ValidationError, match=field):
+        QVLMModifier(scheme="W4A16", **{field: None})

@@ -8,7 +8,7 @@ import torch
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle import fake_quantize
 
-from qvlm_modifiers.qvlm.block_search import flatten_for_ranges, minmax_range, range_qparams
+from qvlm_modifiers.qvlm.ranges import flatten_for_ranges, minmax_range, range_qparams
 from qvlm_modifiers.qvlm.entropy import JointLevelAccumulator
 from qvlm_modifiers.qvlm.visual import (
     dynamic_token_fake_quant_ste,

@@ -6,17 +6,16 @@ against the full-precision path (Eq. 3)::
 
     min_{Q_k, k in B_i} || W_q^(L_i) X_q^(L_i) - W_r^(L_i) X_r^(L_i) ||^2
 
-The candidate bounds are percentiles of the FP tensor distribution,
-``p in {1.0, 0.995, 0.99, 0.985, 0.98}``; ranges are initialised QLoRA-style by minimising the
-lp distance between FP and quantized values over a grid of shrink factors of the min/max range.
+The candidate ranges (percentiles of the FP distribution, lp-norm initialisation) are in
+:mod:`~qvlm_modifiers.qvlm.ranges`, the objective (Eq. 3's MSE and its opt-in weightings) in
+:mod:`~qvlm_modifiers.qvlm.objective`. Here (pure functions, no llm-compressor state):
 
-Here (pure functions, no llm-compressor state):
-
-* a *range variable* is one quantity with its own clipping range: a Linear's weight (per
-  group/channel/tensor min..max, as the scheme's ``weight_scale`` shape) or a Linear's static input
-  activation. Its candidates are: index 0 = the lp-norm initial range, then one range per
-  percentile ``p`` (per group: the ``(1-p)``/``p`` quantiles for asymmetric, the ``p`` quantile
-  of ``|x|`` for symmetric schemes; ``p=1.0`` is min/max). Duplicate candidates are dropped.
+* a *range variable* (:class:`RangeVariable`) is one quantity with its own clipping range: a
+  Linear's weight (per group/channel/tensor min..max, as the scheme's ``weight_scale`` shape) or a
+  Linear's static input activation. Its candidates are: index 0 = the lp-norm initial range, then one
+  range per percentile ``p`` (per group: the ``(1-p)``/``p`` quantiles for asymmetric, the ``p``
+  quantile of ``|x|`` for symmetric schemes; ``p=1.0`` is min/max). Duplicate candidates are dropped.
+  :mod:`~qvlm_modifiers.qvlm.range_variables` builds them on a quantized Linear.
 * :func:`coordinate_descent` visits the variables in order and moves one variable at a time to
   its best candidate with all others fixed, for up to ``epochs`` passes, stopping early after a
   pass without change. A move is taken only on strict improvement, so the objective never
@@ -33,132 +32,22 @@ Here (pure functions, no llm-compressor state):
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
-from compressed_tensors.quantization.lifecycle import fake_quantize
-from compressed_tensors.quantization.utils import calculate_qparams
+
+from qvlm_modifiers.qvlm.objective import BlockObjective, BlockObjectiveKind, LayerFn, block_mse_objective
 
 __all__ = [
-    "DEFAULT_PERCENTILES",
-    "DEFAULT_SHRINK_FACTORS",
-    "flatten_for_ranges",
-    "minmax_range",
-    "percentile_range",
-    "lp_norm_range",
-    "range_qparams",
-    "fake_quantize_observed",
     "RangeVariable",
     "DescentResult",
     "coordinate_descent",
     "BlockSearchResult",
     "search_block",
-    "block_mse_objective",
-    "token_error_weights",
-    "BlockObjective",
     "spread_batch_indices",
 ]
-
-DEFAULT_PERCENTILES = (1.0, 0.995, 0.99, 0.985, 0.98)  # paper, Sec. 3.3
-DEFAULT_SHRINK_FACTORS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)  # reference code's init grid
-
-# cap on the elements used for an activation quantile (sorting cost); a strided subsample beyond
-_MAX_QUANTILE_ELEMENTS = 1 << 22
-
-
-# ---------------------------------------------------------------------------------------------
-# ranges of one quantity
-# ---------------------------------------------------------------------------------------------
-
-
-def flatten_for_ranges(value: torch.Tensor, base_name: str, args: QuantizationArgs) -> torch.Tensor:
-    """``value`` reshaped to ``(observations, *qparam_shape, group)`` like llm-compressor's
-    observers (``flatten_for_calibration``), in float32."""
-    from llmcompressor.observers.helpers import flatten_for_calibration
-
-    return flatten_for_calibration(value.float(), base_name, args)
-
-
-def minmax_range(observed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-qparam ``(min, max)`` of an observed tensor ``(N, *Q, S)`` -> two ``Q``-shaped tensors."""
-    return observed.amin(dim=(0, -1)), observed.amax(dim=(0, -1))
-
-
-def _quantile_rows(rows: torch.Tensor, q: float) -> torch.Tensor:
-    """Linear-interpolated quantile ``q`` of each row (same convention as ``torch.quantile``)."""
-    n = rows.shape[-1]
-    if n > _MAX_QUANTILE_ELEMENTS:
-        stride = -(-n // _MAX_QUANTILE_ELEMENTS)
-        rows = rows[..., ::stride]
-        n = rows.shape[-1]
-    ordered = rows.sort(dim=-1).values
-    position = q * (n - 1)
-    lo = int(position)
-    hi = min(lo + 1, n - 1)
-    frac = position - lo
-    return ordered[..., lo] * (1 - frac) + ordered[..., hi] * frac
-
-
-def percentile_range(observed: torch.Tensor, p: float, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Range bounded by the ``p``-th percentile of the FP distribution, per qparam.
-
-    Asymmetric: ``[quantile(1-p), quantile(p)]``. Symmetric: ``+-quantile_p(|x|)``.
-    ``p = 1.0`` equals :func:`minmax_range` (asymmetric) / the absmax range (symmetric).
-    """
-    if not 0.5 < p <= 1.0:
-        raise ValueError(f"percentile must be in (0.5, 1.0], got {p}")
-    rows = observed.movedim(0, -2).flatten(-2, -1)  # (*Q, N*S)
-    if symmetric:
-        bound = _quantile_rows(rows.abs(), p)
-        return -bound, bound
-    return _quantile_rows(rows, 1.0 - p), _quantile_rows(rows, p)
-
-
-def range_qparams(
-    low: torch.Tensor, high: torch.Tensor, args: QuantizationArgs
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Standard compressed-tensors ``(scale, zero_point)`` of a range (``calculate_qparams``)."""
-    return calculate_qparams(low, high, args)
-
-
-def fake_quantize_observed(
-    observed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, args: QuantizationArgs
-) -> torch.Tensor:
-    """Quantize-dequantize ``observed`` ``(N, *Q, S)`` with per-qparam scale/zero-point ``Q``."""
-    token_args = args.model_copy(update={"strategy": QuantizationStrategy.TOKEN})
-    return fake_quantize(observed, scale.unsqueeze(-1), zero_point.unsqueeze(-1), token_args)
-
-
-def lp_norm_range(
-    observed: torch.Tensor,
-    args: QuantizationArgs,
-    shrink_factors: Sequence[float] = DEFAULT_SHRINK_FACTORS,
-    norm: float = 2.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """lp-norm range initialisation (QLoRA-style, as the paper says): per qparam, the shrink
-    factor ``f`` of the min/max range minimising ``sum |Q_f(x) - x|^norm``."""
-    low, high = minmax_range(observed)
-    best_err = torch.full_like(low, float("inf"))
-    best_low, best_high = low.clone(), high.clone()
-    for factor in shrink_factors:
-        cand_low, cand_high = low * factor, high * factor
-        scale, zero_point = range_qparams(cand_low, cand_high, args)
-        dq = fake_quantize_observed(observed, scale, zero_point, args)
-        err = (dq - observed).abs().pow(norm).sum(dim=(0, -1))
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_low = torch.where(better, cand_low, best_low)
-        best_high = torch.where(better, cand_high, best_high)
-    return best_low, best_high
-
-
-# ---------------------------------------------------------------------------------------------
-# coordinate descent
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -280,8 +169,6 @@ def coordinate_descent(
 # layer-wise (Eq. 2) + block (Eq. 3) search
 # ---------------------------------------------------------------------------------------------
 
-LayerFn = Callable[[torch.Tensor, int], torch.Tensor]  # (hidden states, batch index) -> hidden states
-
 
 @dataclass
 class BlockSearchResult:
@@ -292,186 +179,6 @@ class BlockSearchResult:
     search_loss: float = float("nan")  # the searched objective (on the search batches) at the end
     search_batches: int = 0  # number of batches the search objective used
     kept_layerwise: bool = False  # searched on a subset and the joint solution was worse on all batches
-
-
-BlockObjectiveKind = Literal["mse", "token_relative_mse"]
-
-
-def token_error_weights(target: torch.Tensor, kind: BlockObjectiveKind) -> torch.Tensor | None:
-    """Per-token weights of the squared error (``None`` = plain MSE, Eq. 3).
-
-    ``"token_relative_mse"`` weighs token ``t`` by ``d / ||y_t||^2`` (d = hidden size), so the
-    objective becomes the mean over tokens of ``||out_t - y_t||^2 / ||y_t||^2``: every token counts
-    alike. Not in the paper: with plain MSE an LLM's massive activations (one attention-sink token
-    whose hidden state is 100x the others', >99% of the squared norm in SmolLM2's later layers)
-    decide the whole search."""
-    if kind == "mse":
-        return None
-    if kind != "token_relative_mse":
-        raise ValueError(f"block objective must be 'mse' or 'token_relative_mse', got {kind!r}")
-    y = target.float()
-    return y.shape[-1] / y.pow(2).sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-
-
-def combined_token_weights(
-    target: torch.Tensor, kind: BlockObjectiveKind, token_weight: torch.Tensor | None
-) -> torch.Tensor | None:
-    """The per-token weights of one batch's squared error: :func:`token_error_weights` times an
-    optional given per-token weight (shape ``target.shape[:-1] + (1,)``, e.g. the modality weights
-    of :func:`modality_token_weights`); ``None`` when both are uniform. Given weights must be finite
-    and >= 0 (a negative weight would break :class:`BlockObjective`'s early stop)."""
-    weight = token_error_weights(target, kind)
-    if token_weight is None:
-        return weight
-    token_weight = token_weight.to(target.device, torch.float32)
-    if not bool(torch.isfinite(token_weight).all()) or bool((token_weight < 0).any()):
-        raise ValueError("token weights must be finite and >= 0")
-    return token_weight if weight is None else weight * token_weight
-
-
-def modality_token_weights(loss_mask: torch.Tensor, hidden_shape: torch.Size, vision_weight: float) -> torch.Tensor:
-    """Per-token weights of the block error from a calibration ``loss_mask`` (0 prompt/template,
-    1 answer, 2 image; :mod:`qvlm_modifiers.data`): ``vision_weight`` on image tokens, 1 on every
-    text token (prompt and answer). Shape ``hidden_shape[:-1] + (1,)``, to broadcast over channels.
-
-    Not in Q-VLM (Eq. 3 counts every token alike); MBQ's observation (CVPR'25) that errors on
-    vision tokens matter far less to the answer than errors on text tokens, applied to Q-VLM's
-    block objective."""
-    mask = torch.as_tensor(loss_mask).reshape(hidden_shape[:-1])
-    weights = torch.ones(mask.shape, dtype=torch.float32)
-    weights[mask.cpu() == 2] = float(vision_weight)
-    return weights.unsqueeze(-1)
-
-
-def _squared_error(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> float:
-    err = (out.float() - target.to(out.device).float()).pow(2)
-    if weight is not None:
-        err = err * weight.to(err.device)
-    return err.sum().item()
-
-
-def block_mse_objective(
-    layers: Sequence[LayerFn], inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
-    batch_ids: Sequence[int] | None = None, kind: BlockObjectiveKind = "mse",
-    token_weights: Sequence[torch.Tensor | None] | None = None,
-) -> Callable[[], float]:
-    """Eq. 3's objective as a closure: mean squared error of ``layers`` applied to ``inputs``
-    against ``targets`` (summed over batches, divided by the number of target elements; with
-    ``kind="token_relative_mse"`` each token's error is weighed by :func:`token_error_weights`).
-    The plain reference: every call runs every layer on every batch. ``batch_ids`` are the
-    calibration batch indices the layers receive (default ``0..len(inputs)-1``); ``token_weights``
-    optional per-token weights, one per batch (:func:`combined_token_weights`)."""
-    ids = list(range(len(inputs))) if batch_ids is None else list(batch_ids)
-    extra = list(token_weights) if token_weights is not None else [None] * len(targets)
-    weights = [combined_token_weights(y, kind, w) for y, w in zip(targets, extra)]
-
-    def objective() -> float:
-        total, count = 0.0, 0
-        for batch_index, x, y, w in zip(ids, inputs, targets, weights):
-            out = x
-            for layer in layers:
-                out = layer(out, batch_index)
-            total += _squared_error(out, y, w)
-            count += y.numel()
-        return total / max(count, 1)
-
-    return objective
-
-
-class BlockObjective:
-    """Eq. 3's objective (the same value as :func:`block_mse_objective`, same summation order)
-    with two exact shortcuts for :func:`coordinate_descent`:
-
-    * **prefix cache** -- ``focus(i)`` before the candidates of variable ``i`` (which lives in
-      layer ``variable_layers[i]``) are tried: the block's hidden states at the *input* of that
-      layer do not depend on the variable, so they are computed once (from the nearest still-valid
-      cached layer input) and each candidate only runs the layers from there on;
-    * **early stop** -- ``objective(bound=b)``: the squared errors are summed batch by batch; as
-      soon as ``partial_sum / count >= b`` the final loss cannot be ``< b`` any more (the terms are
-      non-negative and float addition/division are monotone), so the candidate is rejected
-      without running the remaining batches and the partial value is returned.
-
-    :param layers: the block's layers ``(hidden, batch_index) -> hidden``
-    :param inputs: the block input, one tensor per evaluated batch
-    :param targets: the targets, one per evaluated batch
-    :param batch_indices: the batch index passed to the layers for each evaluated batch (default
-        ``0..len(inputs)-1``; a subset when the search uses only some calibration batches)
-    :param variables: the range variables of the descent, and ``variable_layers[i]`` the index of
-        the layer (in ``layers``) that ``variables[i]`` belongs to. Without them no prefix cache
-    :param keep: where cached hidden states are kept (e.g. the offload device)
-    :param kind: the per-token error weighting (:func:`token_error_weights`)
-    :param token_weights: optional extra per-token weights, one per evaluated batch
-        (:func:`combined_token_weights`)
-    """
-
-    supports_bound = True
-
-    def __init__(
-        self,
-        layers: Sequence[LayerFn],
-        inputs: Sequence[torch.Tensor],
-        targets: Sequence[torch.Tensor],
-        batch_indices: Sequence[int] | None = None,
-        variables: Sequence[RangeVariable] | None = None,
-        variable_layers: Sequence[int] | None = None,
-        keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-        kind: BlockObjectiveKind = "mse",
-        token_weights: Sequence[torch.Tensor | None] | None = None,
-    ):
-        if len(inputs) != len(targets):
-            raise ValueError("one target per input batch is required")
-        if token_weights is not None and len(token_weights) != len(targets):
-            raise ValueError("one token-weight tensor (or None) per input batch is required")
-        self.layers = list(layers)
-        self.targets = list(targets)
-        extra = list(token_weights) if token_weights is not None else [None] * len(self.targets)
-        self.weights = [combined_token_weights(y, kind, w) for y, w in zip(self.targets, extra)]
-        self.batch_indices = list(range(len(inputs))) if batch_indices is None else list(batch_indices)
-        if len(self.batch_indices) != len(inputs):
-            raise ValueError("one batch index per input batch is required")
-        if (variables is None) != (variable_layers is None):
-            raise ValueError("pass both variables and variable_layers, or neither")
-        self.variables = list(variables) if variables is not None else None
-        self.variable_layers = list(variable_layers) if variable_layers is not None else None
-        self.keep = keep
-        self.count = max(sum(t.numel() for t in self.targets), 1)
-        # layer index -> (state of the variables of the layers before it, hidden states at its input)
-        self._prefix: dict[int, tuple[tuple[int, ...], list[torch.Tensor]]] = {0: ((), list(inputs))}
-        self._start = 0
-
-    def _state_before(self, layer_index: int) -> tuple[int, ...]:
-        return tuple(v.current for v, j in zip(self.variables, self.variable_layers) if j < layer_index)
-
-    def focus(self, variable_index: int | None) -> None:
-        """Prepare for trying the candidates of ``variables[variable_index]`` (``None``: the whole
-        block). Every variable must be applied at its ``current`` candidate."""
-        if variable_index is None or self.variables is None:
-            self._start = 0
-            return
-        start = self.variable_layers[variable_index]
-        key = self._state_before(start)
-        cached = self._prefix.get(start)
-        if cached is None or cached[0] != key:
-            # nearest earlier layer whose cached input is still valid (layer 0 always is)
-            origin = max(j for j, (k, _) in self._prefix.items() if j <= start and k == self._state_before(j))
-            hidden = self._prefix[origin][1]
-            for j in range(origin, start):
-                hidden = [self.keep(self.layers[j](h, b)) for h, b in zip(hidden, self.batch_indices)]
-                self._prefix[j + 1] = (self._state_before(j + 1), hidden)
-        self._start = start
-
-    def __call__(self, bound: float = math.inf) -> float:
-        total = 0.0
-        hidden = self._prefix[self._start][1]
-        run = self.layers[self._start:]
-        for x, y, w, b in zip(hidden, self.targets, self.weights, self.batch_indices):
-            out = x
-            for layer in run:
-                out = layer(out, b)
-            total += _squared_error(out, y, w)
-            if total / self.count >= bound:
-                return total / self.count  # a lower bound of the loss, >= bound: rejected
-        return total / self.count
 
 
 def _run(

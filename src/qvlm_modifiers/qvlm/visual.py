@@ -23,6 +23,11 @@ The learnable parameters are log-multipliers of each weight range: ``low = low0 
 uses the straight-through estimator (:func:`ste_round`). Activations of the vision tower are
 quantized dynamically per token (no range to learn) in the loop, as at inference.
 
+:func:`optimize_vision_encoder` is the training loop (Adam over the calibration set, the whole
+model in the graph, only the log-multipliers trainable). It runs before llm-compressor's sequential
+pass (which cannot backpropagate through the whole model) and writes the learned ranges as standard
+``weight_scale`` / ``weight_zero_point``, so the saved checkpoint needs nothing of VEO.
+
 The paper gives no values for lambda1, lambda2 or eta; our defaults (see ``QVLMModifier``) come
 with a sweep on the real evaluation model (``eval/results/smolvlm-tiny/veo_sweep.md``): VEO lowers
 the answer KL at every setting tried, and the settings could not be ranked against each other.
@@ -30,9 +35,15 @@ the answer KL at every setting tried, and the settings could not be ranked again
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Iterable, Sequence
 
+import torch
+from loguru import logger
+
+from qvlm_modifiers.errors import CalibrationDataError, RecipeError
 from qvlm_modifiers.qvlm.entropy import level_grid, level_probabilities
+from qvlm_modifiers.qvlm.range_variables import commit_qparams
+from qvlm_modifiers.qvlm.ranges import WEIGHT_INIT_NORM, flatten_for_ranges, lp_norm_range, range_qparams
 
 __all__ = [
     "ste_round",
@@ -41,6 +52,7 @@ __all__ = [
     "soft_dependency",
     "jacobian_weights",
     "veo_objective",
+    "optimize_vision_encoder",
 ]
 
 
@@ -135,3 +147,169 @@ def veo_objective(
             l_ent = l_ent + weights[k] * soft_dependency(a[::stride], b[::stride], num_levels)
     total = reg_loss + lambda_ent * l_ent + lambda_err * l_err
     return {"total": total, "reg": reg_loss.detach(), "ent": l_ent.detach(), "err": l_err.detach(), "weights": weights}
+
+
+# ---------------------------------------------------------------------------------------------
+# the training loop
+# ---------------------------------------------------------------------------------------------
+
+
+def _learnable_ranges(vision: torch.nn.Module, done: set[int], shrink_factors: Sequence[float]) -> list[tuple]:
+    """Per quantized Linear of the vision tower not yet quantized: ``(module, weight args, observed
+    weight, low0, high0, a, b)`` with the lp-norm initial range ``[low0, high0]`` and the zero
+    log-multipliers ``a``, ``b`` (trainable)."""
+    learn = []
+    for _, m in vision.named_modules():
+        scheme = getattr(m, "quantization_scheme", None)
+        if scheme is None or scheme.weights is None or id(m) in done:
+            continue
+        args = scheme.weights
+        observed = flatten_for_ranges(m.weight.detach(), "weight", args)
+        low0, high0 = lp_norm_range(observed, args, shrink_factors, WEIGHT_INIT_NORM)
+        log_low = torch.zeros_like(low0, requires_grad=True)
+        log_high = torch.zeros_like(high0, requires_grad=True)
+        learn.append((m, args, observed, low0, high0, log_low, log_high))
+    return learn
+
+
+def _ste_forward(m, args, observed, low0, high0, log_low, log_high):
+    """The Linear's forward during VEO: weight QDQ on the learnable range (STE), input QDQ per
+    token (STE) when the scheme quantizes activations."""
+    act = m.quantization_scheme.input_activations
+
+    def forward(x):
+        w = fake_quant_range_ste(
+            observed.to(x.device), (low0 * log_low.exp()).to(x.device), (high0 * log_high.exp()).to(x.device),
+            args.num_bits, bool(args.symmetric),
+        ).reshape(m.weight.shape)
+        if act is not None:
+            x = dynamic_token_fake_quant_ste(x, act.num_bits, bool(act.symmetric))
+        return torch.nn.functional.linear(x, w.to(x.dtype), m.bias)
+
+    return forward
+
+
+def _labelled_batches(loader: Iterable, image_id: int) -> list[tuple[dict, torch.Tensor]]:
+    """``(model inputs, next-token labels)`` per calibration batch: ``L_reg`` counts the answer
+    tokens (``loss_mask == 1``) when the batch has a ``loss_mask``, else every non-image token."""
+    batches = []
+    for batch in loader:
+        batch = dict(batch)
+        loss_mask = batch.pop("loss_mask", None)
+        labels = batch["input_ids"].clone()
+        if loss_mask is not None:
+            labels[torch.as_tensor(loss_mask).reshape(labels.shape) != 1] = -100
+        else:
+            labels[labels == image_id] = -100
+        batches.append((batch, labels))
+    return batches
+
+
+def optimize_vision_encoder(
+    model: torch.nn.Module,
+    loader: Iterable | None,
+    done: set[int],
+    num_levels: int,
+    *,
+    shrink_factors: Sequence[float],
+    lambda_ent: float,
+    lambda_err: float,
+    eta: float,
+    lr: float,
+    epochs: int,
+) -> list[dict[str, float]]:
+    """VEO (Eq. 8-10): learn the quantized vision tower's weight ranges, then write them.
+
+    The FP references (projector output ``X^v_r``, last hidden state ``X^(n)_r``) come from one
+    pass with quantization disabled (the state in which llm-compressor starts calibration). Then
+    ``epochs`` passes of Adam (``lr``) over the batches of ``loader`` on :func:`veo_objective`, the
+    Jacobian weights of Eq. 8 fixed per batch at its first evaluation, and one more pass that only
+    measures. The learned ranges are written as ``weight_scale`` / ``weight_zero_point`` and the
+    weights replaced by their fake-quantized values; their ids are added to ``done``. Every Linear
+    forward and ``requires_grad`` flag is restored.
+
+    :param done: ids of modules already quantized (skipped)
+    :param num_levels: M of Eq. 5 for the entropy term
+    :return: per pass, the mean ``total``/``reg``/``ent``/``err`` terms over the batches:
+        ``[0]`` is the first training pass (each batch before its own update: about the initial
+        loss), ``[-1]`` the measurement-only pass after training
+    """
+    from llmcompressor.utils.dev import get_main_device
+
+    from qvlm_modifiers.families import get_family, image_token_id
+
+    family = get_family(model)
+    if loader is None:
+        raise CalibrationDataError(
+            "QVLMModifier: optimize_vision_encoder needs calibration data; pass a dataset to oneshot."
+        )
+    learn = _learnable_ranges(model.get_submodule(family.vision_tower), done, shrink_factors)
+    if not learn:
+        raise RecipeError(
+            "QVLMModifier: optimize_vision_encoder found no quantized Linear in the vision tower "
+            f"({family.vision_tower}); set quantize_vision_tower: true and keep the vision tower "
+            "out of `ignore`."
+        )
+    projector = model.get_submodule(family.projector)
+    captured: list[torch.Tensor] = []
+    handle = projector.register_forward_hook(lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out))
+    batches = _labelled_batches(loader, image_token_id(model))
+    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+    saved_forward = {id(m): m.__dict__.get("forward") for m, *_ in learn}
+    history = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        device = get_main_device()  # the sequential pipeline's onload device
+        references = []
+        with torch.no_grad():
+            for batch, _ in batches:  # FP vision tower (quantization is disabled here)
+                captured.clear()
+                out = model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()},
+                            output_hidden_states=True)
+                references.append((captured[-1].detach(), out.hidden_states[-1].detach()))
+        for item in learn:
+            item[0].forward = _ste_forward(*item)
+        params = [t for item in learn for t in item[5:]]
+        optimizer = torch.optim.Adam(params, lr=lr)
+        weights: dict[int, torch.Tensor | None] = {}  # Eq. 8 Jacobian weights per batch, fixed
+        with torch.enable_grad():
+            for epoch in range(epochs + 1):
+                sums = {"total": 0.0, "reg": 0.0, "ent": 0.0, "err": 0.0}
+                for index, ((batch, labels), (vision_r, final_r)) in enumerate(zip(batches, references)):
+                    captured.clear()
+                    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                    has_labels = bool((labels != -100).any())
+                    out = model(**inputs, labels=labels.to(device) if has_labels else None, output_hidden_states=True)
+                    reg = out.loss if has_labels else out.logits.new_zeros(())
+                    terms = veo_objective(
+                        reg, list(out.hidden_states), final_r, captured[-1], vision_r, num_levels,
+                        lambda_ent, lambda_err, eta, weights=weights.get(index),
+                    )
+                    weights[index] = terms["weights"]
+                    if epoch < epochs:  # the last pass only measures
+                        optimizer.zero_grad()
+                        terms["total"].backward()
+                        optimizer.step()
+                    for key in sums:
+                        sums[key] += float(terms[key].detach()) / len(batches)
+                history.append(sums)
+                logger.info(f"Q-VLM VEO epoch {epoch}: " + ", ".join(f"{k} {v:.5g}" for k, v in sums.items()))
+    finally:
+        handle.remove()
+        for m, *_ in learn:
+            if saved_forward[id(m)] is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = saved_forward[id(m)]
+        for p in model.parameters():
+            p.requires_grad_(requires_grad.get(id(p), False))
+    with torch.no_grad():
+        for m, args, _, low0, high0, log_low, log_high in learn:
+            scale, zero_point = range_qparams(low0 * log_low.exp(), high0 * log_high.exp(), args)
+            m.weight_scale.data.copy_(scale.reshape(m.weight_scale.shape))
+            if getattr(m, "weight_zero_point", None) is not None:
+                m.weight_zero_point.data.copy_(zero_point.reshape(m.weight_zero_point.shape))
+            commit_qparams(m)
+            done.add(id(m))
+    return history

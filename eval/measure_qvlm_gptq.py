@@ -1,8 +1,8 @@
 """Does GPTQ rounding inside Q-VLM's searched ranges help? A small CPU measurement.
 
-``python -m qvlm_modifiers.qvlm.measure_gptq [--rows 8] [--layers 4]``
+``python eval/measure_qvlm_gptq.py [--rows 8] [--layers 4]``
 
-``python -m qvlm_modifiers.qvlm.measure_gptq --block-vs-layerwise --layers 6 --rows 4 --epochs 10``
+``python eval/measure_qvlm_gptq.py --block-vs-layerwise --layers 6 --rows 4 --epochs 10``
 instead prints, per 3-layer block, the Eq. 3 block-output MSE of the layer-wise (Eq. 2) solution
 and of the joint block search started from it.
 
@@ -10,7 +10,9 @@ Builds the zoo's tiny LLaVA with ``--layers`` decoder layers, calibrates ``QVLMM
 ``--rows`` synthetic pairs for a few schemes, with ``gptq_rounding`` off and on, and prints per
 block the Eq. 3 block-output MSE of round-to-nearest inside the searched ranges vs GPTQ rounding
 inside the same ranges, plus the held-out logit MSE against the FP model (``--rows`` other pairs).
-Random-weight tiny models only: a plumbing-level indication, not evidence for a real model.
+Random-weight tiny models only: a plumbing-level indication, not evidence for a real model. (Lived in
+the package as ``qvlm_modifiers.qvlm.measure_gptq``; it builds the test zoo's models, so it is an
+evaluation script, not product code.)
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def main(argv=None) -> None:
 
     import qvlm_modifiers
     from qvlm_modifiers import data, zoo
-    from qvlm_modifiers.qvlm.modifier import QVLMModifier
+    from qvlm_modifiers.qvlm import QVLMModifier
 
     path = tempfile.mkdtemp(prefix="qvlm-gptq-")
     _build(args.layers, path)
@@ -102,7 +104,7 @@ def block_vs_layerwise(args) -> None:
 
     import qvlm_modifiers
     from qvlm_modifiers import data, zoo
-    from qvlm_modifiers.qvlm.modifier import QVLMModifier
+    from qvlm_modifiers.qvlm import QVLMModifier
 
     path = tempfile.mkdtemp(prefix="qvlm-block-")
     _build(args.layers, path)

@@ -1,0 +1,406 @@
+"""``QVLMModifier``: Q-VLM (NeurIPS 2024, arXiv 2410.08119) as an llm-compressor Modifier.
+
+The recipe fields and the lifecycle; the math and the plumbing are in the modules beside it (see
+:mod:`qvlm_modifiers.qvlm` for the map). This follows the paper, not the released reference code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable
+from typing import Any, ClassVar, Literal
+
+import torch
+from compressed_tensors.utils import match_named_modules
+from loguru import logger
+from pydantic import Field, PrivateAttr, field_validator
+
+from llmcompressor.core import Event, State, active_session
+from llmcompressor.modifiers import Modifier
+from llmcompressor.modifiers.quantization.quantization import QuantizationMixin
+from llmcompressor.modifiers.utils.hooks import HooksMixin
+
+from qvlm_modifiers.errors import RecipeError
+from qvlm_modifiers.families import decoder_layers, get_family
+from qvlm_modifiers.modality import DerivedLossMasks
+from qvlm_modifiers.qvlm.block_search import BlockSearchResult, search_block
+from qvlm_modifiers.qvlm.cached_forward import cached_weight_forward, quantization_enabled
+from qvlm_modifiers.qvlm.capture import LayerCall, layer_runner, record_layer_call, split_hidden
+from qvlm_modifiers.qvlm.entropy import JointLevelAccumulator
+from qvlm_modifiers.qvlm.gptq_rounding import gptq_round_block
+from qvlm_modifiers.qvlm.metadata import METADATA_ATTRIBUTE, block_record, partition_metadata, write_metadata
+from qvlm_modifiers.qvlm.objective import BlockObjectiveKind, calibration_token_weights
+from qvlm_modifiers.qvlm.partition import OnlinePartitioner
+from qvlm_modifiers.qvlm.range_variables import (
+    commit_qparams,
+    init_ranges_outside_decoder,
+    linear_range_variables,
+    register_act_sampling,
+)
+from qvlm_modifiers.qvlm.ranges import DEFAULT_PERCENTILES, DEFAULT_SHRINK_FACTORS
+from qvlm_modifiers.qvlm.scheme import check_scheme, entropy_levels, ignored_outside_lm
+from qvlm_modifiers.qvlm.visual import optimize_vision_encoder as run_veo
+
+__all__ = ["QVLMModifier", "METADATA_ATTRIBUTE"]
+
+
+class QVLMModifier(Modifier, QuantizationMixin):
+    """Q-VLM: entropy-guided block partition + joint block-wise range search.
+
+    Sample recipe (``recipes/qvlm_w4.yaml``)::
+
+        quant_stage:
+          quant_modifiers:
+            QVLMModifier:
+              scheme: W4A16         # or config_groups, like QuantizationModifier
+              targets: [Linear]
+              max_block_layers: 3
+
+    Lifecycle (one decoder layer per pipeline subgraph by default; blocks are the Modifier's own):
+
+    - on_initialize: add ``lm_head`` + vision tower/projector (unless ``quantize_vision_tower``)
+      to ``ignore``, check and attach the scheme (:mod:`.scheme`)
+    - on_calibration_start: with ``optimize_vision_encoder``, VEO first (Eq. 8-10); then hooks on
+      every decoder layer: a pre-hook records each batch's call (:mod:`.capture`), a forward hook
+      streams ``(h_k, h_{k+1})`` into the layer's Eq. 4-5 accumulator
+    - on_sequential_epoch_end (decoder layer k calibrated): ``D(k, k+1)`` decides whether layer k+1
+      joins k's block (Eq. 7, online greedy). A closed block gets its ranges searched (Eq. 2 then
+      Eq. 3) on the cached inputs, written as qparams, its weights fake-quantized so that the next
+      blocks see them (as GPTQ does), then optional GPTQ rounding. Quantized Linears outside the
+      decoder get lp-norm ranges
+    - on_calibration_end: freeze quantization, remove hooks, write ``model.config.qvlm_blocks``
+      (:mod:`.metadata`)
+
+    Quantization fields (``scheme``, ``config_groups``, ``targets``, ``ignore``) are those of
+    ``QuantizationModifier``; ranges end up as standard ``weight_scale`` / ``weight_zero_point``
+    (``input_*`` for static activations). The streams ``X_q`` / ``X_r`` stay on the offload device.
+
+    :param max_block_layers: most decoder layers per block (paper: 3; Fig. 3a)
+    :param entropy_threshold: h0 of Eq. 7. ``None`` = the running mean of the dependencies
+        observed so far (see :mod:`qvlm_modifiers.qvlm.partition`)
+    :param entropy_estimator: ``"soft"`` (Eq. 5, temperature = quantization step) or ``"hard"``
+        (round-to-nearest level counts). M, the number of levels, is ``2**num_bits`` of the
+        input-activation quantizer when activations are quantized with <= 8 bits, else 16
+    :param percentile_grid: candidate clipping percentiles of the block search (paper)
+    :param init_shrink_factors: shrink factors of the min/max range tried by the lp-norm range
+        initialisation (reference code's grid; ``[1.0]`` = min/max, as the RTN matrix cells use)
+    :param search_epochs: coordinate-descent passes per block (paper: 10); stops earlier once a
+        pass changes nothing
+    :param search_samples: evaluate the search objective on this many calibration samples only,
+        spread evenly (``null`` = all, the exact search). The reported block losses are still on all
+        samples, and a joint solution worse there than the layer-wise one is not kept
+        (``"kept_layerwise"``). Cost/quality measured by ``eval/bench_qvlm_search.py``
+    :param block_objective: ``"mse"`` (Eq. 2-3) or ``"token_relative_mse"`` (not in the paper: each
+        token's squared error divided by its FP output's squared norm; ``eval/README.md``)
+    :param vision_token_weight: weight of image-token errors in every block objective, text tokens
+        weighing 1 (``1.0`` = Eq. 3). Not in the paper (MBQ's finding); needs per-token modality
+        labels (the rows' ``loss_mask``, or derived by :mod:`qvlm_modifiers.modality`)
+    :param block_target: ``"fp"`` (Eq. 3: the FP path from the FP block input) or
+        ``"quant_input"`` (FP block applied to the quantized-path input, GPTQ-style)
+    :param block_init: ``"layerwise"``: Eq. 2 per layer, then Eq. 3 over the block from the
+        layer-wise solution (never worse than layer-wise); ``"lp_norm"``: Eq. 3 from the lp-norm
+        ranges only
+    :param quantize_vision_tower: quantize the vision tower's Linears too (same scheme, dynamic
+        per-token activations as the paper's vision side). The projector always stays in FP
+    :param gptq_rounding: after the range search, GPTQ chooses the integers inside the chosen
+        ranges (:mod:`qvlm_modifiers.qvlm.gptq_rounding`), kept per block only where it lowers the
+        block objective. Off by default (matrix cell ``qvlm_w4_s32_gptq``)
+    :param optimize_vision_encoder: visual-encoder optimization (Eq. 8-10,
+        :mod:`qvlm_modifiers.qvlm.visual`): before the sequential pass, learn the quantized vision
+        tower's weight ranges by gradient descent. Needs ``quantize_vision_tower: true``
+    :param vision_lambda_ent: lambda1 of Eq. 10 (the paper gives none; defaults (0.1, 1, 0.5) for
+        (lambda1, lambda2, eta) from ``eval/results/smolvlm-tiny/veo_sweep.md``, where VEO lowered
+        the answer KL in every configuration but could not rank them)
+    :param vision_lambda_err: lambda2 of Eq. 10
+    :param vision_eta: eta of Eq. 9 (paper: a "medium" value is best)
+    :param vision_lr: Adam learning rate of the range log-multipliers
+    :param vision_epochs: passes over the calibration set (paper: 10)
+    """
+
+    requires_calibration_data: bool = True
+    # the paper's W4A4 / W6A6 run as fake-quant simulation (no integer A4/A6 GEMM in vLLM);
+    # qvlm_modifiers.recipe_check accepts these dynamic activation widths for this Modifier
+    simulated_activation_bits: ClassVar[tuple[int, ...]] = (4, 6)
+
+    max_block_layers: int = Field(default=3, ge=1)
+    entropy_threshold: float | None = None
+    entropy_estimator: Literal["soft", "hard"] = "soft"
+    percentile_grid: list[float] = Field(default_factory=lambda: list(DEFAULT_PERCENTILES))
+    init_shrink_factors: list[float] = Field(default_factory=lambda: list(DEFAULT_SHRINK_FACTORS))
+    search_epochs: int = Field(default=10, ge=0)
+    search_samples: int | None = Field(default=None, ge=1)
+    block_objective: BlockObjectiveKind = "mse"
+    vision_token_weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    block_target: Literal["fp", "quant_input"] = "fp"
+    block_init: Literal["layerwise", "lp_norm"] = "layerwise"
+    quantize_vision_tower: bool = False
+    gptq_rounding: bool = False
+    optimize_vision_encoder: bool = False
+    vision_lambda_ent: float = Field(default=0.1, ge=0)
+    vision_lambda_err: float = Field(default=1.0, ge=0)
+    vision_eta: float = Field(default=0.5, ge=0)
+    vision_lr: float = Field(default=1e-3, gt=0)
+    vision_epochs: int = Field(default=10, ge=0)
+
+    _layers: list[torch.nn.Module] = PrivateAttr(default_factory=list)
+    _layer_index: dict[int, int] = PrivateAttr(default_factory=dict)
+    _layer_linears: dict[int, list[tuple[str, torch.nn.Module]]] = PrivateAttr(default_factory=dict)
+    _module_names: dict[int, str] = PrivateAttr(default_factory=dict)
+    _done: set[int] = PrivateAttr(default_factory=set)  # ids of Linears whose ranges are final
+    _accumulators: dict[int, JointLevelAccumulator] = PrivateAttr(default_factory=dict)
+    _templates: dict[int, list[LayerCall]] = PrivateAttr(default_factory=dict)
+    _q_hidden: list[torch.Tensor] | None = PrivateAttr(default=None)
+    _fp_hidden: list[torch.Tensor] | None = PrivateAttr(default=None)
+    _partitioner: OnlinePartitioner | None = PrivateAttr(default=None)
+    _block_losses: list[dict[str, Any]] = PrivateAttr(default_factory=list)
+    _num_levels: int = PrivateAttr(default=16)
+    _offload_device: torch.device = PrivateAttr(default=torch.device("cpu"))
+    _veo_history: list[dict[str, float]] | None = PrivateAttr(default=None)
+    _derived_masks: DerivedLossMasks | None = PrivateAttr(default=None)
+
+    @field_validator("percentile_grid")
+    @classmethod
+    def _check_percentiles(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0.5 < p <= 1.0 for p in value):
+            raise ValueError(f"percentile_grid must be a non-empty list of values in (0.5, 1.0], got {value}")
+        return value
+
+    @field_validator("init_shrink_factors")
+    @classmethod
+    def _check_shrink(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0.0 < f <= 1.0 for f in value):
+            raise ValueError(f"init_shrink_factors must be a non-empty list of values in (0, 1], got {value}")
+        return value
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        model = state.model
+        if self.optimize_vision_encoder and not self.quantize_vision_tower:
+            raise RecipeError(
+                "QVLMModifier: optimize_vision_encoder=true needs a quantized vision tower, but "
+                "quantize_vision_tower is false. Set quantize_vision_tower: true in the recipe, or "
+                "drop optimize_vision_encoder."
+            )
+        if not QuantizationMixin.has_config(self):
+            raise RecipeError(
+                "QVLMModifier needs a quantization scheme: set `scheme` (e.g. W4A16) or "
+                "`config_groups` in the recipe, as for QuantizationModifier."
+            )
+        extra = ignored_outside_lm([get_family(model).vision_regexes], self.quantize_vision_tower)
+        self.ignore = list(self.ignore) + [i for i in extra if i not in self.ignore]
+        self._resolved_config = None  # re-resolve with the family's ignore list
+        check_scheme(self.resolved_config)
+        QuantizationMixin.initialize_quantization(self, model)
+
+        self._layers = list(decoder_layers(model))
+        self._layer_index = {id(layer): i for i, layer in enumerate(self._layers)}
+        self._module_names = {id(m): name for name, m in model.named_modules()}
+        for i, layer in enumerate(self._layers):
+            self._layer_linears[i] = [
+                (name, m) for name, m in layer.named_modules() if getattr(m, "quantization_scheme", None) is not None
+            ]
+        self._num_levels = entropy_levels(self.resolved_config)
+        calib = state.data.calib if state.data is not None else None
+        if self.vision_token_weight != 1.0 and calib is not None:
+            # modality labels for rows without a loss_mask (qvlm_modifiers.modality)
+            self._derived_masks = DerivedLossMasks(model, type(self).__name__)
+            self._derived_masks.index_dataset(getattr(calib, "dataset", calib))
+        return True
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs):
+        QuantizationMixin.start_calibration(self, state.model)
+        if self.optimize_vision_encoder:
+            self._veo_history = run_veo(
+                state.model, getattr(getattr(state, "data", None), "calib", None), self._done, self._num_levels,
+                shrink_factors=self.init_shrink_factors, lambda_ent=self.vision_lambda_ent,
+                lambda_err=self.vision_lambda_err, eta=self.vision_eta, lr=self.vision_lr, epochs=self.vision_epochs,
+            )
+        self._partitioner = OnlinePartitioner(max_block_layers=self.max_block_layers, threshold=self.entropy_threshold)
+        for i, layer in enumerate(self._layers):
+            self._accumulators[i] = JointLevelAccumulator(self._num_levels, estimator=self.entropy_estimator)
+            self._templates[i] = []
+            self.register_hook(layer, self._capture_call_hook, "forward_pre", with_kwargs=True)
+            self.register_hook(layer, self._dependency_hook, "forward", with_kwargs=True)
+        self._q_hidden, self._fp_hidden = [], None
+        if self._derived_masks is not None:
+            self._derived_masks.attach(state.model, state)
+
+    def on_sequential_epoch_end(self, state: State, event: Event, modules: list[torch.nn.Module], **kwargs):
+        layer_ids = sorted({self._layer_index[id(m)] for m in modules if id(m) in self._layer_index})
+        self._quantize_outside_decoder(modules)
+        for k in layer_ids:
+            self._finish_layer(k)
+
+    def on_calibration_end(self, state: State, event: Event, **kwargs):
+        if self._partitioner is not None and self._partitioner.current and self._templates.get(self._partitioner.current[0]):
+            self._close_block(self._partitioner.finish()[-1])
+        # anything quantized that no subgraph handed us (e.g. a non-ignored lm_head)
+        matched = match_named_modules(state.model, self.resolved_targets, self.ignore)
+        self._quantize_outside_decoder([m for _, m in matched if id(m) not in self._done])
+        QuantizationMixin.end_calibration(self, state.model)
+        self.remove_hooks()
+        if self._derived_masks is not None:
+            self._derived_masks.detach()
+        if self._partitioner is not None:
+            write_metadata(state.model, self._metadata())
+        self._templates.clear()
+        self._q_hidden = self._fp_hidden = None
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        if not self.ended_:
+            self.on_end(state, None)
+        return True
+
+    def resolve_quantization_config(self):
+        """The scheme, with ``lm_head`` and the vision tower + projector of every supported family
+        (or only the projectors with ``quantize_vision_tower``) added to ``ignore`` -- so the
+        resolved config is right even before the model is known (e.g. for recipe checks)."""
+        from qvlm_modifiers.families import FAMILIES
+
+        config = super().resolve_quantization_config()
+        extra = ignored_outside_lm([f.vision_regexes for f in FAMILIES.values()], self.quantize_vision_tower)
+        config.ignore = list(config.ignore or []) + [i for i in extra if i not in (config.ignore or [])]
+        return config
+
+    # -- hooks (calibration pass of each decoder layer) -------------------------------------------
+
+    def _capture_call_hook(self, module, args, kwargs):
+        k = self._layer_index[id(module)]
+        hidden = record_layer_call(self._templates, k, args, kwargs, self._offload_device)
+        if k == 0:  # later blocks' inputs are the Modifier's own quantized / FP streams
+            self._q_hidden.append(hidden.detach().to(self._offload_device))
+
+    def _dependency_hook(self, module, args, kwargs, output):
+        k = self._layer_index[id(module)]
+        if k + 1 >= len(self._layers):
+            return
+        hidden, *_ = split_hidden(args, kwargs)
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        self._accumulators[k].update(hidden.detach(), out.detach())  # Eq. 4-5: pairs (h_k, h_{k+1})
+
+    # -- partition (Eq. 7) + block search (Eq. 2-3) -----------------------------------------------
+
+    def _finish_layer(self, k: int) -> None:
+        part = self._partitioner
+        if k not in part.current:
+            raise RuntimeError(f"QVLMModifier: decoder layer {k} finished out of order (open block {part.current})")
+        if k + 1 < len(self._layers):
+            dependency = self._accumulators[k].entropy()
+            joined = part.observe_link(dependency)
+            logger.info(
+                f"Q-VLM: D({k},{k + 1}) = {dependency:.4f} nats, h0 = {part.thresholds[-1]:.4f} -> "
+                f"{'same block' if joined else 'block boundary'}"
+            )
+            if not joined:
+                self._close_block(part.blocks[-1])
+        else:
+            self._close_block(part.finish()[-1])
+        self._accumulators.pop(k, None)
+
+    def _linears(self, block: Iterable[int]) -> list[torch.nn.Module]:  # quantized modules of the layers
+        return [m for k in block for _, m in self._layer_linears[k]]
+
+    def _quantized(self, block: Iterable[int], enabled: bool) -> contextlib.AbstractContextManager:
+        return quantization_enabled(self._linears(block), enabled)
+
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(self._offload_device)
+
+    def _run_block(self, layer_fns, inputs: list[torch.Tensor], per_layer: bool = False):
+        """``layer_fns`` applied to every batch of ``inputs`` (outputs kept on the offload device)."""
+        outputs = []
+        for fn in layer_fns:
+            inputs = [self._keep(fn(h, b)) for b, h in enumerate(inputs)]
+            outputs.append(inputs)
+        return outputs if per_layer else inputs
+
+    @torch.no_grad()
+    def _close_block(self, block: list[int]) -> None:
+        """Search, write and propagate the ranges of one closed block (Eq. 2 then Eq. 3)."""
+        if block[0] == 0:
+            self._fp_hidden = list(self._q_hidden)
+        if not self._q_hidden or not self._templates.get(block[0]):
+            raise RuntimeError(f"QVLMModifier: no calibration inputs were captured for decoder layers {block}")
+        layer_fns = [layer_runner(self._layers[k], self._templates[k]) for k in block]
+        fp_path = self.block_target == "fp"
+        with HooksMixin.disable_hooks():
+            # FP-path targets of each layer (Eq. 3's W_r X_r), and Linear input samples for
+            # static activation ranges, before any weight of the block is replaced
+            act_samples: dict[int, list[torch.Tensor]] = {}
+            sample_hooks = register_act_sampling(self._linears(block), act_samples)
+            try:
+                with self._quantized(block, False):
+                    per_layer = self._run_block(layer_fns, self._fp_hidden if fp_path else self._q_hidden, True)
+            finally:
+                for handle in sample_hooks:
+                    handle.remove()
+            fp_out = per_layer[-1]
+            variables = [
+                [v for name, m in self._layer_linears[k] for v in linear_range_variables(
+                    m, act_samples.get(id(m)), self._module_names.get(id(m), "?"),
+                    self.percentile_grid, self.init_shrink_factors)]
+                for k in block
+            ]
+            token_weights = self._token_weights()
+            started, started_cpu = time.perf_counter(), time.process_time()
+            result = self._search(block, layer_fns, variables, per_layer if fp_path else None, token_weights)
+            search_s, search_cpu_s = time.perf_counter() - started, time.process_time() - started_cpu
+            gptq_loss = None
+            if self.gptq_rounding:  # kept only where it lowers the block objective
+                gptq_loss = gptq_round_block(
+                    self._linears(block), layer_fns, lambda enabled: self._quantized(block, enabled), self._q_hidden,
+                    fp_out, result.loss, kind=self.block_objective, token_weights=token_weights,
+                )
+            for m in self._linears(block):
+                commit_qparams(m)
+            with self._quantized(block, True):
+                q_out = self._run_block(layer_fns, self._q_hidden)
+        self._q_hidden = q_out
+        self._fp_hidden = fp_out if fp_path else q_out
+        choices = {v.name: v.label for layer_vars in variables for v in layer_vars}
+        self._block_losses.append(block_record(block, result, choices, gptq_loss, search_s, search_cpu_s))
+        logger.info(
+            f"Q-VLM block {block}: block objective {result.loss:.6g} (layer-wise solution "
+            f"{result.layerwise_loss:.6g}); ranges {choices}"
+        )
+        for k in block:
+            self._templates[k] = []
+            self._done.update(id(m) for _, m in self._layer_linears[k])
+
+    def _search(self, block, layer_fns, variables, fp_targets, token_weights, reference: bool = False) -> BlockSearchResult:
+        """Eq. 2-3 on the block's cached inputs, each weight fake-quantized once per candidate.
+        ``reference``: the plain search (same choices and losses, slower; a benchmark baseline)."""
+        with contextlib.nullcontext() if reference else cached_weight_forward(self._linears(block)):
+            return search_block(
+                layer_fns, variables, lambda enabled: self._quantized(block, enabled), self._q_hidden, fp_targets,
+                self.search_epochs, init=self.block_init, keep=self._keep, search_batches=self.search_samples,
+                reference=reference, objective_kind=self.block_objective, token_weights=token_weights,
+            )
+
+    def _token_weights(self) -> list[torch.Tensor] | None:
+        """Per calibration batch, the modality weights of the block objective (``None``: Eq. 3).
+        Read when a block closes: llm-compressor fills ``state.loss_masks`` after calibration start."""
+        if self.vision_token_weight == 1.0:
+            return None
+        masks = list(active_session().state.loss_masks or [])
+        return calibration_token_weights(masks, self._q_hidden, self.vision_token_weight)
+
+    def _quantize_outside_decoder(self, modules: Iterable[torch.nn.Module]) -> None:
+        """lp-norm ranges for quantized Linears outside the decoder layers (vision tower)."""
+        in_layers = {id(m) for ms in self._layer_linears.values() for _, m in ms}
+        init_ranges_outside_decoder([m for m in modules if id(m) not in in_layers], self._done,
+                                    self._module_names, self.percentile_grid, self.init_shrink_factors)
+
+    def _metadata(self) -> dict[str, Any]:
+        veo = None
+        if self._veo_history is not None:
+            veo = {"lambda_ent": self.vision_lambda_ent, "lambda_err": self.vision_lambda_err, "eta": self.vision_eta,
+                   "lr": self.vision_lr, "epochs": self.vision_epochs, "history": self._veo_history}
+        return partition_metadata(
+            self._partitioner, entropy_threshold=self.entropy_threshold, num_levels=self._num_levels,
+            estimator=self.entropy_estimator, max_block_layers=self.max_block_layers,
+            block_objective=self.block_objective, vision_token_weight=self.vision_token_weight,
+            block_losses=self._block_losses, veo=veo,
+        )
