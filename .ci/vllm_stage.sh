@@ -8,7 +8,7 @@
 #    patched (PyPI's builds are CUDA builds that cannot load beside CPU torch; see
 #    tests/vllm/patch_torchvision.py). Kept between runs in $QVLM_VLLM_VENV (default
 #    /tmp/vllm-venv) once it passed its checks; it is rebuilt when absent or broken.
-# 2. (project venv, in parallel with 1) a tiny Qwen2.5-VL from qvlm_modifiers.zoo and one
+# 2. (project venv, in parallel with 1) a tiny Qwen2.5-VL from qvlm_modifiers.testing.zoo and one
 #    checkpoint per shipped recipe, made with `qvlm quantize` (tests/vllm/prepare.py).
 # 3. (vLLM venv) every checkpoint is loaded by vLLM's compressed-tensors loader; bf16, W8A8 and,
 #    when the CPU has AVX-512 (vLLM's CPU WNA16 kernels need it), W4A16 checkpoints generate

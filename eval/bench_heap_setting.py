@@ -28,11 +28,11 @@ def child(questions: int) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    sys.path.insert(0, str(EVAL_DIR))
-    import main_job
+    from qvlm_eval import main_job
 
-    from qvlm_modifiers import heap, metrics
-    from qvlm_modifiers.default_model import ensure_default_model
+    from qvlm_modifiers import heap
+    from qvlm_eval import metrics
+    from qvlm_eval.default_model import ensure_default_model
 
     model, processor = metrics.load_model_and_processor(ensure_default_model(main_job.DEFAULT_MODEL_DIR),
                                                         dtype=torch.float32)

@@ -78,7 +78,8 @@ def run_child(args) -> dict:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import qvlm_modifiers
-    from qvlm_modifiers import data, zoo
+    from qvlm_modifiers import data
+    from qvlm_modifiers.testing import zoo
     from qvlm_modifiers.lm_scoped import LMAWQModifier
     from qvlm_modifiers.mbq.modifier import MBQModifier
 
@@ -156,7 +157,7 @@ def _spawn(method: str, args, out_dir: Path) -> dict:
 
 def _save_zoo_model(args, path: Path) -> Path:
     """The zoo model of ``--family``; with ``--text-hidden/--text-layers`` a wider/deeper random LM."""
-    from qvlm_modifiers import zoo
+    from qvlm_modifiers.testing import zoo
 
     if not (args.text_hidden or args.text_layers):
         return zoo.save(args.family, path)
@@ -224,7 +225,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-mbq-") as tmp:
         tmp = Path(tmp)
         if not args.model:
-            from qvlm_modifiers import zoo
+            from qvlm_modifiers.testing import zoo
 
             args.model = str(_save_zoo_model(args, tmp / args.family))
         runs = {"awq": [], "mbq": []}

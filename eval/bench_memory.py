@@ -4,7 +4,7 @@
     python eval/bench_memory.py --recipes gptq_w4a16,mbq_w4,qvlm_w4 --depths 4,8 --widths ""
     qvlm bench memory -- --depths 4,8,16,32            # same, through the CLI
 
-Each run quantizes a synthetic LLaVA (:mod:`qvlm_modifiers.zoo`'s tiny LLaVA with the language
+Each run quantizes a synthetic LLaVA (:mod:`qvlm_modifiers.testing.zoo`'s tiny LLaVA with the language
 model widened to ``W`` and deepened to ``L`` decoder layers; MLP 2W, head dim 64) with a shipped
 recipe through :func:`qvlm_modifiers.oneshot`, i.e. llm-compressor's sequential pipeline over
 the decoder layers. Three processes per run: one builds and saves the model, one measures, and
@@ -114,7 +114,7 @@ def build_model(layers: int, width: int, seed: int, out: Path) -> None:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from qvlm_modifiers import zoo
+    from qvlm_modifiers.testing import zoo
 
     _, processor = zoo.build("llava", seed=seed, num_layers=1)  # the processor only (tiny)
     config, _ = zoo._BUILDERS["llava"](layers)  # noqa: SLF001 - same config, then widened
@@ -381,7 +381,8 @@ def main() -> int:
 
     from tqdm import tqdm
 
-    from qvlm_modifiers import list_recipes, zoo
+    from qvlm_modifiers import list_recipes
+    from qvlm_modifiers.testing import zoo
 
     recipes = [r for r in args.recipes.split(",") if r]
     unknown = [r for r in recipes if r not in list_recipes()]

@@ -16,7 +16,7 @@ Modes (each a fresh copy of the model through llm-compressor's ``oneshot``):
   approximation; losses still reported on all samples).
 
 Model: the first ``--layers`` decoder layers of the default eval model (SmolLM2-135M LM,
-``qvlm_modifiers.default_model``), calibration rows as ``eval/main_job.py`` builds them (easy-vqa
+``qvlm_eval.default_model``), calibration rows as ``eval/main_job.py`` builds them (easy-vqa
 TRAIN, seed 0). Recipe: ``qvlm_w4`` at group size 64 (SmolLM2's width 576 is not a multiple of
 128, as in the evaluation matrix), with ``entropy_threshold: -1`` by default so that every block
 has ``max_block_layers`` = 3 layers (the most expensive case, and the same partition in every
@@ -81,10 +81,9 @@ MODES = {
 
 def truncated_default_model(layers: int, out: Path) -> Path:
     """The default eval model with only its first ``layers`` decoder layers, saved to ``out``."""
-    sys.path.insert(0, str(EVAL_DIR))
-    import main_job
-    from qvlm_modifiers import metrics
-    from qvlm_modifiers.default_model import ensure_default_model
+    from qvlm_eval import main_job
+    from qvlm_eval import metrics
+    from qvlm_eval.default_model import ensure_default_model
     from qvlm_modifiers.families import decoder_layers
 
     ensure_default_model(main_job.DEFAULT_MODEL_DIR)
@@ -102,7 +101,7 @@ def run_mode(model_dir: Path, calib, overrides: dict, recipe: str, group_size: i
     from llmcompressor import oneshot
 
     import qvlm_modifiers
-    from qvlm_modifiers import metrics
+    from qvlm_eval import metrics
     from qvlm_modifiers.data import collate_fn
     from qvlm_modifiers.recipe_check import override_group_size
 
@@ -153,9 +152,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(EVAL_DIR))
-    import main_job
-    from qvlm_modifiers import metrics
+    from qvlm_eval import main_job
+    from qvlm_eval import metrics
     from qvlm_modifiers.data import build_calibration_dataset
 
     modes = dict(MODES)

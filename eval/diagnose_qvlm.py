@@ -40,11 +40,10 @@ REPO = EVAL_DIR.parent
 
 
 def _setup(rows: int):
-    sys.path.insert(0, str(EVAL_DIR))
-    import main_job
-    from qvlm_modifiers import metrics
+    from qvlm_eval import main_job
+    from qvlm_eval import metrics
     from qvlm_modifiers.data import build_calibration_dataset
-    from qvlm_modifiers.default_model import ensure_default_model
+    from qvlm_eval.default_model import ensure_default_model
 
     path = ensure_default_model(main_job.DEFAULT_MODEL_DIR)
     model, processor = metrics.load_model_and_processor(path, dtype=torch.float32)
@@ -76,7 +75,7 @@ def norms(rows: int) -> None:
 
 def w8a8(rows: int, questions: int) -> None:
     import qvlm_modifiers
-    from qvlm_modifiers import metrics
+    from qvlm_eval import metrics
 
     model, processor, calib = _setup(rows)
     data = metrics.load_vqa_dataset("easy-vqa", split="test", num_samples=questions, seed=0)
@@ -152,11 +151,10 @@ def layer_mse(fp, q) -> tuple[list[float], list[float]]:
 
 
 def w4(rows: int, questions: int, specs: list[str]) -> None:
-    sys.path.insert(0, str(EVAL_DIR))
-    import main_job
+    from qvlm_eval import main_job
 
     import qvlm_modifiers
-    from qvlm_modifiers import metrics
+    from qvlm_eval import metrics
     from qvlm_modifiers.data import build_calibration_dataset
     from qvlm_modifiers.recipe_check import override_group_size
 

@@ -23,8 +23,8 @@ import torch
 def evaluate(weights: list[str], questions: int = 1000, seed: int = 0, batch_size: int = 20,
              language_model=None) -> list[dict]:
     """Accuracy (+ 95% CI) of the default model with each vision-weight file, on the same questions."""
-    from qvlm_modifiers import default_model as dm
-    from qvlm_modifiers import metrics
+    from qvlm_eval import default_model as dm
+    from qvlm_eval import metrics
 
     lm = language_model if language_model is not None else dm.load_language_model(torch.float32)
     processor = dm.build_processor()

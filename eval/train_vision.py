@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from qvlm_modifiers import default_model as dm
+from qvlm_eval import default_model as dm
 
 EVAL_DIR = Path(__file__).resolve().parent
 PHOTO_FILE = EVAL_DIR / "data" / "photo_captions.jsonl"

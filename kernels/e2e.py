@@ -123,7 +123,7 @@ def build_checkpoints(workdir: str, device: torch.device, layers: int) -> tuple[
         with torch.device(device):
             model = AutoModelForImageTextToText.from_config(llava_7b_shaped_config(layers), dtype=torch.bfloat16)
     else:
-        from qvlm_modifiers import zoo
+        from qvlm_modifiers.testing import zoo
 
         model, _ = zoo.build("llava", dtype=torch.bfloat16)
     model.save_pretrained(base_dir)

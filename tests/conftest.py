@@ -3,7 +3,7 @@
 Fixtures for every test module:
 
 * ``saved_vlm`` (session): a factory ``saved_vlm(family, seed=0, num_layers=2, checkpoint_like=False) -> Path`` giving the
-  directory of a tiny random-weight model of ``family`` (one of :data:`qvlm_modifiers.zoo.FAMILY_NAMES`)
+  directory of a tiny random-weight model of ``family`` (one of :data:`qvlm_modifiers.testing.zoo.FAMILY_NAMES`)
   with ``num_layers`` decoder layers, saved with ``save_pretrained`` together with its processor.
   Each (family, seed, num_layers) is built once per test session in a temporary directory; treat the directory as read-only (load it with
   ``AutoModelForImageTextToText.from_pretrained(path)`` / ``AutoProcessor.from_pretrained(path)``
@@ -13,7 +13,7 @@ Fixtures for every test module:
 * ``cli_assets`` (session): ``{"model": Path, "pairs": Path}``, a saved bf16 tiny LLaVA and 8 pairs
   written with ``save_to_disk``, the inputs of the ``qvlm`` CLI tests. Read-only.
 * ``tiny_family_names``: the tuple of family names, for ``pytest.mark.parametrize`` use
-  ``qvlm_modifiers.zoo.FAMILY_NAMES`` directly.
+  ``qvlm_modifiers.testing.zoo.FAMILY_NAMES`` directly.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Callable
 import pytest
 import torch
 
-from qvlm_modifiers import zoo
+from qvlm_modifiers.testing import zoo
 
 # One intra-op thread for the whole suite: the tiny models gain nothing from threads, and
 # oversubscribed threads on a busy 2-core CI machine (2 pytest-xdist workers with `-n 2`, the
@@ -91,20 +91,10 @@ def image_folder(tmp_path) -> Callable[[int], Path]:
 
 @pytest.fixture
 def eval_script():
-    """Load a script of eval/ (not a package) by name, with eval/ importable for its own imports."""
-    import importlib.util
-    import sys
-
-    eval_dir = Path(__file__).resolve().parents[1] / "eval"
+    """A module of the evaluation lab (package ``qvlm_eval``, installed from eval/) by name."""
+    import importlib
 
     def load(name: str):
-        sys.path.insert(0, str(eval_dir))
-        try:
-            spec = importlib.util.spec_from_file_location(name, eval_dir / f"{name}.py")
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            return module
-        finally:
-            sys.path.remove(str(eval_dir))
+        return importlib.import_module(f"qvlm_eval.{name}")
 
     return load

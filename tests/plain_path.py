@@ -11,7 +11,7 @@ from __future__ import annotations
 import datasets
 import torch
 
-from qvlm_modifiers import zoo
+from qvlm_modifiers.testing import zoo
 
 
 def _images(pairs, index: int) -> list:

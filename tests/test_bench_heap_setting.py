@@ -5,17 +5,12 @@ load the default model) are replaced by canned answers here."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "eval" / "bench_heap_setting.py"
-_spec = importlib.util.spec_from_file_location("bench_heap_setting", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+from qvlm_eval import bench_heap_setting as bench
 
 
 def _fake_children(monkeypatch, cpu_by_setting, applied_by_setting=None):

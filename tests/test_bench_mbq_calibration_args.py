@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "eval" / "bench_mbq_calibration.py"
-_spec = importlib.util.spec_from_file_location("bench_mbq_calibration", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+from qvlm_eval import bench_mbq_calibration as bench
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -3,15 +3,8 @@ it builds and quantizes models up to 32 layers, too slow for CI)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
-import pytest
-
-_PATH = Path(__file__).resolve().parents[1] / "eval" / "bench_memory.py"
-spec = importlib.util.spec_from_file_location("bench_memory", _PATH)
-bench_memory = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench_memory)
+from qvlm_eval import bench_memory
 
 
 def _run(layers, width, working_mib, seconds, series="depth"):
@@ -94,13 +87,13 @@ def test_disk_offload_puts_the_weights_on_disk(tmp_path):
     import subprocess
     import sys
 
-    from qvlm_modifiers import zoo
+    from qvlm_modifiers.testing import zoo
 
     model_dir, pairs = tmp_path / "model", tmp_path / "pairs"
-    subprocess.run([sys.executable, str(_PATH), "--child-build", str(model_dir), "--layers", "2", "--width", "128"],
+    subprocess.run([sys.executable, "-m", "qvlm_eval.bench_memory", "--child-build", str(model_dir), "--layers", "2", "--width", "128"],
                    check=True, capture_output=True, timeout=600)
     zoo.sample_pairs(4, seed=0).save_to_disk(str(pairs))
-    out = subprocess.run([sys.executable, str(_PATH), "--child-measure", str(model_dir), "--pairs", str(pairs),
+    out = subprocess.run([sys.executable, "-m", "qvlm_eval.bench_memory", "--child-measure", str(model_dir), "--pairs", str(pairs),
                           "--recipe", "gptq_w4a16", "--num-samples", "2", "--offload-dir", str(tmp_path / "off")],
                          check=True, capture_output=True, text=True, timeout=600).stdout
     result = json.loads(out.strip().splitlines()[-1])

@@ -3,7 +3,7 @@ the fix (no traceback), and writes nothing.
 
 The commands run in-process through ``main([...])``; only the kill-during-save test needs a real
 process. The checks run before any weight is loaded, so each case costs well under a second once
-the tiny model (:mod:`qvlm_modifiers.zoo`) is built.
+the tiny model (:mod:`qvlm_modifiers.testing.zoo`) is built.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from qvlm_modifiers import families, zoo
+from qvlm_modifiers import families
+from qvlm_modifiers.testing import zoo
 from qvlm_modifiers.data import (
     IGNORE,
     TEXT,

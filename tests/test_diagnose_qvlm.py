@@ -3,17 +3,12 @@ reports (the diagnostics themselves run the default model, by hand)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("diagnose_qvlm", REPO / "eval" / "diagnose_qvlm.py")
-diagnose = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(diagnose)
+import qvlm_modifiers
+from qvlm_eval import diagnose_qvlm as diagnose
 
 
 def _fields(text: str) -> dict:
@@ -21,7 +16,7 @@ def _fields(text: str) -> dict:
 
 
 def test_variant_recipe_replaces_and_adds_fields():
-    base = (REPO / "recipes" / "qvlm_w4.yaml").read_text()
+    base = qvlm_modifiers.recipe_path("qvlm_w4").read_text()
     text = diagnose.variant_recipe(base, "x:search_epochs=0; init_shrink_factors=[1.0];block_target=quant_input")
     fields = _fields(text)
     assert fields["search_epochs"] == 0 and fields["init_shrink_factors"] == [1.0]
@@ -33,7 +28,7 @@ def test_variant_recipe_replaces_and_adds_fields():
 
 
 def test_variant_recipe_rejects_malformed_options():
-    base = (REPO / "recipes" / "qvlm_w4.yaml").read_text()
+    base = qvlm_modifiers.recipe_path("qvlm_w4").read_text()
     with pytest.raises(ValueError, match="not key=value"):
         diagnose.variant_recipe(base, "x:search_epochs")
 
@@ -49,6 +44,6 @@ def test_layer_mse_with_and_without_the_largest_token():
 
 
 def test_variant_recipe_refuses_to_replace_a_multiline_field():
-    base = (REPO / "recipes" / "qvlm_w4.yaml").read_text()
+    base = qvlm_modifiers.recipe_path("qvlm_w4").read_text()
     with pytest.raises(ValueError, match="several lines"):
         diagnose.variant_recipe(base, "x:config_groups={}")

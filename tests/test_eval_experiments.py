@@ -54,8 +54,24 @@ def test_run_experiments_writes_results_and_skips_done_cells(saved_vlm, tmp_path
     # a stale cell that this run does not include is named too (a run would refuse because of it)
     assert run.main(argv + ["--list", "--only", "w8a8"]) == 0
     assert "rtn_w4a16: stale (code), not in this run's cells" in capsys.readouterr().out
+    # --rekey-as-equivalent: cells stale for code only get the new key, keep their numbers and record
+    # the old key with the evidence; a cell whose settings also changed is left for a rerun
+    before = json.loads((out_dir / "results.json").read_text())["cells"]
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(config.read_text().replace("kl_rows: 2", "kl_rows: 3"))
+    assert run.main(["--config", str(changed), "--results-root", str(tmp_path / "results"),
+                     "--rekey-as-equivalent", "spot rerun identical"]) == 0
+    assert "re-keyed 0 cells" in capsys.readouterr().out
+    assert run.main(argv + ["--rekey-as-equivalent", "spot rerun identical"]) == 0
+    assert "re-keyed 2 cells: w8a8, rtn_w4a16" in capsys.readouterr().out
+    after = json.loads((out_dir / "results.json").read_text())["cells"]
+    for cid in ("w8a8", "rtn_w4a16"):
+        assert after[cid]["code_version"] == "changed" and after[cid]["quantized"] == before[cid]["quantized"]
+        assert after[cid]["rekeyed"][0]["from_key"] == before[cid]["key"] != after[cid]["key"]
+        assert after[cid]["rekeyed"][0]["reason"] == "spot rerun identical"
+    assert run.main(argv) == 0  # current again: skipped, not rerun
+    assert capsys.readouterr().out.count("done (key") == 2
     # the same path holding other model files is another model: refused the same way
-    monkeypatch.setattr(run, "code_version", lambda *a: "pinned")
     monkeypatch.setattr(run, "model_fingerprint", lambda *a: "retrained")
     assert run.main(argv) == 2
     assert "(model files)" in capsys.readouterr().err
@@ -72,7 +88,9 @@ def test_code_version_covers_only_the_method_packages_a_recipe_names(eval_script
     # the orchestration script is not code a cell runs: the arguments it hands the job are keyed instead
     assert not any(p.endswith("run_experiments.py") for p in gptq)
     # nor the command line (no cell imports it: test_a_real_cell_imports_nothing_outside_its_key)
-    assert not any(p.endswith(("/cli.py", "/__main__.py", "/inspect_ckpt.py")) for p in gptq + qvlm)
+    assert not any("/qvlm_modifiers/cli/" in p or p.endswith(("/__main__.py", "/inspect_ckpt.py")) for p in gptq + qvlm)
+    # the lab modules the job runs are (the metrics define the numbers)
+    assert {"main_job.py", "metrics.py", "default_model.py"} <= {Path(p).name for p in gptq}
 
 
 def test_cell_key_covers_the_job_arguments_but_not_where_outputs_go(eval_script, tmp_path):

@@ -19,7 +19,8 @@ import pytest  # noqa: E402
 from transformers import AutoModelForImageTextToText  # noqa: E402
 
 import qvlm_modifiers  # noqa: E402,F401  (registers the packed loader)
-from qvlm_modifiers import packed_loader, zoo  # noqa: E402
+from qvlm_modifiers import packed_loader  # noqa: E402
+from qvlm_modifiers.testing import zoo  # noqa: E402
 from qvlm_modifiers.kernels import il_dispatch  # noqa: E402
 
 SCHEMES = {"w4_asym": "W4A16_ASYM", "w3_sym": "W3A16"}

@@ -48,7 +48,7 @@ from PIL import Image  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
 import qvlm_modifiers  # noqa: E402
-from qvlm_modifiers import zoo  # noqa: E402
+from qvlm_modifiers.testing import zoo  # noqa: E402
 from qvlm_modifiers.families import decoder_layers, get_family  # noqa: E402
 from qvlm_modifiers.upstream import upstream_loading  # noqa: E402
 

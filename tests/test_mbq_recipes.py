@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import qvlm_modifiers
-from qvlm_modifiers import data, recipe_path, zoo
+from qvlm_modifiers import data, recipe_path
+from qvlm_modifiers.testing import zoo
 from qvlm_modifiers.families import get_family
 from qvlm_modifiers.recipe_check import load_recipe
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from qvlm_modifiers import metrics
+from qvlm_eval import metrics
 from qvlm_modifiers.scoring import next_token_logprobs, predicting_positions
 from qvlm_modifiers.errors import CalibrationDataError, CheckpointError, UnsupportedModelError
 
@@ -252,7 +252,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_metrics_command_runs_on_a_model_folder_and_a_save_to_disk_dataset(saved_vlm, tiny_vqa, tmp_path, capsys):
-    """`python -m qvlm_modifiers.metrics --model M --quantized Q --data FOLDER --split S`: the user's own
+    """`python -m qvlm_eval.metrics --model M --quantized Q --data FOLDER --split S`: the user's own
     model and VQA data (a DatasetDict written by save_to_disk). The same checkpoint as both model and
     "quantized" has KL exactly 0, the same accuracy and the same size (KL > 0 for a changed model is
     test_answer_kl_is_zero_for_the_same_model_and_positive_for_a_perturbed_one)."""

@@ -12,6 +12,7 @@ missing tensors; ``qvlm inspect`` says which Linears run packed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,7 +28,8 @@ from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForImageTextToText  # noqa: E402
 
 import qvlm_modifiers  # noqa: E402,F401  (registers the packed loader)
-from qvlm_modifiers import packed_loader, upstream, zoo  # noqa: E402
+from qvlm_modifiers import packed_loader, upstream  # noqa: E402
+from qvlm_modifiers.testing import zoo  # noqa: E402
 from qvlm_modifiers.packed_loader import PackedKernelsConfig, PackedLinear, linear_status  # noqa: E402
 from qvlm_modifiers.upstream import upstream_loading  # noqa: E402
 
@@ -375,14 +377,28 @@ def _lm_linear_bytes_over_bf16(model) -> float:
     return held / dense
 
 
+@contextlib.contextmanager
+def _loguru_lines():
+    """What the packed loader logs (through loguru, like llm-compressor), with the level."""
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(f"| {m.record['level'].name} | {m.record['message']}"), level="INFO")
+    try:
+        yield lines
+    finally:
+        logger.remove(sink)
+
+
 @pytest.mark.parametrize("recipe", CALIBRATED)
 def test_gptq_and_awq_checkpoints_stay_packed_after_forward_and_generate(calibrated, inputs, recipe, caplog):
     ckpt = calibrated[recipe]
     weights = json.loads((ckpt / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["weights"]
     assert weights["actorder"] == ("static" if recipe.startswith("gptq") else None)
-    with caplog.at_level(logging.INFO, logger="qvlm_modifiers.packed_loader"):
+    with _loguru_lines() as lines:
         model = _load(ckpt)
-    assert "qvlm packed loader: 14 of 14 quantized Linears packed (W4 g128 asym); 0 left to transformers" in caplog.text
+    assert any("qvlm packed loader: 14 of 14 quantized Linears packed (W4 g128 asym); 0 left to transformers" in line
+               and "| INFO" in line for line in lines), lines
     assert set(linear_status(model).values()) == {"packed"} and len(linear_status(model)) == 14
     with torch.no_grad():
         model(**inputs)
@@ -464,9 +480,10 @@ def test_group_act_order_checkpoint_loads_packed_with_its_index(ckpts, calibrate
     with upstream_loading(), pytest.raises(Exception, match="actorder='group' has been removed"):
         AutoModelForImageTextToText.from_pretrained(ckpt)
 
-    with caplog.at_level(logging.WARNING, logger="qvlm_modifiers.packed_loader"):
+    with _loguru_lines() as lines:
         model = _load(ckpt)  # no missing / unexpected key: the index was loaded
-    assert "14 with a GPTQ act-order index (weight_g_idx) run dequantize + matmul per call" in caplog.text
+    assert any("14 with a GPTQ act-order index (weight_g_idx) run dequantize + matmul per call" in line
+               and "| WARNING" in line for line in lines), lines
     assert set(linear_status(model).values()) == {"packed, act-order index"}
     reference = _g_idx_reference_model(base, ckpt)
     with torch.no_grad():

@@ -22,7 +22,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import qvlm_modifiers
 from plain_path import data_collator, plain_rows
-from qvlm_modifiers import zoo
+from qvlm_modifiers.testing import zoo
 from qvlm_modifiers.errors import CalibrationDataError
 from qvlm_modifiers.families import get_family
 from qvlm_modifiers.modality import IGNORE, TEXT, VISION, derive_loss_mask

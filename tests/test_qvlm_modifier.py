@@ -12,7 +12,8 @@ from compressed_tensors.quantization.lifecycle import fake_quantize
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import qvlm_modifiers
-from qvlm_modifiers import data, zoo
+from qvlm_modifiers import data
+from qvlm_modifiers.testing import zoo
 from qvlm_modifiers.errors import CalibrationDataError, RecipeError
 from qvlm_modifiers.families import decoder_layers, get_family
 from qvlm_modifiers.qvlm import METADATA_ATTRIBUTE, QVLMModifier
@@ -172,13 +173,14 @@ def test_vision_token_weight_weighs_image_tokens_in_the_reported_objective(deep_
     assert _mse(q_outs[2], fp_outs[2]) != pytest.approx(first["loss"], rel=1e-3)  # it is not Eq. 3's plain MSE
 
 
-def test_vision_token_weight_without_loss_masks_is_a_clear_error(saved_vlm, calib_pairs):
+def test_vision_token_weight_takes_the_rows_labels_and_refuses_labels_without_images(saved_vlm, calib_pairs):
+    # without use_loss_mask, the rows' own loss_mask still reaches the objective (qvlm_modifiers.modality)
     model, processor, rows = _rows(saved_vlm("llava"), calib_pairs)
     recipe = QVLMModifier(config_groups=_W4_CHANNEL, search_epochs=0, vision_token_weight=0.1)
-    with pytest.raises(CalibrationDataError, match="vision_token_weight=0.1 needs a per-token modality label"):
-        _oneshot(model, processor, rows, recipe, use_loss_mask=False)
+    _oneshot(model, processor, rows, recipe, use_loss_mask=False)
+    assert model.config.qvlm_blocks["vision_token_weight"] == 0.1
     # masks without image labels (llm-compressor's answer-only 0/1 masks): the weight would do nothing
-    answer_only = rows.map(lambda r: {"loss_mask": [1 if v == 1 else 0 for v in r["loss_mask"]]})
+    answer_only = rows.map(lambda r: {"loss_mask": [[1 if v == 1 else 0 for v in row] for row in r["loss_mask"]]})
     model, processor, _ = _rows(saved_vlm("llava"), calib_pairs)
     recipe = QVLMModifier(config_groups=_W4_CHANNEL, search_epochs=0, vision_token_weight=0.1)
     with pytest.raises(CalibrationDataError, match="no calibration loss_mask marks any"):
@@ -404,18 +406,10 @@ def test_captured_layer_arguments_share_equal_tensors():
 
 
 def _bench_modifier_class():
-    """eval/bench_qvlm_search.py's ``BenchQVLMModifier`` (QVLMModifier + ``search_implementation``)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
+    """The lab's ``BenchQVLMModifier`` (QVLMModifier + ``search_implementation``, qvlm_eval.bench_qvlm_search)."""
+    from qvlm_eval.bench_qvlm_search import BenchQVLMModifier
 
-    if "bench_qvlm_search" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "bench_qvlm_search", Path(__file__).resolve().parents[1] / "eval" / "bench_qvlm_search.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # pydantic resolves the field annotations through it
-        spec.loader.exec_module(module)
-    return sys.modules["bench_qvlm_search"].BenchQVLMModifier
+    return BenchQVLMModifier
 
 
 def test_fast_search_gives_the_reference_search_exactly(deep_llava, calib_pairs):
@@ -448,12 +442,12 @@ def test_fast_search_gives_the_reference_search_exactly(deep_llava, calib_pairs)
 
 
 def test_public_and_compatibility_names_are_the_registered_class():
-    """``from qvlm_modifiers.qvlm import QVLMModifier``, the older ``qvlm_modifiers.qvlm.modifier``
-    and a recipe naming ``QVLMModifier`` all give the one class (registered by name)."""
-    from qvlm_modifiers.qvlm import base, modifier
+    """``from qvlm_modifiers.qvlm import QVLMModifier``, its home :mod:`qvlm_modifiers.qvlm.base` and a
+    recipe naming ``QVLMModifier`` all give the one class (registered by name)."""
+    from qvlm_modifiers.qvlm import base
 
-    assert modifier.QVLMModifier is base.QVLMModifier is QVLMModifier
-    assert modifier.METADATA_ATTRIBUTE == METADATA_ATTRIBUTE == "qvlm_blocks"
+    assert base.QVLMModifier is QVLMModifier
+    assert METADATA_ATTRIBUTE == "qvlm_blocks"
     (mod,) = [m for m in qvlm_modifiers.load_recipe("qvlm_w4").modifiers if isinstance(m, QVLMModifier)]
     assert type(mod) is QVLMModifier
 

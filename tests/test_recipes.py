@@ -25,7 +25,8 @@ from transformers import AutoModelForImageTextToText
 from compressed_tensors.utils.match import is_match, match_modules_set
 
 import qvlm_modifiers
-from qvlm_modifiers import data, zoo
+from qvlm_modifiers import data
+from qvlm_modifiers.testing import zoo
 from qvlm_modifiers.errors import RecipeError
 from qvlm_modifiers.families import get_family
 

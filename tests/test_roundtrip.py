@@ -28,7 +28,8 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import qvlm_modifiers
-from qvlm_modifiers import data, zoo
+from qvlm_modifiers import data
+from qvlm_modifiers.testing import zoo
 from qvlm_modifiers.families import get_family
 
 #: RTN schemes checked on every family: shipped recipe name -> what it is
@@ -203,7 +204,7 @@ def _vision_tensors_equal(original, reloaded) -> bool:
 
 
 def _upstream_only(saved_path, out):
-    from qvlm_modifiers.save import install_oneshot_save_hook, uninstall_oneshot_save_hook
+    from qvlm_modifiers.upstream import install_oneshot_save_hook, uninstall_oneshot_save_hook
 
     uninstall_oneshot_save_hook()
     try:

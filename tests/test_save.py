@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import qvlm_modifiers
-from qvlm_modifiers import data, save, zoo
+from qvlm_modifiers import data, save, upstream
+from qvlm_modifiers.testing import zoo
 from qvlm_modifiers.errors import OutputDirError, RecipeError
 
 
@@ -164,7 +165,7 @@ def test_hook_is_idempotent_and_per_instance():
 
     hooked = lc_entry_utils.modify_save_pretrained
     assert getattr(hooked, "_qvlm_hook", False)
-    save.install_oneshot_save_hook()
+    upstream.install_oneshot_save_hook()
     assert lc_entry_utils.modify_save_pretrained is hooked
 
     model, _ = zoo.build("llava")
@@ -172,7 +173,7 @@ def test_hook_is_idempotent_and_per_instance():
     hooked(model)
     first = model.save_pretrained
     hooked(model)
-    save.wrap_model_save(model)
+    upstream.wrap_model_save(model)
     assert model.save_pretrained is first and first._qvlm_config_fix
     assert "save_pretrained" not in vars(other)  # other instances untouched
     modify_save_pretrained(other)  # llm-compressor's own wrapper elsewhere stays as is

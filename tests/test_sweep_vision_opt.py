@@ -84,7 +84,7 @@ def test_lm_scheme_quantizes_the_vision_tower_at_w4a4_and_the_decoder_as_asked(s
     import qvlm_modifiers
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from qvlm_modifiers import zoo
+    from qvlm_modifiers.testing import zoo
     from qvlm_modifiers.data import build_calibration_dataset
     from qvlm_modifiers.families import get_family
 

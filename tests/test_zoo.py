@@ -8,7 +8,8 @@ from PIL import Image
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from qvlm_modifiers import families, zoo
+from qvlm_modifiers import families
+from qvlm_modifiers.testing import zoo
 from qvlm_modifiers.data import build_calibration_dataset, collate_fn
 
 FAMILIES = zoo.FAMILY_NAMES

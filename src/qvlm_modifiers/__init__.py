@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 __version__ = "0.1.0"
 
 __all__ = [
@@ -22,47 +20,8 @@ __all__ = [
 ]
 
 
-def _recipes_dir() -> Path:
-    from qvlm_modifiers import recipes as _recipes_pkg  # ships recipes/*.yaml as package data
-
-    return Path(_recipes_pkg.__file__).parent
-
-
-def list_recipes() -> dict[str, Path]:
-    """Shipped recipes by name (file stem), e.g. ``{"mbq_w3": Path(.../mbq_w3.yaml)}``."""
-    return {p.stem: p for p in sorted(_recipes_dir().glob("*.yaml"))}
-
-
-def recipe_path(name_or_path: str | Path) -> Path:
-    """Resolve a shipped recipe name (``"mbq_w3"``) or an existing YAML path to a file path."""
-    from qvlm_modifiers.errors import RecipeError
-
-    candidate = Path(name_or_path)
-    if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
-        return candidate
-    recipes = list_recipes()
-    stem = candidate.stem if candidate.suffix in (".yaml", ".yml") else str(name_or_path)
-    if stem in recipes:
-        return recipes[stem]
-    raise RecipeError(
-        f"Recipe {str(name_or_path)!r} not found: it is neither an existing YAML file nor a shipped "
-        f"recipe. Shipped recipes: {', '.join(recipes) or '(none)'}. Pass one of those names or the "
-        "path of a recipe YAML file."
-    )
-
-
-def register_modifiers() -> list[str]:
-    """Register this package's Modifiers with llm-compressor (idempotent). Returns their names."""
-    from llmcompressor.modifiers.factory import ModifierFactory
-
-    from qvlm_modifiers._registry import all_modifiers
-
-    names = []
-    for cls in all_modifiers():
-        ModifierFactory.register(cls.__name__, cls)
-        names.append(cls.__name__)
-    return names
-
+from qvlm_modifiers._registry import register_modifiers  # noqa: E402
+from qvlm_modifiers.recipes import list_recipes, recipe_path  # noqa: E402
 
 # What ``import qvlm_modifiers`` does, all of it:
 # 1. registers our Modifiers with llm-compressor's ModifierFactory (its public extension point), so

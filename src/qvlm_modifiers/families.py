@@ -1,7 +1,7 @@
 """Supported VLM families: the one place that records what the Modifiers need to know per family.
 
 Adding a family = one :class:`VLMFamily` entry in :data:`FAMILIES` + one builder in
-:mod:`qvlm_modifiers.zoo`. Module paths are *in-memory* names of the transformers 5 classes
+:mod:`qvlm_modifiers.testing.zoo`. Module paths are *in-memory* names of the transformers 5 classes
 (``model.language_model``...), i.e. what ``model.named_modules()`` yields; the on-disk names
 that compressed-tensors writes drop the ``model.`` prefix (see :mod:`qvlm_modifiers.save`).
 """
@@ -164,7 +164,7 @@ def get_family(model_or_config: Any) -> VLMFamily:
         f"Model type {described!r} is not a supported vision-language model. Supported "
         f"architectures: {', '.join(supported_architectures())}. Use a checkpoint of one of these "
         "families, or add an entry to qvlm_modifiers.families.FAMILIES (and a builder to "
-        "qvlm_modifiers.zoo) for a new one."
+        "qvlm_modifiers.testing.zoo) for a new one."
     )
 
 

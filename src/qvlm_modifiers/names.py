@@ -14,7 +14,13 @@ import re
 
 from torch import nn
 
-__all__ = ["in_memory_ignore_entries", "weight_renamings"]
+__all__ = [
+    "in_memory_ignore",
+    "checkpoint_names",
+    "reload_safe_ignore",
+    "in_memory_ignore_entries",
+    "weight_renamings",
+]
 
 
 def in_memory_ignore_entries(model: nn.Module, ignore: list[str]) -> list[str]:
@@ -76,3 +82,66 @@ def weight_renamings(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
+def in_memory_ignore(model: nn.Module) -> list[str]:
+    """In-memory names of every module that a reload would quantize but that is not quantized.
+
+    This is the exact complement of what transformers' reload does: ``apply_quantization_config``
+    quantizes each module that matches a config group's ``targets`` (compressed-tensors
+    ``is_match``: names, ``re:`` regexes, or class names along the MRO) and not ``ignore``. So every
+    unquantized module that matches the targets of the model's schemes is listed here.
+
+    This is also wider than upstream's rule, which only lists modules whose *exact* class name
+    was quantized somewhere: a ``Linear`` subclass such as the
+    ``NonDynamicallyQuantizableLinear`` inside SigLIP's attention-pooling head
+    (LLaVA-OneVision's vision tower) matches ``targets: [Linear]`` on reload but was never
+    written to ``ignore``, so the reload tried to quantize it and failed.
+    """
+    from compressed_tensors.quantization.utils import is_module_quantized
+    from compressed_tensors.utils.match import is_match
+
+    targets: list[str] = []
+    for _, module in model.named_modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is not None:
+            targets.extend(t for t in scheme.targets if t not in targets)
+    if not targets:
+        return []
+    return [
+        name
+        for name, module in model.named_modules()
+        if name and not is_module_quantized(module) and is_match(name, module, targets)
+    ]
+
+
+def checkpoint_names(model: nn.Module, names: list[str]) -> list[str]:
+    """On-disk (checkpoint) names of the modules ``names``, renamed exactly as transformers'
+    ``save_pretrained`` renames their weights (``revert_weight_conversion``: the conversions the
+    model was loaded with, or its architecture's default ones for a model built in memory)."""
+    import torch
+
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # pragma: no cover - other transformers versions
+        return list(names)
+    result = []
+    for name in names:
+        try:
+            renamed = list(revert_weight_conversion(model, {f"{name}.weight": torch.empty(0)}))
+        except Exception:  # noqa: BLE001 - a converter that needs real tensors: keep the name
+            renamed = []
+        if len(renamed) == 1 and renamed[0].endswith(".weight"):
+            result.append(renamed[0][: -len(".weight")])
+        else:
+            result.append(name)
+    return result
+
+
+def reload_safe_ignore(on_disk_ignore: list[str], in_memory: list[str]) -> list[str]:
+    """``on_disk_ignore`` followed by the in-memory names it lacks (order kept, no duplicates)."""
+    result = list(dict.fromkeys(on_disk_ignore))
+    seen = set(result)
+    for name in in_memory:
+        if name not in seen:
+            result.append(name)
+            seen.add(name)
+    return result

@@ -64,6 +64,7 @@ import os
 from collections import Counter
 
 import torch
+from loguru import logger as loguru_logger
 from torch import nn
 from transformers.quantizers.quantizer_compressed_tensors import CompressedTensorsHfQuantizer
 from transformers.utils.quantization_config import CompressedTensorsConfig as _HFCompressedTensorsConfig
@@ -267,7 +268,9 @@ def _log_load_summary(model: nn.Module, status: dict[str, str]) -> str:
             f"; {indexed} with a GPTQ act-order index (weight_g_idx) run dequantize + matmul per call, "
             "not the Triton kernels"
         )
-    logger.log(logging.WARNING if left or indexed else logging.INFO, line)
+    # through loguru, as llm-compressor and our Modifiers log: shown at INFO by default, so a user
+    # sees on every load what runs packed (stdlib INFO is hidden unless the app configures logging)
+    loguru_logger.log("WARNING" if left or indexed else "INFO", line)
     return line
 
 

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import difflib
 import os
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from qvlm_modifiers.errors import RecipeError
+from qvlm_modifiers.recipes import recipe_path
 
 __all__ = ["load_recipe", "known_modifiers", "override_group_size", "SUPPORTED_WEIGHT_BITS", "SUPPORTED_ACTIVATION_BITS"]
 
@@ -50,11 +50,11 @@ def known_modifiers() -> dict[str, type]:
     """Every Modifier type a recipe may name: llm-compressor's plus registered ones (ours)."""
     from llmcompressor.modifiers.factory import ModifierFactory
 
-    import qvlm_modifiers  # noqa: F401  (registers our Modifiers)
+    from qvlm_modifiers._registry import register_modifiers
 
     if not ModifierFactory._loaded:
         ModifierFactory.refresh()
-        qvlm_modifiers.register_modifiers()
+        register_modifiers()
     return {
         **ModifierFactory._main_registry,
         **ModifierFactory._experimental_registry,
@@ -66,22 +66,6 @@ def _our_modifier_names() -> list[str]:
     from qvlm_modifiers._registry import all_modifiers
 
     return [cls.__name__ for cls in all_modifiers()]
-
-
-def _resolve(path_or_name: str | os.PathLike) -> Path:
-    from qvlm_modifiers import recipe_path
-
-    candidate = Path(path_or_name).expanduser()
-    if candidate.is_file():
-        return candidate
-    if candidate.suffix in (".yaml", ".yml") and not candidate.exists() and (
-        os.sep in str(path_or_name) or candidate.parent != Path(".")
-    ):
-        raise RecipeError(
-            f"Recipe file {str(candidate)!r} does not exist. Check the path, or pass the name of "
-            "a shipped recipe (qvlm_modifiers.list_recipes())."
-        )
-    return recipe_path(path_or_name)
 
 
 def _iter_modifier_entries(obj: dict) -> list[tuple[str, str, Any]]:
@@ -142,7 +126,7 @@ def load_recipe(path_or_name: str | os.PathLike):
     from llmcompressor.recipe import Recipe
     from pydantic import ValidationError
 
-    path = _resolve(path_or_name)
+    path = recipe_path(path_or_name)
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:

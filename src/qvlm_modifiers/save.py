@@ -22,9 +22,9 @@ LLaVA-OneVision) is quantized on reload and the load crashes.
 
 The fix keeps the checkpoint *standard* compressed-tensors: ``ignore`` stays a plain list of
 explicit module names; for every unquantized module that a reload would target
-(:func:`in_memory_ignore`) we add its in-memory name and its on-disk name (renamed exactly as
+(:func:`qvlm_modifiers.names.in_memory_ignore`) we add its in-memory name and its on-disk name (renamed exactly as
 transformers' ``save_pretrained`` renames its weights) next to the names compressed-tensors wrote
-(:func:`reload_safe_ignore`). Why this is correct for every reader:
+(:func:`qvlm_modifiers.names.reload_safe_ignore`). Why this is correct for every reader:
 
 - transformers 5 (``CompressedTensorsHfQuantizer`` -> ``apply_quantization_config`` ->
   ``compressed_tensors.utils.match.match_named_modules``) matches in-memory names exactly or by
@@ -43,17 +43,17 @@ checkpoint is ever left behind.
 
 llm-compressor's own ``oneshot(..., output_dir=...)``
 ------------------------------------------------------
-``import qvlm_modifiers`` calls :func:`install_oneshot_save_hook` once. llm-compressor has no
+``import qvlm_modifiers`` calls :func:`qvlm_modifiers.upstream.install_oneshot_save_hook` once. llm-compressor has no
 supported extension point for saving: its ``oneshot`` calls
 ``llmcompressor.entrypoints.utils.modify_save_pretrained(model)`` during pre-processing, which
 replaces ``model.save_pretrained`` *on that model instance* with llm-compressor's compressed save.
 The hook rebinds that one module attribute to a function that calls llm-compressor's original and
-then wraps the same instance method once more with :func:`fix_saved_config`, which rewrites
+then wraps the same instance method once more (:func:`qvlm_modifiers.upstream.wrap_model_save`) with :func:`fix_saved_config`, which rewrites
 ``config.json``'s ``ignore`` as above after llm-compressor wrote it. Scope: only models that go
 through llm-compressor's ``oneshot``/``Oneshot`` while ``qvlm_modifiers`` is imported; nothing
 else in llm-compressor, compressed-tensors or transformers is patched. For models whose on-disk
 and in-memory names agree (text-only LLMs, Idefics3) the rewrite adds nothing. It is idempotent
-(installing twice or wrapping a model twice is a no-op) and :func:`uninstall_oneshot_save_hook`
+(installing twice or wrapping a model twice is a no-op) and :func:`qvlm_modifiers.upstream.uninstall_oneshot_save_hook`
 removes it. That path writes directly into ``output_dir`` as llm-compressor does (not atomic);
 use :func:`qvlm_modifiers.oneshot` for the atomic, checked save.
 """
@@ -65,95 +65,24 @@ import os
 import shutil
 import tempfile
 import uuid
-import weakref
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from qvlm_modifiers.errors import CheckpointError, OutputDirError
+from qvlm_modifiers.names import checkpoint_names, in_memory_ignore, reload_safe_ignore
 
 __all__ = [
     "check_output_dir",
     "save_pretrained",
-    "in_memory_ignore",
-    "reload_safe_ignore",
     "fix_saved_config",
-    "wrap_model_save",
-    "install_oneshot_save_hook",
-    "uninstall_oneshot_save_hook",
 ]
 
 CONFIG_NAME = "config.json"
 
 
 # --------------------------------------------------------------------------- ignore list fix
-def in_memory_ignore(model: nn.Module) -> list[str]:
-    """In-memory names of every module that a reload would quantize but that is not quantized.
-
-    This is the exact complement of what transformers' reload does: ``apply_quantization_config``
-    quantizes each module that matches a config group's ``targets`` (compressed-tensors
-    ``is_match``: names, ``re:`` regexes, or class names along the MRO) and not ``ignore``. So every
-    unquantized module that matches the targets of the model's schemes is listed here.
-
-    This is also wider than upstream's rule, which only lists modules whose *exact* class name
-    was quantized somewhere: a ``Linear`` subclass such as the
-    ``NonDynamicallyQuantizableLinear`` inside SigLIP's attention-pooling head
-    (LLaVA-OneVision's vision tower) matches ``targets: [Linear]`` on reload but was never
-    written to ``ignore``, so the reload tried to quantize it and failed.
-    """
-    from compressed_tensors.quantization.utils import is_module_quantized
-    from compressed_tensors.utils.match import is_match
-
-    targets: list[str] = []
-    for _, module in model.named_modules():
-        scheme = getattr(module, "quantization_scheme", None)
-        if scheme is not None:
-            targets.extend(t for t in scheme.targets if t not in targets)
-    if not targets:
-        return []
-    return [
-        name
-        for name, module in model.named_modules()
-        if name and not is_module_quantized(module) and is_match(name, module, targets)
-    ]
-
-
-def _checkpoint_names(model: nn.Module, names: list[str]) -> list[str]:
-    """On-disk (checkpoint) names of the modules ``names``, renamed exactly as transformers'
-    ``save_pretrained`` renames their weights (``revert_weight_conversion``: the conversions the
-    model was loaded with, or its architecture's default ones for a model built in memory)."""
-    import torch
-
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # pragma: no cover - other transformers versions
-        return list(names)
-    result = []
-    for name in names:
-        try:
-            renamed = list(revert_weight_conversion(model, {f"{name}.weight": torch.empty(0)}))
-        except Exception:  # noqa: BLE001 - a converter that needs real tensors: keep the name
-            renamed = []
-        if len(renamed) == 1 and renamed[0].endswith(".weight"):
-            result.append(renamed[0][: -len(".weight")])
-        else:
-            result.append(name)
-    return result
-
-
-def reload_safe_ignore(on_disk_ignore: list[str], in_memory: list[str]) -> list[str]:
-    """``on_disk_ignore`` followed by the in-memory names it lacks (order kept, no duplicates)."""
-    result = list(dict.fromkeys(on_disk_ignore))
-    seen = set(result)
-    for name in in_memory:
-        if name not in seen:
-            result.append(name)
-            seen.add(name)
-    return result
-
-
 def fix_saved_config(save_dir: str | os.PathLike, model: nn.Module) -> bool:
     """Rewrite ``save_dir/config.json`` so its ``quantization_config.ignore`` also names the
     in-memory modules (see module docstring). Returns True when the file was changed.
@@ -180,7 +109,7 @@ def fix_saved_config(save_dir: str | os.PathLike, model: nn.Module) -> bool:
     if isinstance(qconfig, dict):
         old = list(qconfig.get("ignore") or [])
         in_memory = in_memory_ignore(model)
-        new = reload_safe_ignore(old, _checkpoint_names(model, in_memory) + in_memory)
+        new = reload_safe_ignore(old, checkpoint_names(model, in_memory) + in_memory)
         if new == old and not blocks_changed:
             return False
         qconfig["ignore"] = new
@@ -316,68 +245,3 @@ def save_pretrained(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-# --------------------------------------------------------------------------- llm-compressor hook
-def wrap_model_save(model: nn.Module) -> None:
-    """Make ``model.save_pretrained`` (this instance only) fix the config after saving.
-
-    Expects llm-compressor's per-instance wrapper to be installed already (it is, inside
-    ``oneshot``); wraps whatever ``model.save_pretrained`` currently is. Idempotent.
-    """
-    inner = model.save_pretrained
-    if getattr(inner, "_qvlm_config_fix", False):
-        return
-    model_ref = weakref.ref(model)
-
-    @wraps(inner)
-    def save_pretrained_with_config_fix(save_directory, *args, **kwargs):
-        result = inner(save_directory, *args, **kwargs)
-        from compressed_tensors.distributed import is_source_process
-
-        target = model_ref()
-        if target is not None and is_source_process():
-            fix_saved_config(save_directory, target)
-        return result
-
-    save_pretrained_with_config_fix._overridden = True  # llm-compressor: already wrapped
-    save_pretrained_with_config_fix._qvlm_config_fix = True
-    model.save_pretrained = save_pretrained_with_config_fix
-
-
-_ORIGINAL_MODIFY_SAVE_PRETRAINED = None
-
-
-def install_oneshot_save_hook() -> None:
-    """Make llm-compressor's ``oneshot`` write checkpoints that reload exactly (idempotent).
-
-    Rebinds ``llmcompressor.entrypoints.utils.modify_save_pretrained`` (the name its
-    ``pre_process`` calls) to a function that runs the original and then :func:`wrap_model_save`
-    on the same model instance. See the module docstring for the scope.
-    """
-    global _ORIGINAL_MODIFY_SAVE_PRETRAINED
-    import llmcompressor.entrypoints.utils as lc_entry_utils
-
-    current = lc_entry_utils.modify_save_pretrained
-    if getattr(current, "_qvlm_hook", False):
-        return
-    original = current
-
-    @wraps(original)
-    def modify_save_pretrained(model):
-        original(model)
-        wrap_model_save(model)
-
-    modify_save_pretrained._qvlm_hook = True
-    _ORIGINAL_MODIFY_SAVE_PRETRAINED = original
-    lc_entry_utils.modify_save_pretrained = modify_save_pretrained
-
-
-def uninstall_oneshot_save_hook() -> None:
-    """Undo :func:`install_oneshot_save_hook` (for tests that need upstream's behaviour)."""
-    global _ORIGINAL_MODIFY_SAVE_PRETRAINED
-    import llmcompressor.entrypoints.utils as lc_entry_utils
-
-    if _ORIGINAL_MODIFY_SAVE_PRETRAINED is not None:
-        lc_entry_utils.modify_save_pretrained = _ORIGINAL_MODIFY_SAVE_PRETRAINED
-        _ORIGINAL_MODIFY_SAVE_PRETRAINED = None

@@ -3,7 +3,7 @@ the ``qvlm`` CLI, the test image/prompt, and the manifest for ``vllm_generate.py
 
     python tests/vllm/prepare.py WORKDIR [--recipes a,b,...] [--generate-weight-only]
 
-The tiny model comes from :mod:`qvlm_modifiers.zoo` (random weights). Random weights give an
+The tiny model comes from :mod:`qvlm_modifiers.testing.zoo` (random weights). Random weights give an
 almost flat next-token distribution (top log-probs within ~0.1 nat of log(1/vocab)), so greedy
 tokens would flip on rounding noise and a token comparison would prove nothing. The LM head is
 therefore scaled by ``LOGIT_SCALE`` before quantizing: logits spread over several nats, greedy
@@ -83,7 +83,7 @@ def main() -> int:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import qvlm_modifiers
-    from qvlm_modifiers import zoo
+    from qvlm_modifiers.testing import zoo
     from qvlm_modifiers.cli import main as qvlm
 
     torch.set_num_threads(2)

@@ -17,7 +17,6 @@ idea, with the paper's equation numbers (design note: ``/work/shared/design/qvlm
 * :mod:`.cached_forward` -- the search's forwards (quantization on/off, cached weight QDQ);
 * :mod:`.gptq_rounding` -- optional GPTQ integers inside the searched ranges (not in the paper);
 * :mod:`.metadata` -- the partition record written to ``config.json`` (``qvlm_blocks``);
-* :mod:`.modifier` -- the former home of ``QVLMModifier``, kept as a compatibility name.
 
 ``from qvlm_modifiers.qvlm import QVLMModifier`` (the Modifier, :mod:`.base`) and
 ``METADATA_ATTRIBUTE`` (:mod:`.metadata`) load on first access, so that importing one of the pure

@@ -22,6 +22,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from qvlm_modifiers.upstream import patch_quantized_forward
+
 __all__ = ["WEIGHT_KEY_ATTR", "FQ_WEIGHT_ATTR", "quantization_enabled", "cached_weight_forward"]
 
 # module.__dict__ keys: the current weight candidate's key (set by the weight range variable's
@@ -47,14 +49,14 @@ def quantization_enabled(modules: Iterable[torch.nn.Module], enabled: bool) -> I
 
 @contextlib.contextmanager
 def cached_weight_forward(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
-    """Inside, every ``torch.nn.Linear`` of ``modules`` runs :func:`_patch_quantized_forward`'s
+    """Inside, every ``torch.nn.Linear`` of ``modules`` runs :func:`qvlm_modifiers.upstream.patch_quantized_forward`'s
     forward: fake-quantized weight taken from a one-entry cache keyed by the weight range
     variable's current candidate. Everything is restored on exit (forward, cache, key)."""
     saved = []
     try:
         for m in modules:
             if isinstance(m, torch.nn.Linear):
-                saved.append(_patch_quantized_forward(m))
+                saved.append(patch_quantized_forward(m, WEIGHT_KEY_ATTR, FQ_WEIGHT_ATTR))
         yield
     finally:
         for m, slot, previous in saved:
@@ -64,57 +66,3 @@ def cached_weight_forward(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
                 m.__dict__[slot] = previous
             m.__dict__.pop(FQ_WEIGHT_ATTR, None)
             m.__dict__.pop(WEIGHT_KEY_ATTR, None)
-
-
-def _patch_quantized_forward(module: torch.nn.Module) -> tuple[torch.nn.Module, str, object]:
-    """UPSTREAM PATCH (compressed-tensors): replace ``module``'s forward by compressed-tensors'
-    quantized forward with a cached weight QDQ; returns ``(module, slot, previous)`` to restore.
-
-    Depends on these compressed-tensors behaviours (checked against the pinned version):
-
-    * ``quantization.lifecycle.forward.set_forward_quantized`` makes a quantized Linear's
-      ``forward`` QDQ the input (``forward_quantize(module, x, "input", args)``) and the weight
-      (``forward_quantize(module, weight.data, "weight", args)``, skipped from status
-      ``COMPRESSED`` on), both skipped when ``module.quantization_enabled`` is false, then call
-      ``module.__class__.forward`` with the QDQ weight swapped in via ``patch_attr(weight, "data",
-      ...)``. The replacement below does the same with the weight QDQ cached; what it does not
-      handle (output activations, no weight scheme, no candidate key) falls through to the original;
-    * ``offload.module.offload_module`` wraps ``forward`` (moving the inputs to the onload device)
-      around ``module._original_forward_func(self, *args)`` (an instance attribute): the patch goes
-      inside that wrapper when present, so onloading still happens.
-    """
-    from compressed_tensors.quantization import QuantizationStatus
-    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
-    from compressed_tensors.utils import patch_attr
-
-    def make(original):
-        def forward(input: torch.Tensor) -> torch.Tensor:
-            scheme = getattr(module, "quantization_scheme", None)
-            status = getattr(module, "quantization_status", None)
-            key = getattr(module, WEIGHT_KEY_ATTR, None)
-            if (
-                not getattr(module, "quantization_enabled", True) or scheme is None or scheme.weights is None
-                or status is None or status >= QuantizationStatus.COMPRESSED or key is None
-                or scheme.output_activations is not None
-            ):
-                return original(input)
-            weight = module.weight
-            if scheme.input_activations:
-                input = forward_quantize(module, input, "input", scheme.input_activations)
-            cached = module.__dict__.get(FQ_WEIGHT_ATTR)
-            if cached is None or cached[0] != key or cached[1].device != weight.device:
-                cached = (key, forward_quantize(module, weight.data, "weight", scheme.weights))
-                module.__dict__[FQ_WEIGHT_ATTR] = cached
-            with patch_attr(weight, "data", cached[1]):
-                return module.__class__.forward(module, input)
-
-        return forward
-
-    slot = "_original_forward_func" if "_original_forward_func" in module.__dict__ else "forward"
-    previous = module.__dict__.get(slot)
-    if slot == "forward":
-        module.forward = make(module.forward)
-    else:
-        inner = make(lambda x, _f=previous, _m=module: _f(_m, x))
-        module.__dict__[slot] = lambda _self, x, _inner=inner: _inner(x)
-    return module, slot, previous

@@ -21,28 +21,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 from qvlm_modifiers.qvlm.objective import BlockObjectiveKind, LayerFn, block_mse_objective
+from qvlm_modifiers.upstream import gptq_internals
 
 __all__ = ["gptq_round_block"]
 
 # llm-compressor's GPTQModifier defaults (block_size, dampening_frac)
 GPTQ_BLOCKSIZE = 128
 GPTQ_PERCDAMP = 0.01
-
-
-def _upstream_gptq():
-    """UPSTREAM DEPENDENCY (llm-compressor, private): GPTQModifier's internals, imported here only.
-
-    Depends on ``llmcompressor.modifiers.gptq.helpers.make_empty_hessian(module)`` (a zero
-    ``(in_features, in_features)`` float32 Hessian), ``accumulate_hessian(inp, module, H, n)``
-    (adds ``2 X X^T`` of one input batch to ``H`` and its sample count to ``n``, returns
-    ``(H, n)``; the caller divides) and ``gptq_quantize.quantize_weight(weights, hessians, scale,
-    zero_point, global_scale, quant_args, blocksize, percdamp)`` on tensors with a leading batch
-    dimension (returns the dequantized GPTQ weights, the losses and RTN-fallback flags). None of
-    these is public API."""
-    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
-    from llmcompressor.modifiers.gptq.helpers import accumulate_hessian, make_empty_hessian
-
-    return quantize_weight, accumulate_hessian, make_empty_hessian
 
 
 def gptq_round_block(
@@ -74,7 +59,7 @@ def gptq_round_block(
 
 
 def _gptq_in_ranges(linears, layers, quantized, q_inputs, targets, kind, token_weights) -> float:
-    quantize_weight, accumulate_hessian, make_empty_hessian = _upstream_gptq()
+    quantize_weight, accumulate_hessian, make_empty_hessian = gptq_internals()
     hessians = {id(m): make_empty_hessian(m) for m in linears}
     counts = {id(m): torch.zeros(()) for m in linears}
 

@@ -14,7 +14,7 @@
 
 Assemble once at set-up::
 
-    python -m qvlm_modifiers.default_model --output models/smolvlm-tiny
+    python -m qvlm_eval.default_model --output models/smolvlm-tiny
 
 The output is a normal transformers checkpoint (``AutoModelForImageTextToText.from_pretrained``).
 """
@@ -86,8 +86,8 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_VISION_WEIGHTS = _REPO_ROOT / "eval" / "weights" / "smolvlm_tiny_vision.safetensors"
+#: the committed vision tower: package data of qvlm_eval (or pass ``vision_weights=`` explicitly)
+DEFAULT_VISION_WEIGHTS = Path(__file__).resolve().parent / "weights" / "smolvlm_tiny_vision.safetensors"
 
 
 def gguf_location() -> tuple[str, str]:

@@ -18,12 +18,12 @@ Usage::
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from qvlm_modifiers.testing.pairs import IMAGE_SIZE, sample_pairs
 from qvlm_modifiers.upstream import install_torchvision_free_standins
 
 __all__ = [
@@ -45,8 +45,6 @@ FAMILY_NAMES: tuple[str, ...] = (
     "gemma3",
 )
 
-#: side length (pixels) of the images produced by :func:`sample_pairs`
-IMAGE_SIZE = 48
 
 # Shared tiny sizes. Text/vision hidden 128 and MLP 256 keep K % 128 == 0 for every Linear.
 _HIDDEN = 128
@@ -56,100 +54,12 @@ _HEADS = 4
 _VISION_HEADS = 2
 
 
-# --------------------------------------------------------------------------------------------
-# Chat templates (the families' published templates, as shipped in their chat_template files)
-# --------------------------------------------------------------------------------------------
-
-# llava-hf/llava-1.5-7b-hf
-LLAVA_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
-    "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
-    "'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != "
-    "'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | "
-    "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}"
-    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-
-# llava-hf/llava-onevision-qwen2-0.5b-ov-hf
-LLAVA_ONEVISION_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}{# Render all images first #}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}"
-    "{% endfor %}{# Render all video then #}{% for content in message['content'] | selectattr('type', "
-    "'equalto', 'video') %}{{ '<video>' }}{% endfor %}{# Render all text next #}{% if message['role'] != "
-    "'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ '\n' + content['text'] }}{% endfor %}{% else %}{% for content in message['content'] | "
-    "selectattr('type', 'equalto', 'text') %}{% generation %}{{ '\n' + content['text'] }}{% endgeneration %}"
-    "{% endfor %}{% endif %}{{'<|im_end|>'}}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-# Qwen/Qwen2-VL-2B-Instruct and Qwen/Qwen2.5-VL-3B-Instruct (identical)
-QWEN2_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in "
-    "messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful "
-    "assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string "
-    "%}{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}{% if "
-    "content['type'] == 'image' or 'image' in content or 'image_url' in content %}{% set image_count.value "
-    "= image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif "
-    "%}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content "
-    "%}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value "
-    "}}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ "
-    "content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt "
-    "%}<|im_start|>assistant\n{% endif %}"
-)
-
-# HuggingFaceM4/Idefics3-8B-Llama3 (SmolVLM uses the same layout)
-IDEFICS3_CHAT_TEMPLATE = (
-    "<|begin_of_text|>{% for message in messages %}{{message['role'] | capitalize}}{% if "
-    "message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in "
-    "message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}{% elif line['type'] == 'image' %}"
-    "{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}"
-    "{{ 'Assistant:' }}{% endif %}"
-)
-
-# google/gemma-3-4b-it
-GEMMA3_CHAT_TEMPLATE = (
-    "{{ bos_token }}\n"
-    "{%- if messages[0]['role'] == 'system' -%}\n"
-    "    {%- if messages[0]['content'] is string -%}\n"
-    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
-    "    {%- else -%}\n"
-    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
-    "    {%- endif -%}\n"
-    "    {%- set loop_messages = messages[1:] -%}\n"
-    "{%- else -%}\n"
-    "    {%- set first_user_prefix = \"\" -%}\n"
-    "    {%- set loop_messages = messages -%}\n"
-    "{%- endif -%}\n"
-    "{%- for message in loop_messages -%}\n"
-    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
-    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
-    "    {%- endif -%}\n"
-    "    {%- if (message['role'] == 'assistant') -%}\n"
-    "        {%- set role = \"model\" -%}\n"
-    "    {%- else -%}\n"
-    "        {%- set role = message['role'] -%}\n"
-    "    {%- endif -%}\n"
-    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
-    "    {%- if message['content'] is string -%}\n"
-    "        {{ message['content'] | trim }}\n"
-    "    {%- elif message['content'] is iterable -%}\n"
-    "        {%- for item in message['content'] -%}\n"
-    "            {%- if item['type'] == 'image' -%}\n"
-    "                {{ '<start_of_image>' }}\n"
-    "            {%- elif item['type'] == 'text' -%}\n"
-    "                {{ item['text'] | trim }}\n"
-    "            {%- endif -%}\n"
-    "        {%- endfor -%}\n"
-    "    {%- else -%}\n"
-    "        {{ raise_exception(\"Invalid content type\") }}\n"
-    "    {%- endif -%}\n"
-    "    {{ '<end_of_turn>\n' }}\n"
-    "{%- endfor -%}\n"
-    "{%- if add_generation_prompt -%}\n"
-    "    {{'<start_of_turn>model\n'}}\n"
-    "{%- endif -%}\n"
+from qvlm_modifiers.testing.chat_templates import (  # noqa: E402
+    LLAVA_CHAT_TEMPLATE,
+    LLAVA_ONEVISION_CHAT_TEMPLATE,
+    QWEN2_VL_CHAT_TEMPLATE,
+    IDEFICS3_CHAT_TEMPLATE,
+    GEMMA3_CHAT_TEMPLATE,
 )
 
 
@@ -552,72 +462,3 @@ def save(
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
-
-
-# --------------------------------------------------------------------------------------------
-# Synthetic image-text pairs
-# --------------------------------------------------------------------------------------------
-
-_COLORS = {
-    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
-    "purple": (140, 50, 170), "orange": (240, 140, 30), "white": (245, 245, 245), "black": (15, 15, 15),
-}
-_SHAPES = ("circle", "square", "triangle")
-_QUESTIONS = (
-    "What shape is in the image?",
-    "Describe the image.",
-    "What color is the shape?",
-    "What is shown here?",
-)
-
-
-def _draw(shape: str, fg, bg, rng: random.Random, size: int):
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (size, size), bg)
-    draw = ImageDraw.Draw(img)
-    r = rng.randint(size // 5, size // 3)
-    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
-    elif shape == "square":
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fg)
-    else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fg)
-    # a little texture so images differ beyond the shape
-    for _ in range(rng.randint(3, 8)):
-        x, y = rng.randrange(size), rng.randrange(size)
-        draw.point((x, y), fill=tuple(rng.randrange(256) for _ in range(3)))
-    return img
-
-
-def sample_pairs(n: int, seed: int = 0, image_size: int = IMAGE_SIZE):
-    """``n`` synthetic image-question-answer rows (a coloured shape on a coloured background).
-
-    :return: :class:`datasets.Dataset` with columns ``image`` (PIL RGB, ``image_size`` px square),
-        ``text`` (the answer / caption) and ``question`` (the prompt)
-    """
-    import datasets
-
-    rng = random.Random(seed)
-    names = list(_COLORS)
-    rows: dict[str, list] = {"image": [], "text": [], "question": []}
-    for _ in range(n):
-        shape = rng.choice(_SHAPES)
-        fg_name, bg_name = rng.sample(names, 2)
-        question = rng.choice(_QUESTIONS)
-        if question.startswith("What shape"):
-            text = f"A {shape}."
-        elif question.startswith("What color"):
-            text = f"It is {fg_name}."
-        else:
-            text = f"A {fg_name} {shape} on a {bg_name} background."
-        rows["image"].append(_draw(shape, _COLORS[fg_name], _COLORS[bg_name], rng, image_size))
-        rows["text"].append(text)
-        rows["question"].append(question)
-    features = datasets.Features(
-        {"image": datasets.Image(), "text": datasets.Value("string"), "question": datasets.Value("string")}
-    )
-    return datasets.Dataset.from_dict(rows, features=features)
-
-

@@ -13,7 +13,7 @@ Generic over any supported VLM that has a processor with a chat template; VQA da
 ``easy-vqa`` package, a ``datasets.save_to_disk`` folder or a hub dataset name with ``image``,
 ``question`` and ``answer`` columns. Command line::
 
-    python -m qvlm_modifiers.metrics --model DIR [--quantized DIR] --data easy-vqa --num-questions 200
+    python -m qvlm_eval.metrics --model DIR [--quantized DIR] --data easy-vqa --num-questions 200
 """
 
 from __future__ import annotations
