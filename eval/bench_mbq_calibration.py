@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from qvlm_modifiers.resources import proc_status_kib, reset_peak_rss
+
 SCHEMES = {
     "w3": {"weights": {"num_bits": 3, "type": "int", "symmetric": False, "strategy": "group", "group_size": 128}},
     "w4": {"weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 128}},
@@ -56,19 +58,8 @@ IGNORE = [
 ]
 
 
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+_rss_kib = proc_status_kib  # the one reader: qvlm_modifiers.resources
+_reset_peak_rss = reset_peak_rss
 
 
 def run_child(args) -> dict:

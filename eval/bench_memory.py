@@ -51,6 +51,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from qvlm_modifiers.resources import proc_status_kib, reset_peak_rss
+
 HEAD_DIM = 64
 # (name, hidden, intermediate, layers) of the language models of common VLM sizes
 PROJECTION_TARGETS = [
@@ -61,21 +63,8 @@ PROJECTION_TARGETS = [
 
 
 # ---------------------------------------------------------------------------------------- child
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
+_status_kib = proc_status_kib  # the one reader: qvlm_modifiers.resources
+_reset_peak_rss = reset_peak_rss
 
 
 class _AnonPeak:

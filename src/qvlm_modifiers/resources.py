@@ -2,6 +2,9 @@
 
 * :func:`peak_memory`: this process's peak resident set size so far (``getrusage`` ``ru_maxrss``)
   and, when CUDA is available, ``torch.cuda.max_memory_allocated``.
+* :func:`proc_status_kib` / :func:`reset_peak_rss` (Linux): a ``/proc/self/status`` field (``VmRSS``,
+  ``VmHWM``, ``RssAnon``) and resetting ``VmHWM`` to the current RSS, so a benchmark can read the peak
+  of one phase of a process;
 * :func:`measure_resources`: run a callable and report its wall time, its peak RSS (sampled every
   ``poll_s`` and at the end, so it is the peak *during* the call, not since process start) and the
   CUDA max allocated memory reset before the call.
@@ -16,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["ResourceUsage", "rss_bytes", "peak_memory", "measure_resources"]
+__all__ = ["ResourceUsage", "rss_bytes", "peak_memory", "measure_resources", "proc_status_kib", "reset_peak_rss"]
 
 
 @dataclass
@@ -88,3 +91,23 @@ def measure_resources(fn: Callable[[], Any], poll_s: float = 0.01) -> tuple[Any,
     peak[0] = max(peak[0], rss_bytes())
     usage = ResourceUsage(wall, peak[0], before, torch.cuda.max_memory_allocated() if cuda else None)
     return result, usage
+
+
+def proc_status_kib(field: str) -> int:
+    """A field of ``/proc/self/status`` in KiB (e.g. ``"VmHWM"``, the peak RSS); raises when absent."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's ``VmHWM`` to its current RSS (``echo 5 > /proc/self/clear_refs``); ``False``
+    where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
