@@ -58,9 +58,6 @@ IGNORE = [
 ]
 
 
-_rss_kib = proc_status_kib  # the one reader: qvlm_modifiers.resources
-_reset_peak_rss = reset_peak_rss
-
 
 def run_child(args) -> dict:
     """One calibration in this (fresh) process; returns the measurements as a dict."""
@@ -100,8 +97,8 @@ def run_child(args) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         gpu_base = torch.cuda.memory_allocated()
-    peak_reset = _reset_peak_rss()
-    rss_base = _rss_kib("VmRSS")
+    peak_reset = reset_peak_rss()
+    rss_base = proc_status_kib("VmRSS")
     start, cpu_start = time.perf_counter(), time.process_time()
     qvlm_modifiers.oneshot(
         model, processor=processor, dataset=rows, recipe=[transform, quant], use_loss_mask=use_mask,
@@ -115,8 +112,8 @@ def run_child(args) -> dict:
         "method": args.child,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
-        "peak_rss_delta_mib": (_rss_kib("VmHWM") - rss_base) / 1024 if peak_reset else None,
-        "peak_rss_total_mib": _rss_kib("VmHWM") / 1024 if peak_reset else None,
+        "peak_rss_delta_mib": (proc_status_kib("VmHWM") - rss_base) / 1024 if peak_reset else None,
+        "peak_rss_total_mib": proc_status_kib("VmHWM") / 1024 if peak_reset else None,
         "samples": len(rows),
     }
     if cuda:

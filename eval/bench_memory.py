@@ -63,9 +63,6 @@ PROJECTION_TARGETS = [
 
 
 # ---------------------------------------------------------------------------------------- child
-_status_kib = proc_status_kib  # the one reader: qvlm_modifiers.resources
-_reset_peak_rss = reset_peak_rss
-
 
 class _AnonPeak:
     """Peak of ``RssAnon`` (anonymous resident memory: heap, tensors torch allocates) sampled every
@@ -76,13 +73,13 @@ class _AnonPeak:
     def __init__(self, poll_s: float = 0.005):
         import threading
 
-        self.poll_s, self.peak = poll_s, _status_kib("RssAnon") * 1024
+        self.poll_s, self.peak = poll_s, proc_status_kib("RssAnon") * 1024
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _status_kib("RssAnon") * 1024)
+            self.peak = max(self.peak, proc_status_kib("RssAnon") * 1024)
             self._stop.wait(self.poll_s)
 
     def __enter__(self):
@@ -92,7 +89,7 @@ class _AnonPeak:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _status_kib("RssAnon") * 1024)
+        self.peak = max(self.peak, proc_status_kib("RssAnon") * 1024)
 
 
 # CPU memory compressed-tensors may use for weights under --disk-offload (the rest goes to disk)
@@ -157,7 +154,7 @@ def measure(model_dir: Path, pairs_dir: Path, recipe: str, num_samples: int, off
 
     import gc
 
-    rss_before_paging = _status_kib("VmRSS") * 1024
+    rss_before_paging = proc_status_kib("VmRSS") * 1024
     if not offload_dir and not cuda:
         # transformers 5 memory-maps the safetensors files: weights that match the file's dtype are
         # paged in only when first read. Read every weight once here, so that "RSS after load"
@@ -172,9 +169,9 @@ def measure(model_dir: Path, pairs_dir: Path, recipe: str, num_samples: int, off
                 else:
                     p.sum()
     gc.collect()
-    rss_after_load = _status_kib("VmRSS") * 1024
-    anon_after_load, file_after_load = _status_kib("RssAnon") * 1024, _status_kib("RssFile") * 1024
-    peak_reset = _reset_peak_rss()
+    rss_after_load = proc_status_kib("VmRSS") * 1024
+    anon_after_load, file_after_load = proc_status_kib("RssAnon") * 1024, proc_status_kib("RssFile") * 1024
+    peak_reset = reset_peak_rss()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -188,7 +185,7 @@ def measure(model_dir: Path, pairs_dir: Path, recipe: str, num_samples: int, off
         qvlm_modifiers.oneshot(model=model, processor=processor, dataset=calib, recipe=recipe_obj,
                                num_calibration_samples=num_samples, **kwargs)
     seconds = time.perf_counter() - t0
-    peak = _status_kib("VmHWM") * 1024
+    peak = proc_status_kib("VmHWM") * 1024
     result = {
         "layers": n_layers, "width": model.config.text_config.hidden_size, "recipe": recipe,
         "num_samples": num_samples, "mean_seq_len": sum(seq_lens) / len(seq_lens),
@@ -196,7 +193,7 @@ def measure(model_dir: Path, pairs_dir: Path, recipe: str, num_samples: int, off
         "peak_counter_reset": peak_reset, "working_bytes": peak - rss_after_load,
         "paged_in_at_load_bytes": rss_after_load - rss_before_paging,
         "working_anon_bytes": anon.peak - anon_after_load, "materialized": materialize and not offload_dir and not cuda,
-        "file_rss_after_load": file_after_load, "file_rss_after_calibration": _status_kib("RssFile") * 1024,
+        "file_rss_after_load": file_after_load, "file_rss_after_calibration": proc_status_kib("RssFile") * 1024,
         "seconds": seconds, "seconds_per_layer": seconds / n_layers, "device": "cuda" if cuda else "cpu",
         "offload_dir": offload_dir,
         "disk_offloaded_tensors": disk_tensors if offload_dir else 0,

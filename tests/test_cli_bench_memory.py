@@ -5,6 +5,7 @@ from __future__ import annotations
 
 
 from qvlm_eval import bench_memory
+from qvlm_modifiers.resources import proc_status_kib
 
 
 def _run(layers, width, working_mib, seconds, series="depth"):
@@ -56,14 +57,14 @@ def test_anonymous_peak_sees_a_transient_allocation():
     import torch
 
     with bench_memory._AnonPeak(poll_s=0.001) as peak:  # noqa: SLF001
-        base = bench_memory._status_kib("RssAnon") * 1024  # noqa: SLF001
+        base = proc_status_kib("RssAnon") * 1024
         t = torch.ones(16 * 2**20)  # 64 MiB, written (resident)
         deadline = time.monotonic() + 2.0  # the sampling thread may be slow to run on a loaded machine
         while peak.peak - base < 60 * 2**20 and time.monotonic() < deadline:
             time.sleep(0.01)
         del t
     assert peak.peak - base >= 60 * 2**20
-    assert bench_memory._status_kib("RssAnon") * 1024 < peak.peak  # noqa: SLF001 - freed after the block
+    assert proc_status_kib("RssAnon") * 1024 < peak.peak  # freed after the block
 
 
 def test_disk_offload_runs_are_judged_on_peak_rss():
