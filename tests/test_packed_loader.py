@@ -70,15 +70,21 @@ def inputs(ckpts):
     return processor(images=[pair["image"]], text=prompt, return_tensors="pt")
 
 
-def _reference_model(base, ckpt):
-    """Base model with each quantized Linear's weight = compressed-tensors decompression of the
-    saved tensors (on-disk keys found by their module-path suffix)."""
+def _reference_model(base, ckpt, dequantize=None):
+    """Base model with each quantized Linear's weight = ``dequantize(state, module)`` of its saved
+    tensors (``state``: the module's on-disk tensors keyed without the module prefix, found by their
+    module-path suffix). Default: compressed-tensors' own decompression."""
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationScheme
 
+    if dequantize is None:
+        qcfg = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+        scheme = QuantizationScheme.model_validate(qcfg["config_groups"]["group_0"])
+
+        def dequantize(state, module):
+            return PackedQuantizationCompressor.decompress(state, scheme)["weight"]
+
     model = AutoModelForImageTextToText.from_pretrained(base)
-    qcfg = json.loads((ckpt / "config.json").read_text())["quantization_config"]
-    scheme = QuantizationScheme.model_validate(qcfg["config_groups"]["group_0"])
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
         disk = {k: f.get_tensor(k) for k in f.keys()}
     replaced = 0
@@ -90,8 +96,7 @@ def _reference_model(base, ckpt):
         assert len(keys) == 1, (name, keys)
         prefix = keys[0][: -len("weight_packed")]
         state = {k[len(prefix):]: v for k, v in disk.items() if k.startswith(prefix)}
-        w = PackedQuantizationCompressor.decompress(state, scheme)["weight"]
-        module.weight.data.copy_(w)
+        module.weight.data.copy_(dequantize(state, module))
         replaced += 1
     assert replaced == 14  # 2 decoder layers x (q, k, v, o, gate, up, down)
     return model
@@ -439,33 +444,21 @@ def _with_group_act_order(src, dst, seed=0):
     return dst
 
 
-def _g_idx_reference_model(base, ckpt):
-    """Base model whose quantized Linears get W[:, j] = (q[:, j] - z[:, g]) * s[:, g] with
-    g = weight_g_idx[j], written group by group (independent of the loader's gather)."""
+def _dequantize_with_g_idx(state, module):
+    """W[:, j] = (q[:, j] - z[:, g]) * s[:, g] with g = weight_g_idx[j], written group by group
+    (independent of the loader's gather)."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
-    model = AutoModelForImageTextToText.from_pretrained(base)
-    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
-        disk = {k: f.get_tensor(k) for k in f.keys()}
-    replaced = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or name.startswith(NOT_QUANTIZED):
-            continue
-        suffix = name.split("language_model.", 1)[1] + "."
-        (prefix,) = [k[: -len("weight_packed")] for k in disk if k.endswith(suffix + "weight_packed")]
-        n, k = module.weight.shape
-        q = unpack_from_int32(disk[prefix + "weight_packed"], 4, torch.Size((n, k))).float()
-        scale = disk[prefix + "weight_scale"].float()
-        zp = unpack_from_int32(disk[prefix + "weight_zero_point"], 4, torch.Size((n, scale.shape[1])), packed_dim=0)
-        g_idx = disk[prefix + "weight_g_idx"]
-        w = torch.empty(n, k)
-        for g in range(scale.shape[1]):
-            cols = (g_idx == g).nonzero().flatten()
-            w[:, cols] = (q[:, cols] - zp[:, g : g + 1].float()) * scale[:, g : g + 1]
-        module.weight.data.copy_(w)
-        replaced += 1
-    assert replaced == 14
-    return model
+    n, k = module.weight.shape
+    q = unpack_from_int32(state["weight_packed"], 4, torch.Size((n, k))).float()
+    scale = state["weight_scale"].float()
+    zp = unpack_from_int32(state["weight_zero_point"], 4, torch.Size((n, scale.shape[1])), packed_dim=0)
+    g_idx = state["weight_g_idx"]
+    w = torch.empty(n, k)
+    for g in range(scale.shape[1]):
+        cols = (g_idx == g).nonzero().flatten()
+        w[:, cols] = (q[:, cols] - zp[:, g : g + 1].float()) * scale[:, g : g + 1]
+    return w
 
 
 def test_group_act_order_checkpoint_loads_packed_with_its_index(ckpts, calibrated, inputs, tmp_path, caplog, monkeypatch):
@@ -485,7 +478,7 @@ def test_group_act_order_checkpoint_loads_packed_with_its_index(ckpts, calibrate
     assert any("14 with a GPTQ act-order index (weight_g_idx) run dequantize + matmul per call" in line
                and "| WARNING" in line for line in lines), lines
     assert set(linear_status(model).values()) == {"packed, act-order index"}
-    reference = _g_idx_reference_model(base, ckpt)
+    reference = _reference_model(base, ckpt, _dequantize_with_g_idx)
     with torch.no_grad():
         logits = model(**inputs).logits
         assert torch.equal(logits, reference(**inputs).logits)
