@@ -263,18 +263,21 @@ def _fake_cell(method, scheme, acc, kl, group_size=64):
 
 def test_plot_draws_one_line_per_method_against_bits_per_panel(eval_script, tmp_path, monkeypatch):
     """Weight-only cells go on a weight-bits axis, weight-activation cells on an axis ordered by
-    activation then weight bits; no line joins the two; seed reruns are not drawn."""
+    activation then weight bits; no line joins the two; a cell's seeds make one point (their mean) with
+    an error bar (min..max for 2 seeds)."""
     run = eval_script("run_experiments")
     cells = {"gptq_w3": _fake_cell("GPTQ", "W3A16", 0.80, 0.04), "gptq_w4": _fake_cell("GPTQ", "W4A16", 0.87, 0.006),
              "gptq_w4a8": _fake_cell("GPTQ", "W4A8", 0.79, 0.16), "gptq_w8a8": _fake_cell("GPTQ", "W8A8", 0.84, 0.03),
              "rtn_w4a4": _fake_cell("RTN", "W4A4", 0.0, 10.3), "rtn_w6a6": _fake_cell("RTN", "W6A6", 0.46, 0.84),
-             "gptq_w3@seed1": _fake_cell("GPTQ", "W3A16", 0.79, 0.05)}
+             "gptq_w3@seed1": {**_fake_cell("GPTQ", "W3A16", 0.78, 0.05), "calib_seed": 1}}
     lines = run.plot_lines(cells)
     assert set(lines) == {("weight-only", "GPTQ"), ("weight-activation", "GPTQ"), ("weight-activation", "RTN")}
-    assert [(x, acc) for x, acc, _, _ in lines[("weight-only", "GPTQ")]] == [(3, 80.0), (4, 87.0)]
+    assert [(x, acc) for x, acc, *_ in lines[("weight-only", "GPTQ")]] == [(3, pytest.approx(79.0)), (4, 87.0)]
+    (w3, w4) = lines[("weight-only", "GPTQ")]
+    assert w3[4]["acc"] == pytest.approx((78.0, 80.0)) and w3[4]["kl"] == pytest.approx((0.04, 0.05)) and w4[4] is None
     # W4A4 < W6A6 < W4A8 < W8A8
-    assert [(x, s) for x, _, _, s in lines[("weight-activation", "GPTQ")]] == [(2, "W4A8"), (3, "W8A8")]
-    assert [(x, s) for x, _, _, s in lines[("weight-activation", "RTN")]] == [(0, "W4A4"), (1, "W6A6")]
+    assert [(x, s) for x, _, _, s, _ in lines[("weight-activation", "GPTQ")]] == [(2, "W4A8"), (3, "W8A8")]
+    assert [(x, s) for x, _, _, s, _ in lines[("weight-activation", "RTN")]] == [(0, "W4A4"), (1, "W6A6")]
     assert run.scheme_bits("W6A6") == (6, 6)
     with pytest.raises(ValueError, match="W<bits>A<bits>"):
         run.scheme_bits("int4-awq")
@@ -289,8 +292,11 @@ def test_plot_draws_one_line_per_method_against_bits_per_panel(eval_script, tmp_
     monkeypatch.setattr(plt, "close", lambda fig: drawn.setdefault("fig", fig))  # keep the figure to inspect
     (path,) = run.plot(cells, tmp_path)
     assert path.stat().st_size > 0
-    labels = [[line.get_label() for line in ax.get_lines()] for ax in drawn["fig"].axes[:4]]
+    labels = [[line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
+              for ax in drawn["fig"].axes[:4]]
     assert labels == [["GPTQ", "full precision"], ["GPTQ"], ["GPTQ", "RTN", "full precision"], ["GPTQ", "RTN"]]
+    # the seed interval of gptq_w3 is drawn as an error bar in both weight-only panels, none elsewhere
+    assert [len(ax.containers) for ax in drawn["fig"].axes[:4]] == [1, 1, 0, 0]
     styles = {line.get_label(): (line.get_color(), line.get_marker(), line.get_linestyle())
               for line in drawn["fig"].axes[2].get_lines()}
     assert styles["GPTQ"] != styles["RTN"]
@@ -308,8 +314,11 @@ def test_report_rewrites_the_table_and_plot_from_results_json(eval_script, tmp_p
     assert run.main(["--config", str(config), "--results-root", str(tmp_path / "results"), "--report"]) == 0
     table = (out_dir / "results.md").read_text()
     assert "| W4A16 | GPTQ | gptq_w4 | 87.0 [84.0, 90.0] |" in table and "group size 64" in table and "Q4_1" in table
+    # the configured cell that has not run is listed as such, with no numbers
+    assert "| W4A16 | RTN | rtn_w4a16 | to run |  |" in table
     assert (out_dir / "metrics.png").stat().st_size > 0
     assert "from 1 cells" in capsys.readouterr().out
+    assert set(json.loads((out_dir / "results.json").read_text())) == {"cells", "summary", "comparisons"}
 
 
 def test_the_default_matrix_holds_every_method_at_every_scheme_the_issue_names(eval_script):
@@ -329,3 +338,276 @@ def test_the_default_matrix_holds_every_method_at_every_scheme_the_issue_names(e
     assert required - have == set()
     # two cells rerun with another calibration seed: the noise level
     assert sum(1 for c in run.parse_cells(config) if c["calib_seed"] is not None) >= 2
+
+
+# ------------------------------------------------------------------ seeds, summaries, comparisons (issue #22)
+GOLDEN_RECIPE = "quant_stage:\n  quant_modifiers:\n    GPTQModifier: {targets: [Linear], scheme: W4A16}\n"
+GOLDEN_SETTINGS = {"vqa_questions": 500, "kl_rows": 64, "ppl_tokens": 2048, "calib_samples": 128, "batch_size": 16,
+                   "seed": 0}
+
+
+def test_seed_runs_keep_the_keys_of_seedless_and_calib_seed_cells(eval_script, tmp_path, monkeypatch):
+    """A cell with ``seeds: [0, 1, 2]`` runs as <cell>, <cell>@seed1, <cell>@seed2: the base-seed run has
+    the key a seed-less cell always had and seed 1 the key of the former ``calib_seed: 1`` cell (golden
+    keys computed with the code before seeds existed, commit fcc15a4), so stored results stay done."""
+    run = eval_script("run_experiments")
+    monkeypatch.setattr(run, "code_version", lambda *a: "pinned")
+    recipe = tmp_path / "golden_recipe.yaml"
+    recipe.write_text(GOLDEN_RECIPE)
+    cell = {"method": "GPTQ", "scheme": "W4A16", "recipe": str(recipe)}
+    runs = run.parse_cells({"cells": [{**cell, "seeds": [0, 1, 2]}], "settings": GOLDEN_SETTINGS})
+    assert [(r["id"], r["calib_seed"], r["seed"], r["cell"]) for r in runs] == [
+        ("golden_recipe", None, 0, "golden_recipe"), ("golden_recipe@seed1", 1, 1, "golden_recipe"),
+        ("golden_recipe@seed2", 2, 2, "golden_recipe")]
+    keys = [run.plan_cell(r, "/m", "f", GOLDEN_SETTINGS, None, tmp_path / "out")["key"] for r in runs]
+    assert keys[:2] == ["f535b19259c409ec", "079f03636019fefd"] and len(set(keys)) == 3
+    # the old spellings give the same runs
+    legacy = run.parse_cells({"cells": [cell, {**cell, "calib_seed": 1}], "settings": GOLDEN_SETTINGS})
+    assert [(r["id"], r["calib_seed"]) for r in legacy] == [("golden_recipe", None), ("golden_recipe@seed1", 1)]
+    assert [run.plan_cell(r, "/m", "f", GOLDEN_SETTINGS, None, tmp_path)["key"] for r in legacy] == keys[:2]
+    # the seed reaches the job as --calib-seed, except at the base seed
+    argv = [run.plan_cell(r, "/m", "f", GOLDEN_SETTINGS, None, tmp_path)["argv"] for r in runs]
+    assert "--calib-seed" not in argv[0] and argv[2][argv[2].index("--calib-seed") + 1] == "2"
+
+
+def test_parse_cells_seeds_from_cell_group_top_level_or_the_command_line(eval_script):
+    run = eval_script("run_experiments")
+    config = {"seeds": [0, 1], "settings": {"seed": 0}, "cells": [
+        {"method": "RTN", "scheme": "W4A16", "recipe": "rtn_w4a16"},                  # top-level default
+        {"method": "GPTQ", "scheme": "W4A16", "recipe": "gptq_w4a16", "seeds": [0, 1, 2]},  # its own
+        {"group": "W3", "scheme": "W3A16", "seeds": [3], "cells": [
+            {"method": "RTN", "recipe": "rtn_w3a16"},                                  # the group's
+            {"method": "GPTQ", "recipe": "gptq_w3a16", "seeds": [0]}]},                # its own again
+        {"method": "AWQ", "scheme": "W3A16", "recipe": "awq_w3a16", "calib_seed": 5},  # legacy single run
+    ]}
+    runs = run.parse_cells(config)
+    assert [r["id"] for r in runs] == ["rtn_w4a16", "rtn_w4a16@seed1", "gptq_w4a16", "gptq_w4a16@seed1",
+                                       "gptq_w4a16@seed2", "rtn_w3a16@seed3", "gptq_w3a16", "awq_w3a16@seed5"]
+    assert runs[5]["scheme"] == "W3A16" and runs[5]["method"] == "RTN" and runs[5]["calib_seed"] == 3
+    # --seeds replaces every configured list (not a legacy calib_seed run)
+    assert [r["id"] for r in run.parse_cells(config, [2])] == [
+        "rtn_w4a16@seed2", "gptq_w4a16@seed2", "rtn_w3a16@seed2", "gptq_w3a16@seed2", "awq_w3a16@seed5"]
+    # another base seed: that seed is the plain id (no --calib-seed), seed 0 an @seed0 run
+    based = run.parse_cells({"settings": {"seed": 7}, "cells": [{"recipe": "w8a8", "seeds": [7, 0]}]})
+    assert [(r["id"], r["calib_seed"]) for r in based] == [("w8a8", None), ("w8a8@seed0", 0)]
+    assert [r["id"] for r in run.parse_cells({"cells": ["w8a8"]})] == ["w8a8"]  # default: the base seed only
+    selected, unknown = run.select_runs(runs, ["gptq_w4a16", "rtn_w4a16@seed1", "nope"])
+    assert [r["id"] for r in selected] == ["rtn_w4a16@seed1", "gptq_w4a16", "gptq_w4a16@seed1", "gptq_w4a16@seed2"]
+    assert unknown == ["nope"]
+    for bad, match in (({"cells": [{"recipe": "w8a8", "seeds": []}]}, "non-empty"),
+                       ({"cells": [{"recipe": "w8a8", "seeds": [1, 1]}]}, "repeated"),
+                       ({"cells": [{"recipe": "w8a8", "seeds": ["a"]}]}, "integers"),
+                       ({"cells": [{"recipe": "w8a8", "seeds": [0, 1], "calib_seed": 1}]}, "either calib_seed"),
+                       ({"cells": [{"recipe": "w8a8", "seeds": [0, 1]}, {"recipe": "w8a8", "calib_seed": 1}]},
+                        "duplicate")):
+        with pytest.raises(ValueError, match=match):
+            run.parse_cells(bad)
+
+
+def test_stored_results_are_runs_of_the_expanded_matrix(eval_script):
+    """Every run stored in eval/results/<model>/results.json is a run of experiments.yaml under the same
+    id and calibration seed (the former @seed cells included), so the seed expansion orphans none."""
+    run = eval_script("run_experiments")
+    eval_dir = Path(run.__file__).resolve().parent
+    config = yaml.safe_load((eval_dir / "experiments.yaml").read_text())
+    runs = {r["id"]: r for r in run.parse_cells(config)}
+    checked = 0
+    for model in config["models"]:
+        results_file = eval_dir / "results" / model["name"] / "results.json"
+        if not results_file.exists():
+            continue
+        for rid, record in json.loads(results_file.read_text())["cells"].items():
+            assert rid in runs, f"stored run {rid} is no run of experiments.yaml"
+            assert runs[rid]["calib_seed"] == record.get("calib_seed"), rid
+            assert runs[rid]["seed"] == run.record_seed(record), rid
+            checked += 1
+    if not checked:
+        pytest.skip("no stored results")
+
+
+def _with_rows(cell, kl_rows=None, hits=None, seed=None):
+    cell = json.loads(json.dumps(cell))
+    if kl_rows is not None:
+        cell["quantized"]["kl_per_row"] = kl_rows
+    if hits is not None:
+        cell["quantized"]["vqa"]["hits"] = hits
+    if seed is not None:
+        cell["calib_seed"] = seed
+    return cell
+
+
+def test_summary_over_seeds(eval_script):
+    run = eval_script("run_experiments")
+    cells = {"mbq_w3": {**_fake_cell("MBQ", "W3A16", 0.10, 3.0), "args": {"seed": 0}},  # legacy: no seed field
+             "mbq_w3@seed1": _with_rows(_fake_cell("MBQ", "W3A16", 0.20, 4.0), seed=1),
+             "mbq_w3@seed2": {**_fake_cell("MBQ", "W3A16", 0.30, 5.0), "seed": 2, "cell": "mbq_w3"},
+             "gptq_w3": _fake_cell("GPTQ", "W3A16", 0.8, 0.04),
+             "awq_w3@seed1": _with_rows(_fake_cell("AWQ", "W3A16", 0.1, 2.0), seed=1),
+             "awq_w3": _fake_cell("AWQ", "W3A16", 0.3, 2.2)}
+    assert [run.record_seed(cells[c]) for c in ("mbq_w3", "mbq_w3@seed1", "mbq_w3@seed2")] == [0, 1, 2]
+    summary = run.summarize_cells(cells)
+    assert set(summary) == {"mbq_w3", "gptq_w3", "awq_w3"}
+    mbq = summary["mbq_w3"]
+    assert mbq["seeds"] == [0, 1, 2] and mbq["runs"] == ["mbq_w3", "mbq_w3@seed1", "mbq_w3@seed2"]
+    half = 4.302653 * 0.1 / 3 ** 0.5  # t(0.975, 2) * sd / sqrt(3), sd = 0.1
+    assert mbq["accuracy"]["kind"] == "t95" and mbq["accuracy"]["mean"] == pytest.approx(0.2)
+    assert mbq["accuracy"]["high"] == pytest.approx(0.2 + half)
+    assert mbq["kl_mean"]["mean"] == pytest.approx(4.0)
+    assert summary["awq_w3"]["accuracy"]["kind"] == "min..max" and summary["awq_w3"]["seeds"] == [0, 1]
+    assert summary["awq_w3"]["accuracy"]["low"] == pytest.approx(0.1)
+    assert summary["gptq_w3"]["accuracy"]["kind"] == "single seed"
+    table = run.markdown_table(cells)
+    assert "| W3A16 | MBQ | mbq_w3 | 20.0 ± 24.8 |" in table
+    assert "| W3A16 | AWQ | awq_w3 | 20.0 (10.0..30.0) |" in table
+    assert "| W3A16 | GPTQ | gptq_w3 | 80.0 [77.0, 83.0] |" in table
+    assert "| W3A16 | MBQ | mbq_w3@seed2 | 30.0 [27.0, 33.0] |" in table  # the per-seed runs are listed too
+
+
+def test_markdown_comparisons_with_to_run_and_missing_per_row_data(eval_script):
+    run = eval_script("run_experiments")
+    config = {"cells": [{"method": "MBQ", "scheme": "W3A16", "recipe": "mbq_w3", "seeds": [0, 1]},
+                        {"method": "AWQ", "scheme": "W3A16", "recipe": "awq_w3a16", "seeds": [0, 1]},
+                        {"method": "MBQ", "scheme": "W4A16", "recipe": "mbq_w4"},
+                        {"method": "AWQ", "scheme": "W4A16", "recipe": "awq_w4a16"},
+                        {"method": "Q-VLM", "scheme": "W4A16", "recipe": "qvlm_w4_s32"},
+                        {"method": "RTN", "scheme": "W4A16", "recipe": "rtn_w4a16"}],
+              "comparisons": [{"a": "MBQ", "b": "AWQ", "schemes": ["W3A16", "W4A16"]}, {"a": "qvlm_w4_s32", "b": "rtn_w4a16"}]}
+    planned = run.parse_cells(config)
+    pairs = run.resolve_comparisons(config, planned)
+    assert pairs == [{"name": "MBQ vs AWQ", "scheme": "W3A16", "a": "mbq_w3", "b": "awq_w3a16"},
+                     {"name": "MBQ vs AWQ", "scheme": "W4A16", "a": "mbq_w4", "b": "awq_w4a16"},
+                     {"name": "Q-VLM vs RTN", "scheme": "W4A16", "a": "qvlm_w4_s32", "b": "rtn_w4a16"}]
+    hits_mbq, hits_awq = [1, 1, 1, 0, 1, 0], [0, 1, 0, 0, 1, 0]
+    cells = {  # W3A16: both seeds with per-row data; W4A16: old records without it; Q-VLM vs RTN: RTN not run
+        "mbq_w3": _with_rows(_fake_cell("MBQ", "W3A16", 4 / 6, 3.0), [0.1, 0.2, 0.3], hits_mbq),
+        "mbq_w3@seed1": _with_rows(_fake_cell("MBQ", "W3A16", 4 / 6, 3.2), [0.2, 0.2, 0.3], hits_mbq, seed=1),
+        "awq_w3a16": _with_rows(_fake_cell("AWQ", "W3A16", 2 / 6, 2.4), [0.3, 0.3, 0.5], hits_awq),
+        "awq_w3a16@seed1": _with_rows(_fake_cell("AWQ", "W3A16", 2 / 6, 2.5), [0.3, 0.4, 0.5], hits_awq, seed=1),
+        "mbq_w4": _fake_cell("MBQ", "W4A16", 0.62, 0.24),
+        "awq_w4a16": _fake_cell("AWQ", "W4A16", 0.65, 0.18),
+        "qvlm_w4_s32": _fake_cell("Q-VLM", "W4A16", 0.47, 1.2),
+    }
+    comparisons = run.compute_comparisons(cells, pairs, n_resamples=500)
+    assert [c["status"] for c in comparisons] == ["ok", "missing per-row data", "to run"]
+    w3 = comparisons[0]
+    assert w3["seeds"] == [0, 1] and w3["kl"]["mean_diff"] == pytest.approx(-1 / 6)
+    assert [(m["b"], m["c"]) for m in w3["hits"]["mcnemar"]] == [(2, 0), (2, 0)]
+    table = run.markdown_table(cells, planned, comparisons)
+    rows = {line.split(" | ")[2]: line for line in table.splitlines() if line.startswith("| MBQ vs") or line.startswith("| Q-VLM vs")}
+    assert "| 0,1 | -0.1667 [" in rows["mbq_w3 / awq_w3a16"] and "2 / 0, p=0.5 (s0); 2 / 0, p=0.5 (s1)" in rows["mbq_w3 / awq_w3a16"]
+    assert "+33.3 [" in rows["mbq_w3 / awq_w3a16"]
+    old = rows["mbq_w4 / awq_w4a16"]
+    assert "no per-row KL" in old and "-3.0 (no CI)" in old and "no per-question hits" in old
+    assert "no quantized.kl_per_row nor quantized.vqa.hits in mbq_w4 (seed 0), awq_w4a16 (seed 0)" in old
+    missing = rows["qvlm_w4_s32 / rtn_w4a16"]
+    assert missing.count("to run") == 4 and "rtn_w4a16 not run yet" in missing
+    assert not any(ch.isdigit() for ch in missing.split("rtn_w4a16 |", 1)[1].replace("rtn_w4a16", ""))  # no numbers
+    # the RTN cell itself is "to run" in the main table, never numbers
+    assert "| W4A16 | RTN | rtn_w4a16 | to run |  |  |  |  |  |  |  | (0 to run) |" in table
+
+
+def test_comparisons_of_the_matrix_resolve_and_bad_ones_are_named(eval_script):
+    run = eval_script("run_experiments")
+    config = yaml.safe_load((Path(run.__file__).resolve().parent / "experiments.yaml").read_text())
+    runs = run.parse_cells(config)
+    pairs = {(p["a"], p["b"]) for p in run.resolve_comparisons(config, runs)}
+    assert pairs == {("mbq_w3", "awq_w3a16"), ("mbq_w4", "awq_w4a16"), ("mbq_w4a8", "smoothquant_w4a8"),
+                     ("qvlm_w4_s32", "rtn_w4a16"), ("qvlm_w6a6_s32", "rtn_w6a6"), ("qvlm_w4_s32_gptq", "gptq_w4a16")}
+    # the compared cells run at the same seeds on both sides
+    seeds = {}
+    for r in runs:
+        seeds.setdefault(r["cell"], set()).add(r["seed"])
+    assert all(seeds[a] == seeds[b] and len(seeds[a]) >= 3 for a, b in pairs)
+    with pytest.raises(ValueError, match="matches no cell"):
+        run.resolve_comparisons({"comparisons": [{"a": "MBQ", "b": "Nope", "schemes": ["W3A16"]}]}, runs)
+    with pytest.raises(ValueError, match="not a cell of the matrix"):
+        run.resolve_comparisons({"comparisons": [{"a": "mbq_w3", "b": "nope"}]}, runs)
+
+
+def test_budget_counts_pending_runs_and_estimates_their_time(eval_script, tmp_path, capsys, monkeypatch):
+    run = eval_script("run_experiments")
+    done = {"mbq_w3": {**_fake_cell("MBQ", "W3A16", 0.1, 3.0), "wall_s": 600.0},
+            "mbq_w4": {**_fake_cell("MBQ", "W4A16", 0.6, 0.2), "wall_s": 1800.0},
+            "gptq_w3": {**_fake_cell("GPTQ", "W3A16", 0.8, 0.04), "wall_s": 120.0}}
+    runs = run.parse_cells({"cells": [{"method": "MBQ", "scheme": "W3A16", "recipe": "mbq_w3", "seeds": [0, 1, 2]},
+                                      {"method": "MBQ", "scheme": "W8A8", "recipe": "mbq_w8a8"},
+                                      {"method": "X", "scheme": "W8A8", "recipe": "x_w8a8"}]})
+    assert run.estimate_wall_s(runs[1], done) == (600.0, "this cell")
+    assert run.estimate_wall_s(runs[3], done) == (1200.0, "this method")  # median of MBQ's 600 and 1800
+    assert run.estimate_wall_s(runs[4], done) == (600.0, "all runs")
+    assert run.estimate_wall_s(runs[4], {}) == (None, "no record")
+    states = [(runs[0], "done"), (runs[1], "to run"), (runs[2], "to run"), (runs[3], "stale (code)"),
+              (runs[4], "will rerun (recipe, settings or job arguments changed)")]
+    lines = run.budget_lines("m", states, done)
+    assert lines[0] == ("[budget] m: 4 of 5 (cell, seed) runs pending (1 stale, 2 to run, 1 will rerun), 1 done; "
+                        "about 0.8 h at the recorded wall times")
+    assert "[budget]   mbq_w3: seeds 1,2 ~20 min" in lines
+    # the command line: --budget prints the summary only, --list every run and the summary (keys mocked: no model)
+    config = tmp_path / "experiments.yaml"
+    config.write_text(yaml.safe_dump({"models": [{"name": "m", "path": str(tmp_path / "absent")}],
+                                      "cells": [{"method": "MBQ", "scheme": "W3A16", "recipe": "mbq_w3", "seeds": [0, 1, 2]}],
+                                      "settings": {}}))
+    out_dir = tmp_path / "results" / "m"
+    out_dir.mkdir(parents=True)
+    (out_dir / "results.json").write_text(json.dumps({"cells": {"mbq_w3": {**done["mbq_w3"], "key": "k-mbq_w3"}}}))
+    monkeypatch.setattr(run, "plan_cell", lambda cell, *a: {"recipe_file": "r", "recipe_text": "t", "version": "v",
+                                                            "argv": [], "key": f"k-{cell['id']}"})
+    monkeypatch.setattr(run, "stale_cells", lambda *a: {})
+    argv = ["--config", str(config), "--results-root", str(tmp_path / "results")]
+    assert run.main(argv + ["--budget"]) == 0
+    out = capsys.readouterr().out
+    assert "[budget] m: 2 of 3 (cell, seed) runs pending (2 to run), 1 done; about 0.3 h" in out and "x mbq_w3" not in out
+    assert run.main(argv + ["--list", "--only", "mbq_w3@seed2"]) == 0
+    out = capsys.readouterr().out
+    assert "m x mbq_w3@seed2 (MBQ W3A16): to run" in out and "1 of 1 (cell, seed) runs pending" in out
+
+
+def test_a_run_records_its_seed_and_writes_summary_and_comparisons(eval_script, tmp_path, capsys, monkeypatch):
+    """The run loop with main_job mocked (no model): each (cell, seed) run passes its --calib-seed, is
+    stored under its id with ``seed`` and ``cell``, and results.json / results.md get the seed summary and
+    the comparisons after every run; a second invocation skips every run."""
+    run = eval_script("run_experiments")
+    config = tmp_path / "experiments.yaml"
+    config.write_text(yaml.safe_dump({
+        "models": [{"name": "m", "path": str(tmp_path / "absent")}],
+        "cells": [{"method": "MBQ", "scheme": "W3A16", "recipe": "mbq_w3", "seeds": [0, 1]},
+                  {"method": "AWQ", "scheme": "W3A16", "recipe": "awq_w3a16", "seeds": [0, 1]}],
+        "comparisons": [{"a": "MBQ", "b": "AWQ", "schemes": ["W3A16"]}], "settings": {"seed": 0}}))
+    monkeypatch.setattr(run, "plan_cell", lambda cell, path, fp, settings, gs, out_dir: {
+        "recipe_file": f"{cell['cell']}.yaml", "recipe_text": "t", "version": "v", "key": f"k-{cell['id']}",
+        "argv": ["--results-dir", str(out_dir), "--recipe", cell["cell"]]
+                + (["--calib-seed", str(cell["calib_seed"])] if cell["calib_seed"] is not None else [])})
+    monkeypatch.setattr(run, "code_version", lambda *a: "v")
+    monkeypatch.setattr(run, "machine", lambda: {})
+    calls = []
+
+    def fake_job(argv):
+        calls.append(argv)
+        out_dir, recipe = Path(argv[1]), argv[3]
+        seed = int(argv[argv.index("--calib-seed") + 1]) if "--calib-seed" in argv else 0
+        acc = {"mbq_w3": 0.5, "awq_w3a16": 0.25}[recipe] + 0.01 * seed
+        cell = _with_rows(_fake_cell("?", "?", acc, 1.0), [acc, acc / 2, acc / 3], [1, 1, 0, 0] if recipe == "mbq_w3" else [1, 0, 0, 0])
+        cell["quantized"]["vqa"]["predictions"] = ["x"] * 4
+        (out_dir / f"main_job_{recipe}.json").write_text(json.dumps(cell))
+        return 0
+
+    monkeypatch.setattr(run.main_job, "main", fake_job)
+    argv = ["--config", str(config), "--results-root", str(tmp_path / "results")]
+    assert run.main(argv) == 0
+    assert [("--calib-seed" in a) for a in calls] == [False, True, False, True]
+    results = json.loads((tmp_path / "results" / "m" / "results.json").read_text())
+    assert list(results["cells"]) == ["mbq_w3", "mbq_w3@seed1", "awq_w3a16", "awq_w3a16@seed1"]
+    rec = results["cells"]["mbq_w3@seed1"]
+    assert (rec["seed"], rec["calib_seed"], rec["cell"], rec["key"]) == (1, 1, "mbq_w3", "k-mbq_w3@seed1")
+    assert "predictions" not in rec["quantized"]["vqa"] and rec["quantized"]["vqa"]["hits"] == [1, 1, 0, 0]
+    assert results["summary"]["mbq_w3"]["seeds"] == [0, 1]
+    assert results["summary"]["mbq_w3"]["accuracy"]["mean"] == pytest.approx(0.505)
+    (comp,) = results["comparisons"]
+    assert comp["status"] == "ok" and comp["seeds"] == [0, 1]
+    assert comp["accuracy_diff"] == pytest.approx(0.25)
+    assert [(m["b"], m["c"]) for m in comp["hits"]["mcnemar"]] == [(1, 0), (1, 0)]
+    table = (tmp_path / "results" / "m" / "results.md").read_text()
+    assert "| MBQ vs AWQ | W3A16 | mbq_w3 / awq_w3a16 | 0,1 |" in table
+    capsys.readouterr()
+    assert run.main(argv) == 0 and len(calls) == 4
+    assert capsys.readouterr().out.count("done (key") == 4
