@@ -6,6 +6,9 @@ loads a model. The per-row data a comparison needs come from each record's
 
 * ``quantized.kl_per_row``: KL(FP || Q) of each held-out KL row (list of floats, one per row, the same
   row order in every record of a model: the rows are drawn with ``--seed``, not ``--calib-seed``);
+* ``quantized.kl_tokens_per_row`` (optional): the answer tokens of each KL row; when every paired
+  record has the same counts the KL difference is token-weighted, the difference of the records'
+  token-averaged ``kl.kl_mean``; without them each row weighs the same;
 * ``quantized.vqa.hits``: 1/0 per easy-vqa test question (exact match), the same question order in
   every record.
 
@@ -31,6 +34,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 KL_FIELD = "quantized.kl_per_row"
+KL_TOKENS_FIELD = "quantized.kl_tokens_per_row"
 HITS_FIELD = "quantized.vqa.hits"
 
 # two-sided 95% quantile of Student's t, df = 1..30 (checked against scipy.stats.t.ppf in the tests)
@@ -78,31 +82,42 @@ def _seeds_by_rows(values) -> np.ndarray:
     return arr
 
 
-def paired_bootstrap(a, b, n_resamples: int = 10000, confidence: float = 0.95, seed: int = 0) -> dict:
+def paired_bootstrap(a, b, n_resamples: int = 10000, confidence: float = 0.95, seed: int = 0,
+                     weights=None) -> dict:
     """Paired percentile bootstrap of mean(A - B).
 
     ``a`` and ``b``: one value per row (1-D) or seeds x rows (2-D; row i is the same item at every seed,
-    seed s the same calibration seed for both methods). Returns ``mean_diff`` (mean over seeds of the
-    mean over rows), ``ci_low``/``ci_high`` (percentile interval; rows resampled with the same indices
-    at every seed, see the module docstring), ``per_seed`` (mean difference at each seed), ``n_rows``,
-    ``n_seeds``, ``n_resamples``, ``confidence`` and ``seed`` (the resampling is reproducible)."""
+    seed s the same calibration seed for both methods). ``weights`` (one per row, e.g. the answer tokens
+    of each KL row) make every mean a weighted one, sum(w * d) / sum(w): with per-row KL means and token
+    counts that is the difference of the token-averaged ``kl_mean`` of the two records. Returns
+    ``mean_diff`` (mean over seeds of the mean over rows), ``ci_low``/``ci_high`` (percentile interval;
+    rows resampled with the same indices at every seed, see the module docstring; a weighted replicate
+    is the ratio sum(w d) / sum(w) over the drawn rows), ``per_seed`` (mean difference at each seed),
+    ``n_rows``, ``n_seeds``, ``n_resamples``, ``confidence``, ``seed`` (the resampling is reproducible)
+    and ``weighted``."""
     da, db = _seeds_by_rows(a), _seeds_by_rows(b)
     if da.shape != db.shape:
         raise ValueError(f"paired data must have the same seeds x rows, got {da.shape} and {db.shape}")
     diff = da - db
     per_row = diff.mean(axis=0)  # seed-averaged difference of each row
     n = per_row.size
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (n,) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must be {n} non-negative numbers with a positive sum, got shape {w.shape}")
+    wd = w * per_row
     rng = np.random.default_rng(seed)
     stats = np.empty(n_resamples)
     chunk = max(1, 2_000_000 // n)
     for start in range(0, n_resamples, chunk):
         stop = min(n_resamples, start + chunk)
-        stats[start:stop] = per_row[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        stats[start:stop] = wd[idx].sum(axis=1) / w[idx].sum(axis=1)
     alpha = (1 - confidence) / 2
     low, high = np.quantile(stats, [alpha, 1 - alpha])
-    return {"mean_diff": float(per_row.mean()), "ci_low": float(low), "ci_high": float(high),
-            "per_seed": [float(v) for v in diff.mean(axis=1)], "n_rows": int(n), "n_seeds": int(diff.shape[0]),
-            "n_resamples": int(n_resamples), "confidence": confidence, "seed": seed}
+    return {"mean_diff": float(wd.sum() / w.sum()), "ci_low": float(low), "ci_high": float(high),
+            "per_seed": [float(v) for v in (diff * w).sum(axis=1) / w.sum()], "n_rows": int(n),
+            "n_seeds": int(diff.shape[0]), "n_resamples": int(n_resamples), "confidence": confidence, "seed": seed,
+            "weighted": weights is not None}
 
 
 def binomial_two_sided_half(k: int, n: int) -> float:
@@ -163,6 +178,17 @@ def _per_row(runs_a: Mapping[int, Mapping], runs_b: Mapping[int, Mapping], seeds
 RERUN = "recorded before main_job wrote it; rerun those runs"
 
 
+def _token_weights(runs_a, runs_b, seeds, n_rows) -> tuple[list[int] | None, str]:
+    """The rows' answer-token counts when every paired record carries the same ones, else None and why
+    the rows weigh equally."""
+    counts = [field(runs[s], KL_TOKENS_FIELD) for runs in (runs_a, runs_b) for s in seeds]
+    if any(c is None for c in counts):
+        return None, f"rows (no {KL_TOKENS_FIELD} in every record)"
+    if any(list(c) != list(counts[0]) for c in counts) or len(counts[0]) != n_rows:
+        return None, f"rows ({KL_TOKENS_FIELD} differ between the records)"
+    return list(counts[0]), "tokens"
+
+
 def compare_runs(runs_a: Mapping[int, Mapping], runs_b: Mapping[int, Mapping], names: tuple[str, str] = ("A", "B"),
                  n_resamples: int = 10000, seed: int = 0) -> dict:
     """Paired comparison of two cells from their records by calibration seed (``{seed: record}``).
@@ -194,7 +220,12 @@ def compare_runs(runs_a: Mapping[int, Mapping], runs_b: Mapping[int, Mapping], n
         kl_why = f"no {KL_FIELD} in {_describe(kl_missing)}: {RERUN}"
     if hits_missing:
         hits_why = f"no {HITS_FIELD} in {_describe(hits_missing)}: {RERUN}"
-    out["kl"] = {"missing": kl_why} if kl_why else paired_bootstrap(ka, kb, n_resamples=n_resamples, seed=seed)
+    if kl_why:
+        out["kl"] = {"missing": kl_why}
+    else:
+        weights, weighting = _token_weights(runs_a, runs_b, seeds, ka.shape[1])
+        out["kl"] = {**paired_bootstrap(ka, kb, n_resamples=n_resamples, seed=seed, weights=weights),
+                     "weighting": weighting}
     if hits_why:
         out["hits"] = {"missing": hits_why}
     else:

@@ -536,6 +536,9 @@ def comparison_rows(comparisons: list[dict]) -> list[str]:
             notes.append(kl["missing"])
         else:
             kl_text = f"{_signed(kl['mean_diff'], 4)} [{_signed(kl['ci_low'], 4)}, {_signed(kl['ci_high'], 4)}]"
+            if kl.get("weighting", "tokens") != "tokens":
+                kl_text += " rows"
+                notes.append(f"KL weighted by {kl['weighting']}")
         hits = c["hits"]
         if c["status"] == "missing per-row data":
             notes = [c["missing"]]
@@ -626,7 +629,9 @@ def markdown_table(cells: dict, planned: list[dict] | None = None, comparisons: 
                                       rec["answers_identical_to_fp"], str(seed)))
     if comparisons:
         lines += ["", "Paired comparisons (A − B; negative KL and positive accuracy favour A). KL: mean over seeds of the "
-                  "per-row KL difference on the held-out KL rows, percentile bootstrap 95% CI resampling rows with the "
+                  "per-row KL difference on the held-out KL rows, weighted by each row's answer tokens (so it is the "
+                  "difference of the token-averaged KL means; 'rows' where the token counts are not recorded), "
+                  "percentile bootstrap 95% CI resampling rows with the "
                   "same indices at every seed (calibration-seed spread not included). Accuracy: mean difference over "
                   "seeds, bootstrap over questions the same way. McNemar: exact two-sided binomial test on the "
                   "discordant questions, b = A right and B wrong, c = A wrong and B right, one test per seed.", ""]

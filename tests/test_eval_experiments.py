@@ -496,6 +496,8 @@ def test_markdown_comparisons_with_to_run_and_missing_per_row_data(eval_script):
     rows = {line.split(" | ")[2]: line for line in table.splitlines() if line.startswith("| MBQ vs") or line.startswith("| Q-VLM vs")}
     assert "| 0,1 | -0.1667 [" in rows["mbq_w3 / awq_w3a16"] and "2 / 0, p=0.5 (s0); 2 / 0, p=0.5 (s1)" in rows["mbq_w3 / awq_w3a16"]
     assert "+33.3 [" in rows["mbq_w3 / awq_w3a16"]
+    # no kl_tokens_per_row in these records: the rows weigh equally, and the table says so
+    assert "] rows |" in rows["mbq_w3 / awq_w3a16"] and "KL weighted by rows (no quantized.kl_tokens_per_row" in table
     old = rows["mbq_w4 / awq_w4a16"]
     assert "no per-row KL" in old and "-3.0 (no CI)" in old and "no per-question hits" in old
     assert "no quantized.kl_per_row nor quantized.vqa.hits in mbq_w4 (seed 0), awq_w4a16 (seed 0)" in old

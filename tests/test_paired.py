@@ -157,3 +157,42 @@ def test_compare_runs_says_what_is_missing():
     assert paired.compare_runs({}, {0: bare}, names=("a", "b")) == {
         "a": "a", "b": "b", "seeds": [], "unpaired_seeds": {}, "status": "to run", "missing": "a not run yet"}
     assert paired.compare_runs({1: bare}, {0: bare}, names=("a", "b"))["status"] == "no common seed"
+
+
+def test_token_weighted_bootstrap_is_the_difference_of_token_averaged_kl():
+    """Per-row KL means weighted by their token counts give the difference of the token-averaged KL
+    (what main_job's kl_mean is); the interval matches scipy's paired bootstrap of that ratio."""
+    rng = np.random.default_rng(4)
+    tokens = rng.integers(1, 6, size=80)
+    per_token_a = [rng.gamma(2.0, 0.1, size=t) for t in tokens]
+    per_token_b = [rng.gamma(2.0, 0.12, size=t) for t in tokens]
+    a = [float(v.mean()) for v in per_token_a]
+    b = [float(v.mean()) for v in per_token_b]
+    out = paired.paired_bootstrap(a, b, n_resamples=20000, seed=2, weights=tokens)
+    token_mean = np.concatenate(per_token_a).mean() - np.concatenate(per_token_b).mean()
+    assert out["mean_diff"] == pytest.approx(token_mean) and out["weighted"]
+    assert out["per_seed"] == [pytest.approx(token_mean)]
+    # equal weights are the unweighted bootstrap, draw for draw
+    plain = paired.paired_bootstrap(a, b, n_resamples=2000, seed=2)
+    ones = paired.paired_bootstrap(a, b, n_resamples=2000, seed=2, weights=[1] * 80)
+    assert (ones["ci_low"], ones["ci_high"]) == pytest.approx((plain["ci_low"], plain["ci_high"]))
+    with pytest.raises(ValueError, match="weights"):
+        paired.paired_bootstrap(a, b, weights=[1, 2])
+    stats = pytest.importorskip("scipy.stats")
+    d = np.asarray(a) - np.asarray(b)
+    ref = stats.bootstrap((d, tokens.astype(float)), lambda x, w: np.sum(w * x) / np.sum(w), paired=True,
+                          vectorized=False, n_resamples=20000, method="percentile", random_state=5).confidence_interval
+    width = ref.high - ref.low
+    assert out["ci_low"] == pytest.approx(ref.low, abs=0.06 * width)
+    assert out["ci_high"] == pytest.approx(ref.high, abs=0.06 * width)
+
+
+def test_compare_runs_weights_kl_by_tokens_when_every_record_has_them():
+    a = {0: {"quantized": {"kl_per_row": [0.1, 0.4], "kl_tokens_per_row": [1, 3], "vqa": {"accuracy": 0.5}}}}
+    b = {0: {"quantized": {"kl_per_row": [0.2, 0.2], "kl_tokens_per_row": [1, 3], "vqa": {"accuracy": 0.5}}}}
+    out = paired.compare_runs(a, b, n_resamples=200)
+    assert out["kl"]["weighting"] == "tokens"
+    assert out["kl"]["mean_diff"] == pytest.approx((1 * -0.1 + 3 * 0.2) / 4)
+    del b[0]["quantized"]["kl_tokens_per_row"]
+    out = paired.compare_runs(a, b, n_resamples=200)
+    assert out["kl"]["weighting"].startswith("rows") and out["kl"]["mean_diff"] == pytest.approx(0.05)
