@@ -396,7 +396,7 @@ def test_token_relative_objective_matches_its_formula_and_ignores_token_scale():
     assert block_mse_objective(identity, big_in, big_t, kind="token_relative_mse")() == pytest.approx(relative, rel=1e-5)
     plain, plain_big = block_mse_objective(identity, inputs, targets)(), block_mse_objective(identity, big_in, big_t)()
     assert plain_big > 1e4 * plain  # the plain objective is now that one token's
-    with pytest.raises(ValueError, match="'mse' or 'token_relative_mse'"):
+    with pytest.raises(ValueError, match="'mse', 'token_relative_mse' or 'mse_skip_first'"):
         token_error_weights(targets[0], "l1")
 
 

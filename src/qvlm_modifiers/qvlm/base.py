@@ -25,18 +25,22 @@ from qvlm_modifiers.errors import RecipeError
 from qvlm_modifiers.families import decoder_layers, get_family
 from qvlm_modifiers.modality import DerivedLossMasks
 from qvlm_modifiers.qvlm.block_search import BlockSearchResult, search_block
-from qvlm_modifiers.qvlm.cached_forward import cached_weight_forward, quantization_enabled
+from qvlm_modifiers.qvlm.cached_forward import WEIGHT_KEY_ATTR, cached_weight_forward, quantization_enabled
 from qvlm_modifiers.qvlm.capture import LayerCall, layer_runner, record_layer_call, split_hidden
 from qvlm_modifiers.qvlm.entropy import JointLevelAccumulator
-from qvlm_modifiers.qvlm.gptq_rounding import gptq_round_block
+from qvlm_modifiers.qvlm.clip_search import CLIP_MAX_TOKENS, clip_ratio_grid, clip_input_tokens
+from qvlm_modifiers.qvlm.gptq_rounding import gptq_quantize_layers
+from qvlm_modifiers.qvlm.guard import GuardDecision, guard_decision, holdout_batch_indices
 from qvlm_modifiers.qvlm.metadata import METADATA_ATTRIBUTE, block_record, partition_metadata, write_metadata
-from qvlm_modifiers.qvlm.objective import BlockObjectiveKind, calibration_token_weights
+from qvlm_modifiers.qvlm.objective import BlockObjectiveKind, batch_squared_errors, calibration_token_weights
 from qvlm_modifiers.qvlm.partition import OnlinePartitioner
 from qvlm_modifiers.qvlm.range_variables import (
     commit_qparams,
     init_ranges_outside_decoder,
     linear_range_variables,
     register_act_sampling,
+    register_clip_sampling,
+    weight_candidate_mode,
 )
 from qvlm_modifiers.qvlm.ranges import DEFAULT_PERCENTILES, DEFAULT_SHRINK_FACTORS
 from qvlm_modifiers.qvlm.scheme import check_scheme, entropy_levels, ignored_outside_lm
@@ -66,9 +70,10 @@ class QVLMModifier(Modifier, QuantizationMixin):
       streams ``(h_k, h_{k+1})`` into the layer's Eq. 4-5 accumulator
     - on_sequential_epoch_end (decoder layer k calibrated): ``D(k, k+1)`` decides whether layer k+1
       joins k's block (Eq. 7, online greedy). A closed block gets its ranges searched (Eq. 2 then
-      Eq. 3) on the cached inputs, written as qparams, its weights fake-quantized so that the next
-      blocks see them (as GPTQ does), then optional GPTQ rounding. Quantized Linears outside the
-      decoder get lp-norm ranges
+      Eq. 3, from min/max) on the cached inputs of the rows not held out, kept only if they do not
+      raise the objective against min/max on the held-out rows (:mod:`.guard`; with GPTQ inside on
+      both sides), written as qparams, its weights fake-quantized so that the next blocks see them
+      (as GPTQ does). Quantized Linears outside the decoder get lp-norm ranges
     - on_calibration_end: freeze quantization, remove hooks, write ``model.config.qvlm_blocks``
       (:mod:`.metadata`)
 
@@ -82,30 +87,54 @@ class QVLMModifier(Modifier, QuantizationMixin):
     :param entropy_estimator: ``"soft"`` (Eq. 5, temperature = quantization step) or ``"hard"``
         (round-to-nearest level counts). M, the number of levels, is ``2**num_bits`` of the
         input-activation quantizer when activations are quantized with <= 8 bits, else 16
-    :param percentile_grid: candidate clipping percentiles of the block search (paper)
+    :param weight_candidates: the weight ranges the search may choose besides min/max (candidate 0,
+        plain round-to-nearest, the start of every search; issue #24): ``"auto"`` = ``"minmax"`` at
+        >= 6 weight bits (no weight clipping), else ``"clip"`` for group/channel weights (else
+        ``"percentile"``); ``"clip"``: AWQ's activation-aware per-group clip ratios
+        (:mod:`qvlm_modifiers.qvlm.clip_search`), chosen per Linear on its inputs and refined
+        jointly in the block (one candidate per ``clip_strengths``); ``"percentile"``: the paper's
+        one percentile per Linear (``percentile_grid``) and the lp-norm range; ``"minmax"``: none.
+        Static input activations always get the paper's candidates (activation range search)
+    :param clip_grid: steps of the clip-ratio grid ``1 - i / clip_grid`` (AWQ: 20)
+    :param clip_max_shrink: smallest clip ratio is ``1 - clip_max_shrink`` (AWQ: 0.5)
+    :param clip_strengths: candidates per Linear: AWQ's per-group ratios moved toward 1.0,
+        ``1 - s (1 - r)`` for each ``s`` (1 = AWQ's choice)
+    :param clip_exclude_first_token: the clip search ignores token position 0 (the attention sink)
+    :param search_holdout: fraction of the calibration batches the search never sees; a block keeps
+        its searched ranges only if its objective on them (and on all rows) does not rise against
+        min/max's, else it reverts to min/max (:mod:`qvlm_modifiers.qvlm.guard`). 0 = compare on all
+        rows. Needs >= 2 batches to hold any out
+    :param percentile_grid: candidate clipping percentiles of the block search (paper), for static
+        activations and ``weight_candidates: percentile``
     :param init_shrink_factors: shrink factors of the min/max range tried by the lp-norm range
-        initialisation (reference code's grid; ``[1.0]`` = min/max, as the RTN matrix cells use)
+        initialisation (reference code's grid; ``[1.0]`` = min/max, as the RTN matrix cells use); an
+        extra candidate after min/max, and the ranges of quantized Linears outside the decoder
     :param search_epochs: coordinate-descent passes per block (paper: 10); stops earlier once a
         pass changes nothing
-    :param search_samples: evaluate the search objective on this many calibration samples only,
-        spread evenly (``null`` = all, the exact search). The reported block losses are still on all
-        samples, and a joint solution worse there than the layer-wise one is not kept
-        (``"kept_layerwise"``). Cost/quality measured by ``eval/bench_qvlm_search.py``
-    :param block_objective: ``"mse"`` (Eq. 2-3) or ``"token_relative_mse"`` (not in the paper: each
-        token's squared error divided by its FP output's squared norm; ``eval/README.md``)
+    :param search_samples: evaluate the search objective on this many of the calibration samples
+        not held out only, spread evenly (``null`` = all of them, the exact search; default 32: 3.8x
+        cheaper than all 128 for +2% block MSE in ``eval/results/smolvlm-tiny/bench_qvlm_search.txt``).
+        The search's reported losses are on all samples not held out, and a joint solution worse
+        there than the layer-wise one is not kept (``"kept_layerwise"``)
+    :param block_objective: ``"mse"`` (Eq. 2-3), ``"token_relative_mse"`` (not in the paper: each
+        token's squared error divided by its FP output's squared norm; ``eval/README.md``) or
+        ``"mse_skip_first"`` (Eq. 3 without token position 0, the attention sink). The objective of
+        the search, of the guard and of every reported block loss
     :param vision_token_weight: weight of image-token errors in every block objective, text tokens
         weighing 1 (``1.0`` = Eq. 3). Not in the paper (MBQ's finding); needs per-token modality
         labels (the rows' ``loss_mask``, or derived by :mod:`qvlm_modifiers.modality`)
     :param block_target: ``"fp"`` (Eq. 3: the FP path from the FP block input) or
         ``"quant_input"`` (FP block applied to the quantized-path input, GPTQ-style)
-    :param block_init: ``"layerwise"``: Eq. 2 per layer, then Eq. 3 over the block from the
-        layer-wise solution (never worse than layer-wise); ``"lp_norm"``: Eq. 3 from the lp-norm
-        ranges only
+    :param block_init: ``"layerwise"``: Eq. 2 per layer (from min/max), then Eq. 3 over the block
+        from the layer-wise solution; ``"rtn"`` (former name ``"lp_norm"``): Eq. 3 from min/max only
     :param quantize_vision_tower: quantize the vision tower's Linears too (same scheme, dynamic
         per-token activations as the paper's vision side). The projector always stays in FP
-    :param gptq_rounding: after the range search, GPTQ chooses the integers inside the chosen
-        ranges (:mod:`qvlm_modifiers.qvlm.gptq_rounding`), kept per block only where it lowers the
-        block objective. Off by default (matrix cell ``qvlm_w4_s32_gptq``)
+    :param gptq_rounding: GPTQ chooses the integers inside the ranges
+        (:mod:`qvlm_modifiers.qvlm.gptq_rounding`, GPTQModifier's order and inputs), run with the
+        searched ranges and with min/max; the guard keeps the better (so the reference is
+        GPTQModifier's result). Off by default
+    :param gptq_actorder: GPTQ's act-order ``"static"`` (GPTQModifier's default); false = natural
+        column order
     :param optimize_vision_encoder: visual-encoder optimization (Eq. 8-10,
         :mod:`qvlm_modifiers.qvlm.visual`): before the sequential pass, learn the quantized vision
         tower's weight ranges by gradient descent. Needs ``quantize_vision_tower: true``
@@ -129,13 +158,20 @@ class QVLMModifier(Modifier, QuantizationMixin):
     percentile_grid: list[float] = Field(default_factory=lambda: list(DEFAULT_PERCENTILES))
     init_shrink_factors: list[float] = Field(default_factory=lambda: list(DEFAULT_SHRINK_FACTORS))
     search_epochs: int = Field(default=10, ge=0)
-    search_samples: int | None = Field(default=None, ge=1)
+    search_samples: int | None = Field(default=32, ge=1)
     block_objective: BlockObjectiveKind = "mse"
     vision_token_weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     block_target: Literal["fp", "quant_input"] = "fp"
-    block_init: Literal["layerwise", "lp_norm"] = "layerwise"
+    block_init: Literal["layerwise", "rtn", "lp_norm"] = "layerwise"
     quantize_vision_tower: bool = False
     gptq_rounding: bool = False
+    gptq_actorder: bool = True
+    weight_candidates: Literal["auto", "clip", "percentile", "minmax"] = "auto"
+    clip_grid: int = Field(default=20, ge=1)
+    clip_max_shrink: float = Field(default=0.5, ge=0.0, lt=1.0)
+    clip_strengths: list[float] = Field(default_factory=lambda: [1.0, 0.5])
+    clip_exclude_first_token: bool = True
+    search_holdout: float = Field(default=0.25, ge=0.0, lt=1.0)
     optimize_vision_encoder: bool = False
     vision_lambda_ent: float = Field(default=0.1, ge=0)
     vision_lambda_err: float = Field(default=1.0, ge=0)
@@ -164,6 +200,13 @@ class QVLMModifier(Modifier, QuantizationMixin):
     def _check_percentiles(cls, value: list[float]) -> list[float]:
         if not value or any(not 0.5 < p <= 1.0 for p in value):
             raise ValueError(f"percentile_grid must be a non-empty list of values in (0.5, 1.0], got {value}")
+        return value
+
+    @field_validator("clip_strengths")
+    @classmethod
+    def _check_clip_strengths(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0.0 < s <= 1.0 for s in value):
+            raise ValueError(f"clip_strengths must be a non-empty list of values in (0, 1], got {value}")
         return value
 
     @field_validator("init_shrink_factors")
@@ -318,58 +361,126 @@ class QVLMModifier(Modifier, QuantizationMixin):
 
     @torch.no_grad()
     def _close_block(self, block: list[int]) -> None:
-        """Search, write and propagate the ranges of one closed block (Eq. 2 then Eq. 3)."""
+        """Search, guard, write and propagate the ranges of one closed block (Eq. 2 then Eq. 3,
+        then :mod:`.guard` against min/max on held-out rows, GPTQ inside with ``gptq_rounding``)."""
         if block[0] == 0:
             self._fp_hidden = list(self._q_hidden)
         if not self._q_hidden or not self._templates.get(block[0]):
             raise RuntimeError(f"QVLMModifier: no calibration inputs were captured for decoder layers {block}")
         layer_fns = [layer_runner(self._layers[k], self._templates[k]) for k in block]
         fp_path = self.block_target == "fp"
+        num_batches = len(self._q_hidden)
+        holdout = holdout_batch_indices(num_batches, self.search_holdout)
+        train = [b for b in range(num_batches) if b not in set(holdout)]
+        linears = self._linears(block)
+        modes = {id(m): self._weight_mode(m) for m in linears}
         with HooksMixin.disable_hooks():
-            # FP-path targets of each layer (Eq. 3's W_r X_r), and Linear input samples for
-            # static activation ranges, before any weight of the block is replaced
+            # FP-path targets of each layer (Eq. 3's W_r X_r), and Linear input samples (static
+            # activation ranges, clip search), before any weight of the block is replaced
             act_samples: dict[int, list[torch.Tensor]] = {}
-            sample_hooks = register_act_sampling(self._linears(block), act_samples)
+            clip_samples: dict[int, list[torch.Tensor]] = {}
+            hooks = register_act_sampling(linears, act_samples)
+            hooks += register_clip_sampling(
+                [m for m in linears if modes[id(m)] == "clip"], clip_samples,
+                -(-CLIP_MAX_TOKENS // len(train)), self.clip_exclude_first_token,
+            )
             try:
                 with self._quantized(block, False):
                     per_layer = self._run_block(layer_fns, self._fp_hidden if fp_path else self._q_hidden, True)
             finally:
-                for handle in sample_hooks:
+                for handle in hooks:
                     handle.remove()
             fp_out = per_layer[-1]
+            act_samples, clip_samples = _train_rows(act_samples, train, num_batches), _train_rows(clip_samples, train, num_batches)
+            ratios = clip_ratio_grid(self.clip_grid, self.clip_max_shrink)
             variables = [
                 [v for name, m in self._layer_linears[k] for v in linear_range_variables(
                     m, act_samples.get(id(m)), self._module_names.get(id(m), "?"),
-                    self.percentile_grid, self.init_shrink_factors)]
+                    self.percentile_grid, self.init_shrink_factors, weight_mode=modes[id(m)],
+                    clip_inputs=clip_input_tokens(clip_samples[id(m)], False) if clip_samples.get(id(m)) else None,
+                    clip_ratios=ratios, clip_strengths=self.clip_strengths)]
                 for k in block
             ]
             token_weights = self._token_weights()
             started, started_cpu = time.perf_counter(), time.process_time()
-            result = self._search(block, layer_fns, variables, per_layer if fp_path else None, token_weights)
+            result = self._search(block, layer_fns, variables, per_layer if fp_path else None, token_weights, train=train)
             search_s, search_cpu_s = time.perf_counter() - started, time.process_time() - started_cpu
-            gptq_loss = None
-            if self.gptq_rounding:  # kept only where it lowers the block objective
-                gptq_loss = gptq_round_block(
-                    self._linears(block), layer_fns, lambda enabled: self._quantized(block, enabled), self._q_hidden,
-                    fp_out, result.loss, kind=self.block_objective, token_weights=token_weights,
-                )
-            for m in self._linears(block):
+            if fp_path:
+                targets = fp_out
+            else:  # the FP block on the quantized-path input (GPTQ-style target)
+                with self._quantized(block, False):
+                    targets = self._run_block(layer_fns, self._q_hidden)
+            decision, q_out = self._guard(block, layer_fns, variables, targets, token_weights, holdout)
+            for m in linears:
+                m.__dict__.pop(WEIGHT_KEY_ATTR, None)  # stamped by the guard's candidate switches
                 commit_qparams(m)
-            with self._quantized(block, True):
-                q_out = self._run_block(layer_fns, self._q_hidden)
         self._q_hidden = q_out
         self._fp_hidden = fp_out if fp_path else q_out
         choices = {v.name: v.label for layer_vars in variables for v in layer_vars}
-        self._block_losses.append(block_record(block, result, choices, gptq_loss, search_s, search_cpu_s))
+        self._block_losses.append(block_record(block, result, choices, decision, self.gptq_rounding, search_s, search_cpu_s))
         logger.info(
-            f"Q-VLM block {block}: block objective {result.loss:.6g} (layer-wise solution "
-            f"{result.layerwise_loss:.6g}); ranges {choices}"
+            f"Q-VLM block {block}: guard keeps {decision.winner} (held-out objective searched "
+            f"{decision.holdout_loss_searched:.6g} vs min/max {decision.holdout_loss_rtn:.6g} on "
+            f"{decision.holdout_batches or 'all'} batches{', GPTQ inside' if self.gptq_rounding else ''}); "
+            f"ranges {choices}"
         )
         for k in block:
             self._templates[k] = []
             self._done.update(id(m) for _, m in self._layer_linears[k])
 
-    def _search(self, block, layer_fns, variables, fp_targets, token_weights, reference: bool = False) -> BlockSearchResult:
+    def _weight_mode(self, module: torch.nn.Module) -> str:
+        """The weight candidates of one Linear (``weight_candidates``; none without a search)."""
+        args = module.quantization_scheme.weights
+        if args is None or self.search_epochs == 0:
+            return "minmax"
+        return weight_candidate_mode(args, self.weight_candidates)
+
+    def _guard(self, block, layer_fns, variables, targets, token_weights, holdout) -> tuple[GuardDecision, list]:
+        """Searched ranges or min/max for the block (:func:`~qvlm_modifiers.qvlm.guard.guard_decision`),
+        both rounded the same way (nearest, or GPTQ with ``gptq_rounding``); leaves the winner
+        applied (qparams, and GPTQ's weights) and returns it with the block's quantized-path output."""
+        all_vars = [v for layer_vars in variables for v in layer_vars]
+        linears = self._linears(block)
+        originals = {id(m): m.weight.data.clone() for m in linears} if self.gptq_rounding else {}
+
+        def evaluate(state: list[int]):
+            for var, index in zip(all_vars, state):
+                var.current = index
+                var.set(index)
+            if self.gptq_rounding:
+                for m in linears:
+                    m.weight.data.copy_(originals[id(m)])
+                out = gptq_quantize_layers(
+                    [[m for _, m in self._layer_linears[k]] for k in block], layer_fns,
+                    lambda j, enabled: self._quantized([block[j]], enabled), self._q_hidden,
+                    actorder=self.gptq_actorder, keep=self._keep,
+                )
+            else:
+                with self._quantized(block, True):
+                    out = self._run_block(layer_fns, self._q_hidden)
+            return out, batch_squared_errors(out, targets, self.block_objective, token_weights)
+
+        searched_state, rtn_state = [v.current for v in all_vars], [0] * len(all_vars)
+        rtn_out, rtn_err = evaluate(rtn_state)
+        if searched_state == rtn_state:
+            decision = guard_decision(rtn_err, rtn_err, holdout)
+            decision.winner = "rtn"
+            return decision, rtn_out
+        rtn_weights = {id(m): m.weight.data.clone() for m in linears} if self.gptq_rounding else {}
+        out, err = evaluate(searched_state)
+        decision = guard_decision(err, rtn_err, holdout)
+        if decision.winner == "rtn":
+            for var in all_vars:
+                var.current = 0
+                var.set(0)
+            for m in linears:
+                if id(m) in rtn_weights:
+                    m.weight.data.copy_(rtn_weights[id(m)])
+            out = rtn_out
+        return decision, out
+
+    def _search(self, block, layer_fns, variables, fp_targets, token_weights, reference: bool = False,
+                train: list[int] | None = None) -> BlockSearchResult:
         """Eq. 2-3 on the block's cached inputs, each weight fake-quantized once per candidate.
         ``reference``: the plain search (same choices and losses, slower; a benchmark baseline)."""
         with contextlib.nullcontext() if reference else cached_weight_forward(self._linears(block)):
@@ -377,6 +488,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
                 layer_fns, variables, lambda enabled: self._quantized(block, enabled), self._q_hidden, fp_targets,
                 self.search_epochs, init=self.block_init, keep=self._keep, search_batches=self.search_samples,
                 reference=reference, objective_kind=self.block_objective, token_weights=token_weights,
+                train_batches=train,
             )
 
     def _token_weights(self) -> list[torch.Tensor] | None:
@@ -404,3 +516,10 @@ class QVLMModifier(Modifier, QuantizationMixin):
             block_objective=self.block_objective, vision_token_weight=self.vision_token_weight,
             block_losses=self._block_losses, veo=veo,
         )
+
+
+def _train_rows(samples: dict[int, list[torch.Tensor]], train: list[int], num_batches: int) -> dict[int, list[torch.Tensor]]:
+    """Each Linear's input samples (one entry per calibration batch, in order) of the ``train``
+    batches only, so that held-out rows stay unseen; kept whole if a Linear did not run exactly once
+    per batch (then the batches cannot be told apart)."""
+    return {key: [rows[b] for b in train] if len(rows) == num_batches else rows for key, rows in samples.items()}

@@ -6,16 +6,19 @@ against the full-precision path (Eq. 3)::
 
     min_{Q_k, k in B_i} || W_q^(L_i) X_q^(L_i) - W_r^(L_i) X_r^(L_i) ||^2
 
-The candidate ranges (percentiles of the FP distribution, lp-norm initialisation) are in
-:mod:`~qvlm_modifiers.qvlm.ranges`, the objective (Eq. 3's MSE and its opt-in weightings) in
+The candidate ranges (min/max, percentiles of the FP distribution, lp-norm initialisation) are in
+:mod:`~qvlm_modifiers.qvlm.ranges` (AWQ's activation-aware weight clip ranges in
+:mod:`~qvlm_modifiers.qvlm.clip_search`), the objective (Eq. 3's MSE and its opt-in weightings) in
 :mod:`~qvlm_modifiers.qvlm.objective`. Here (pure functions, no llm-compressor state):
 
 * a *range variable* (:class:`RangeVariable`) is one quantity with its own clipping range: a
   Linear's weight (per group/channel/tensor min..max, as the scheme's ``weight_scale`` shape) or a
-  Linear's static input activation. Its candidates are: index 0 = the lp-norm initial range, then one
-  range per percentile ``p`` (per group: the ``(1-p)``/``p`` quantiles for asymmetric, the ``p``
-  quantile of ``|x|`` for symmetric schemes; ``p=1.0`` is min/max). Duplicate candidates are dropped.
-  :mod:`~qvlm_modifiers.qvlm.range_variables` builds them on a quantized Linear.
+  Linear's static input activation. Its candidates: index 0 = min/max (plain round-to-nearest, the
+  start of every search, issue #24), then e.g. the lp-norm range and one range per percentile ``p``
+  (per group: the ``(1-p)``/``p`` quantiles for asymmetric, the ``p`` quantile of ``|x|`` for
+  symmetric schemes), or AWQ's per-group clip ranges. Duplicate candidates are dropped.
+  :mod:`~qvlm_modifiers.qvlm.range_variables` builds them on a quantized Linear; after the search,
+  :mod:`~qvlm_modifiers.qvlm.guard` keeps them only where they beat min/max on held-out rows.
 * :func:`coordinate_descent` visits the variables in order and moves one variable at a time to
   its best candidate with all others fixed, for up to ``epochs`` passes, stopping early after a
   pass without change. A move is taken only on strict improvement, so the objective never
@@ -24,7 +27,7 @@ The candidate ranges (percentiles of the FP distribution, lp-norm initialisation
   against its own FP target (greedy layer-wise, Eq. 2, inputs = the quantized outputs of the
   previous layers); then, if the block has more than one layer, all the block's variables are
   refined jointly on the block output (Eq. 3), starting from the layer-wise solution
-  (``init="layerwise"``, default), or from the lp-norm ranges (``init="lp_norm"``). With the
+  (``init="layerwise"``, default), or from min/max (``init="rtn"``, formerly ``"lp_norm"``). With the
   default the block objective can only improve on the layer-wise solution, and a one-layer block
   *is* the layer-wise search.
 """
@@ -214,17 +217,18 @@ def search_block(
     q_inputs: Sequence[torch.Tensor],
     fp_targets: Sequence[Sequence[torch.Tensor]] | None,
     epochs: int,
-    init: Literal["layerwise", "lp_norm"] = "layerwise",
+    init: Literal["layerwise", "rtn", "lp_norm"] = "layerwise",
     keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
     search_batches: int | None = None,
     reference: bool = False,
     objective_kind: BlockObjectiveKind = "mse",
     token_weights: Sequence[torch.Tensor | None] | None = None,
+    train_batches: Sequence[int] | None = None,
 ) -> BlockSearchResult:
     """Search the ranges of one block of consecutive layers.
 
     :param layers: the block's layers as callables ``(hidden, batch_index) -> hidden``
-    :param variables: per layer, its range variables (candidate 0 = lp-norm initial range)
+    :param variables: per layer, its range variables (candidate 0 = min/max)
     :param quantized: ``quantized(True)`` / ``quantized(False)``: context managers in which the
         layers run fake-quantized / in full precision
     :param q_inputs: per batch, the block input on the quantized path (``X_q``)
@@ -232,8 +236,8 @@ def search_block(
         ``W_r X_r``); ``None`` = targets are the FP layers applied to the quantized-path input
         (GPTQ-style ``"quant_input"`` target)
     :param epochs: coordinate-descent passes (``search_epochs``)
-    :param init: ``"layerwise"`` (Eq. 2 per layer, then Eq. 3 jointly) or ``"lp_norm"`` (Eq. 3
-        from candidate 0 = the lp-norm ranges; no layer-wise stage unless the block has one layer,
+    :param init: ``"layerwise"`` (Eq. 2 per layer, then Eq. 3 jointly) or ``"rtn"`` / ``"lp_norm"``
+        (Eq. 3 from candidate 0 = min/max; no layer-wise stage unless the block has one layer,
         and ``layerwise_loss`` is then NaN)
     :param keep: where to keep intermediate per-batch tensors (e.g. move to the offload device)
     :param search_batches: evaluate the search objectives on this many batches only (spread
@@ -249,12 +253,18 @@ def search_block(
     :param token_weights: per batch (all calibration batches, like ``q_inputs``), optional extra
         per-token weights of every objective here (e.g. :func:`modality_token_weights`); ``None``
         = every token alike (Eq. 2-3)
+    :param train_batches: the calibration batches the search may use (default all); the others are
+        held out for :mod:`~qvlm_modifiers.qvlm.guard` and never evaluated here. ``search_batches``
+        and the reported losses ("all batches" above) are then relative to these
     """
     if len(layers) != len(variables):
         raise ValueError("one list of range variables per layer is required")
     num_batches = len(q_inputs)
-    indices = spread_batch_indices(num_batches, search_batches)
-    subset = len(indices) < num_batches
+    pool = list(range(num_batches)) if train_batches is None else sorted(train_batches)
+    if not pool or pool[0] < 0 or pool[-1] >= num_batches:
+        raise ValueError(f"train_batches must be a non-empty subset of 0..{num_batches - 1}")
+    indices = [pool[i] for i in spread_batch_indices(len(pool), search_batches)]
+    subset = len(indices) < len(pool)
 
     if token_weights is not None and len(token_weights) != num_batches:
         raise ValueError("one token-weight tensor (or None) per calibration batch is required")
@@ -295,7 +305,7 @@ def search_block(
             block_target = _run(list(layers), q_inputs, keep)
     all_vars = [v for layer_vars in variables for v in layer_vars]
     var_layers = [j for j, layer_vars in enumerate(variables) for _ in layer_vars]
-    full_objective = make_objective(list(layers), list(q_inputs), block_target, list(range(num_batches)))
+    full_objective = make_objective(list(layers), [q_inputs[i] for i in pool], [block_target[i] for i in pool], pool)
     with quantized(True):
         if len(layers) == 1:
             result = layerwise_results[0]
@@ -304,7 +314,7 @@ def search_block(
                 layerwise=layerwise_results, block=None, loss=loss, layerwise_loss=loss,
                 search_loss=result.loss, search_batches=len(indices),
             )
-        if init == "lp_norm":
+        if init != "layerwise":  # from candidate 0 = min/max ("lp_norm": its former name)
             for var in all_vars:
                 var.current = 0
                 var.set(0)

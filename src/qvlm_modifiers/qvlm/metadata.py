@@ -10,8 +10,10 @@ as the top-level key ``"qvlm_blocks"`` (outside ``quantization_config``)::
 
     {"blocks": [[0, 1], [2], ...], "dependencies": [D(0,1), ...], "thresholds": [h0 used per link],
      "num_levels": M, "estimator": "soft", "block_losses": [{"layers", "loss", "search_loss",
-     "layerwise_loss", "search_samples", "search_objective", "kept_layerwise", "search_s",
-     "search_cpu_s", "evaluations", "choices": {"<module>.weight": "p=0.99" | "init", ...}}, ...]}
+     "layerwise_loss", "search_samples", "search_objective", "kept_layerwise", "guard": {"winner":
+     "searched" | "rtn", "holdout_batches", "holdout_loss_searched", "holdout_loss_rtn",
+     "loss_searched", "loss_rtn"}, "gptq", "search_s", "search_cpu_s", "evaluations",
+     "choices": {"<module>.weight": "rtn" | "clip x1 (...)" | "p=0.99" | "init", ...}}, ...]}
 
 (plus ``"visual_encoder_optimization"`` when VEO ran). It is written by
 :func:`qvlm_modifiers.save.save_pretrained` / ``qvlm_modifiers.oneshot(output_dir=...)`` and by
@@ -28,6 +30,7 @@ import torch
 from loguru import logger
 
 from qvlm_modifiers.qvlm.block_search import BlockSearchResult
+from qvlm_modifiers.qvlm.guard import GuardDecision
 from qvlm_modifiers.qvlm.partition import OnlinePartitioner
 
 __all__ = ["METADATA_ATTRIBUTE", "block_record", "partition_metadata", "write_metadata"]
@@ -45,31 +48,32 @@ def block_record(
     block: list[int],
     result: BlockSearchResult,
     choices: dict[str, str],
-    gptq_loss: float | None,
+    guard: GuardDecision,
+    gptq: bool,
     search_s: float,
     search_cpu_s: float,
 ) -> dict[str, Any]:
-    """One entry of ``block_losses``: the block's objective (Eq. 3 or its weighted variant) at the
-    end (``loss``: GPTQ's where GPTQ rounding was kept), after the range search (``search_loss``) and
-    at the layer-wise solution (Eq. 2), all on every calibration sample; the searched objective on
-    the search samples; timings, evaluations and the chosen range label per variable."""
-    record = {
+    """One entry of ``block_losses``: the block's objective (Eq. 3 or the selected variant) on every
+    calibration sample at the end (``loss``: the guard's winner, GPTQ-rounded with ``gptq``), the
+    searched solution (round-to-nearest) and the layer-wise one (Eq. 2) on the search's rows, the
+    searched objective on the search samples, the guard's verdict against min/max (``guard``: which
+    won, objectives on the held-out rows and on all rows), timings, evaluations and the chosen range
+    label per variable (``"rtn"`` = min/max)."""
+    return {
         "layers": list(block),
-        "loss": gptq_loss if gptq_loss is not None and gptq_loss < result.loss else result.loss,
+        "loss": guard.loss_searched if guard.winner == "searched" else guard.loss_rtn,
         "search_loss": result.loss,
         "layerwise_loss": result.layerwise_loss,
         "search_samples": result.search_batches,
         "search_objective": result.search_loss,
         "kept_layerwise": result.kept_layerwise,
+        "guard": guard.record(),
+        "gptq": gptq,
         "search_s": round(search_s, 3),  # wall / process CPU time of the range search
         "search_cpu_s": round(search_cpu_s, 3),
         "evaluations": sum(r.evaluations for r in result.layerwise) + (result.block.evaluations if result.block else 0),
         "choices": choices,
     }
-    if gptq_loss is not None:
-        record["gptq_loss"] = gptq_loss
-        record["gptq_kept"] = gptq_loss < result.loss
-    return record
 
 
 def partition_metadata(
@@ -104,9 +108,7 @@ def partition_metadata(
         # what block_losses measure: Eq. 3's MSE, or a weighted variant of it
         "block_objective": block_objective,
         "vision_token_weight": vision_token_weight,
-        "block_losses": [
-            {k: (round(float(v), 8) if isinstance(v, float) else v) for k, v in r.items()} for r in block_losses
-        ],
+        "block_losses": [_rounded(r) for r in block_losses],
     }
     if veo is not None:
         metadata["visual_encoder_optimization"] = {
@@ -115,6 +117,14 @@ def partition_metadata(
         }
     json.dumps(metadata)  # must be serialisable into config.json
     return metadata
+
+
+def _rounded(value):
+    """Floats to 8 significant digits for ``config.json`` (block losses can be ~1e-6: 8 decimal
+    places would keep 2 digits), inside dicts too."""
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return float(f"{value:.8g}") if isinstance(value, float) else value
 
 
 def write_metadata(model: torch.nn.Module, metadata: dict[str, Any]) -> None:

@@ -9,12 +9,13 @@ searched to minimise the block-output error against the full-precision path::
 batches (:func:`block_mse_objective`, the plain reference; :class:`BlockObjective`, the same value
 with exact shortcuts for the coordinate descent of :mod:`~qvlm_modifiers.qvlm.block_search`).
 
-Two opt-in per-token weightings, not in the paper (``QVLMModifier.block_objective`` and
+Three opt-in per-token weightings, not in the paper (``QVLMModifier.block_objective`` and
 ``vision_token_weight``), multiply each token's squared error:
 
 * ``"token_relative_mse"`` (:func:`token_error_weights`): every token's error relative to its FP
   target's squared norm, so that one attention-sink token with a huge hidden state does not decide
   the whole search;
+* ``"mse_skip_first"``: Eq. 3 with token position 0 (the attention sink) left out;
 * modality weights (:func:`modality_token_weights`, :func:`calibration_token_weights`): image-token
   errors weigh ``vision_weight``, text tokens 1 (MBQ's observation applied to Q-VLM).
 """
@@ -40,13 +41,15 @@ __all__ = [
     "combined_token_weights",
     "modality_token_weights",
     "calibration_token_weights",
+    "batch_squared_errors",
+    "subset_loss",
     "block_mse_objective",
     "BlockObjective",
 ]
 
 LayerFn = Callable[[torch.Tensor, int], torch.Tensor]  # (hidden states, batch index) -> hidden states
 
-BlockObjectiveKind = Literal["mse", "token_relative_mse"]
+BlockObjectiveKind = Literal["mse", "token_relative_mse", "mse_skip_first"]
 
 
 def token_error_weights(target: torch.Tensor, kind: BlockObjectiveKind) -> torch.Tensor | None:
@@ -59,8 +62,15 @@ def token_error_weights(target: torch.Tensor, kind: BlockObjectiveKind) -> torch
     decide the whole search."""
     if kind == "mse":
         return None
+    if kind == "mse_skip_first":
+        # Eq. 3 without token position 0 (the attention sink; issue #24: >99% of the residual
+        # stream's squared error from the middle layers on); a target without a token axis keeps all
+        weight = torch.ones(target.shape[:-1] + (1,), dtype=torch.float32, device=target.device)
+        if target.dim() >= 3 and target.shape[-2] > 1:
+            weight[..., 0, :] = 0.0
+        return weight
     if kind != "token_relative_mse":
-        raise ValueError(f"block objective must be 'mse' or 'token_relative_mse', got {kind!r}")
+        raise ValueError(f"block objective must be 'mse', 'token_relative_mse' or 'mse_skip_first', got {kind!r}")
     y = target.float()
     return y.shape[-1] / y.pow(2).sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
@@ -136,6 +146,28 @@ def _squared_error(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
     if weight is not None:
         err = err * weight.to(err.device)
     return err.sum().item()
+
+
+def batch_squared_errors(
+    outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], kind: BlockObjectiveKind = "mse",
+    token_weights: Sequence[torch.Tensor | None] | None = None,
+) -> list[tuple[float, int]]:
+    """Per batch, ``(weighted squared error sum, number of target elements)`` of ``outputs`` against
+    ``targets``: the terms of :func:`block_mse_objective` (Eq. 3), so that the objective of any
+    subset of batches is ``sum(errors) / sum(counts)`` (:func:`subset_loss`)."""
+    extra = list(token_weights) if token_weights is not None else [None] * len(targets)
+    if len(outputs) != len(targets) or len(extra) != len(targets):
+        raise ValueError("one output (and token weight) per target batch is required")
+    return [
+        (_squared_error(out, y, combined_token_weights(y, kind, w)), y.numel())
+        for out, y, w in zip(outputs, targets, extra)
+    ]
+
+
+def subset_loss(errors: Sequence[tuple[float, int]], batches: Sequence[int] | None = None) -> float:
+    """The objective (Eq. 3's mean) over ``batches`` (all when ``None``) of :func:`batch_squared_errors`."""
+    chosen = [errors[b] for b in batches] if batches is not None else list(errors)
+    return sum(e for e, _ in chosen) / max(sum(n for _, n in chosen), 1)
 
 
 def block_mse_objective(
