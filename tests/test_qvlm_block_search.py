@@ -538,3 +538,55 @@ def test_search_on_a_batch_subset_reports_all_batches_and_never_loses_to_layerwi
     assert res.loss <= res.layerwise_loss
     if res.kept_layerwise:
         assert res.loss == res.layerwise_loss
+
+
+@torch.no_grad()
+def test_replayed_linear_outputs_give_the_plain_search_exactly():
+    """``LinearOutputReplay`` (the Linears before the searched one in its layer replay their outputs)
+    must give the same choices and bit-identical losses as the plain objective, and replay something."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.lifecycle import initialize_module_for_quantization
+
+    from qvlm_modifiers.qvlm.cached_forward import quantization_enabled, replay_linear_outputs
+    from qvlm_modifiers.qvlm.objective import LinearOutputReplay
+    from qvlm_modifiers.qvlm.range_variables import qparam_variable
+
+    args = QuantizationArgs(num_bits=3, type="int", symmetric=False, strategy="group", group_size=8)
+    g = torch.Generator().manual_seed(0)
+
+    def make_layers():
+        torch.manual_seed(0)
+        layers = [torch.nn.ModuleList([torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)]) for _ in range(2)]
+        for layer in layers:
+            for lin in layer:
+                initialize_module_for_quantization(lin, QuantizationScheme(targets=["Linear"], weights=args))
+        return layers
+
+    inputs = [torch.randn(1, 12, 16, generator=g) for _ in range(3)]
+
+    def run(replayed: bool):
+        layers = make_layers()
+        linears = [lin for layer in layers for lin in layer]
+        fns = [lambda h, b, _l=layer: h + _l[1](torch.relu(_l[0](h))) for layer in layers]
+        variables = [[qparam_variable(lin, "weight", flatten_for_ranges(lin.weight, "weight", args), args, f"l{i}{j}",
+                                      (0.99, 0.95, 0.9), [1.0]) for j, lin in enumerate(layer)]
+                     for i, layer in enumerate(layers)]
+        with quantization_enabled(linears, False):
+            targets = [[fns[0](x, b) for b, x in enumerate(inputs)]]
+            targets.append([fns[1](y, b) for b, y in enumerate(targets[0])])
+        replay = LinearOutputReplay() if replayed else None
+
+        def quantized(on):
+            return quantization_enabled(linears, on)
+
+        ctx = replay_linear_outputs(linears, replay) if replayed else quantization_enabled([], True)
+        forwards = [m.__dict__.get("forward") for m in linears]
+        with ctx:
+            res = search_block(fns, variables, quantized, inputs, targets, epochs=4, reference=not replayed, replay=replay)
+        assert [m.__dict__.get("forward") for m in linears] == forwards  # wrappers removed
+        return res, [v.current for vs in variables for v in vs], replay
+
+    plain, plain_choice, _ = run(False)
+    fast, fast_choice, replay = run(True)
+    assert fast_choice == plain_choice and fast.loss == plain.loss and fast.layerwise_loss == plain.layerwise_loss
+    assert replay.hits > 0

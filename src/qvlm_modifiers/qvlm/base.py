@@ -25,14 +25,24 @@ from qvlm_modifiers.errors import RecipeError
 from qvlm_modifiers.families import decoder_layers, get_family
 from qvlm_modifiers.modality import DerivedLossMasks
 from qvlm_modifiers.qvlm.block_search import BlockSearchResult, search_block
-from qvlm_modifiers.qvlm.cached_forward import WEIGHT_KEY_ATTR, cached_weight_forward, quantization_enabled
+from qvlm_modifiers.qvlm.cached_forward import (
+    WEIGHT_KEY_ATTR,
+    cached_weight_forward,
+    quantization_enabled,
+    replay_linear_outputs,
+)
 from qvlm_modifiers.qvlm.capture import LayerCall, layer_runner, record_layer_call, split_hidden
 from qvlm_modifiers.qvlm.entropy import JointLevelAccumulator
 from qvlm_modifiers.qvlm.clip_search import CLIP_MAX_TOKENS, clip_ratio_grid, clip_input_tokens
 from qvlm_modifiers.qvlm.gptq_rounding import gptq_quantize_layers
 from qvlm_modifiers.qvlm.guard import GuardDecision, guard_decision, holdout_batch_indices
 from qvlm_modifiers.qvlm.metadata import METADATA_ATTRIBUTE, block_record, partition_metadata, write_metadata
-from qvlm_modifiers.qvlm.objective import BlockObjectiveKind, batch_squared_errors, calibration_token_weights
+from qvlm_modifiers.qvlm.objective import (
+    BlockObjectiveKind,
+    LinearOutputReplay,
+    batch_squared_errors,
+    calibration_token_weights,
+)
 from qvlm_modifiers.qvlm.partition import OnlinePartitioner
 from qvlm_modifiers.qvlm.range_variables import (
     commit_qparams,
@@ -104,6 +114,9 @@ class QVLMModifier(Modifier, QuantizationMixin):
         its searched ranges only if its objective on them (and on all rows) does not rise against
         min/max's, else it reverts to min/max (:mod:`qvlm_modifiers.qvlm.guard`). 0 = compare on all
         rows. Needs >= 2 batches to hold any out
+    :param search_replay: while one Linear's candidates are tried, the Linears before it in its
+        layer replay their outputs instead of running again (exact; costs their outputs on the search
+        samples in memory, on the execution device; :class:`~qvlm_modifiers.qvlm.objective.LinearOutputReplay`)
     :param percentile_grid: candidate clipping percentiles of the block search (paper), for static
         activations and ``weight_candidates: percentile``
     :param init_shrink_factors: shrink factors of the min/max range tried by the lp-norm range
@@ -172,6 +185,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
     clip_strengths: list[float] = Field(default_factory=lambda: [1.0, 0.5])
     clip_exclude_first_token: bool = True
     search_holdout: float = Field(default=0.25, ge=0.0, lt=1.0)
+    search_replay: bool = True
     optimize_vision_encoder: bool = False
     vision_lambda_ent: float = Field(default=0.1, ge=0)
     vision_lambda_err: float = Field(default=1.0, ge=0)
@@ -483,12 +497,17 @@ class QVLMModifier(Modifier, QuantizationMixin):
                 train: list[int] | None = None) -> BlockSearchResult:
         """Eq. 2-3 on the block's cached inputs, each weight fake-quantized once per candidate.
         ``reference``: the plain search (same choices and losses, slower; a benchmark baseline)."""
-        with contextlib.nullcontext() if reference else cached_weight_forward(self._linears(block)):
+        replay = LinearOutputReplay() if self.search_replay and not reference else None
+        with contextlib.ExitStack() as stack:
+            if not reference:
+                stack.enter_context(cached_weight_forward(self._linears(block)))
+            if replay is not None:  # outermost wrapper: a replayed Linear skips the weight cache too
+                stack.enter_context(replay_linear_outputs(self._linears(block), replay))
             return search_block(
                 layer_fns, variables, lambda enabled: self._quantized(block, enabled), self._q_hidden, fp_targets,
                 self.search_epochs, init=self.block_init, keep=self._keep, search_batches=self.search_samples,
                 reference=reference, objective_kind=self.block_objective, token_weights=token_weights,
-                train_batches=train,
+                train_batches=train, replay=replay,
             )
 
     def _token_weights(self) -> list[torch.Tensor] | None:

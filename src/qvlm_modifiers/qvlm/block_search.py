@@ -41,7 +41,13 @@ from typing import Literal
 
 import torch
 
-from qvlm_modifiers.qvlm.objective import BlockObjective, BlockObjectiveKind, LayerFn, block_mse_objective
+from qvlm_modifiers.qvlm.objective import (
+    BlockObjective,
+    BlockObjectiveKind,
+    LayerFn,
+    LinearOutputReplay,
+    block_mse_objective,
+)
 
 __all__ = [
     "RangeVariable",
@@ -57,13 +63,15 @@ __all__ = [
 class RangeVariable:
     """One searched range: ``candidates[i]`` is a setting (e.g. ``{"weight_scale": s,
     "weight_zero_point": z}``) written by ``apply``; ``labels[i]`` names it for logs;
-    ``current`` indexes the chosen candidate (0 = the initial range)."""
+    ``current`` indexes the chosen candidate (0 = min/max); ``module``: the module whose range it
+    is (optional; lets :class:`BlockObjective` replay the outputs of the modules run before it)."""
 
     name: str
     candidates: list[dict[str, torch.Tensor]]
     labels: list[str]
     apply: Callable[[dict[str, torch.Tensor]], None]
     current: int = 0
+    module: object | None = None
 
     def set(self, index: int) -> None:
         self.apply(self.candidates[index])
@@ -224,6 +232,7 @@ def search_block(
     objective_kind: BlockObjectiveKind = "mse",
     token_weights: Sequence[torch.Tensor | None] | None = None,
     train_batches: Sequence[int] | None = None,
+    replay: LinearOutputReplay | None = None,
 ) -> BlockSearchResult:
     """Search the ranges of one block of consecutive layers.
 
@@ -253,6 +262,10 @@ def search_block(
     :param token_weights: per batch (all calibration batches, like ``q_inputs``), optional extra
         per-token weights of every objective here (e.g. :func:`modality_token_weights`); ``None``
         = every token alike (Eq. 2-3)
+    :param replay: the :class:`~qvlm_modifiers.qvlm.objective.LinearOutputReplay` wrapped around
+        the block's Linears (:func:`~qvlm_modifiers.qvlm.cached_forward.replay_linear_outputs`), if
+        any: the candidates of a Linear's range then re-run only what follows that Linear in its
+        layer (exact, same losses)
     :param train_batches: the calibration batches the search may use (default all); the others are
         held out for :mod:`~qvlm_modifiers.qvlm.guard` and never evaluated here. ``search_batches``
         and the reported losses ("all batches" above) are then relative to these
@@ -274,7 +287,7 @@ def search_block(
         if reference:
             return block_mse_objective(obj_layers, inputs, targets, batch_ids, objective_kind, weights)
         return BlockObjective(
-            obj_layers, inputs, targets, batch_ids, obj_vars, var_layers, keep, objective_kind, weights
+            obj_layers, inputs, targets, batch_ids, obj_vars, var_layers, keep, objective_kind, weights, replay
         )
 
     def pick(seq):
@@ -294,7 +307,7 @@ def search_block(
             with quantized(False):
                 target = _run([layer], x_q, keep, indices)
         with quantized(True):
-            objective = make_objective([layer], x_q, target, indices)
+            objective = make_objective([layer], x_q, target, indices, layer_vars, [0] * len(layer_vars))
             layerwise_results.append(coordinate_descent(objective, layer_vars, epochs, memo=not reference))
             if j < len(layers) - 1:
                 x_q = _run([layer], x_q, keep, indices)

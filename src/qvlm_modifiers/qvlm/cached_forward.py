@@ -1,10 +1,12 @@
 """How a block's quantized Linears run while Q-VLM searches their ranges (Eq. 2-3).
 
 The search evaluates the block objective once per candidate range, i.e. thousands of block
-forwards with the quantization in the loop. Two switches for those forwards:
+forwards with the quantization in the loop. Three switches for those forwards:
 
 * :func:`quantization_enabled`: compressed-tensors' fake quantization on or off for some modules
   (off for the FP path ``W_r X_r`` of Eq. 3, on for the quantized path ``W_q X_q``);
+* :func:`replay_linear_outputs`: while one Linear's candidates are tried, the Linears run before it
+  in its layer replay their outputs (:class:`~qvlm_modifiers.qvlm.objective.LinearOutputReplay`);
 * :func:`cached_weight_forward`: a quantized Linear fake-quantizes its weight once per *candidate*
   instead of once per forward call. compressed-tensors' quantized forward re-quantizes the weight
   on every call, although within one candidate the weight and its range do not change. The range
@@ -24,7 +26,7 @@ import torch
 
 from qvlm_modifiers.upstream import patch_quantized_forward
 
-__all__ = ["WEIGHT_KEY_ATTR", "FQ_WEIGHT_ATTR", "quantization_enabled", "cached_weight_forward"]
+__all__ = ["WEIGHT_KEY_ATTR", "FQ_WEIGHT_ATTR", "quantization_enabled", "cached_weight_forward", "replay_linear_outputs"]
 
 # module.__dict__ keys: the current weight candidate's key (set by the weight range variable's
 # ``apply``) and the cached ``(key, fake-quantized weight)``; both removed when the search ends
@@ -66,3 +68,31 @@ def cached_weight_forward(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
                 m.__dict__[slot] = previous
             m.__dict__.pop(FQ_WEIGHT_ATTR, None)
             m.__dict__.pop(WEIGHT_KEY_ATTR, None)
+
+
+@contextlib.contextmanager
+def replay_linear_outputs(modules: Iterable[torch.nn.Module], replay) -> Iterator[None]:
+    """Inside, every ``torch.nn.Linear`` of ``modules`` runs through ``replay.call``
+    (:class:`~qvlm_modifiers.qvlm.objective.LinearOutputReplay`): its current forward (the quantized
+    / cached one included) or its replayed output. Forwards restored and the replay cache dropped on
+    exit."""
+    saved = []
+    try:
+        for m in modules:
+            if isinstance(m, torch.nn.Linear):
+                previous = m.__dict__.get("forward")
+                inner = m.forward
+
+                def forward(*args, _m=m, _inner=inner, **kwargs):
+                    return replay.call(_m, _inner, *args, **kwargs)
+
+                m.forward = forward
+                saved.append((m, previous))
+        yield
+    finally:
+        for m, previous in saved:
+            if previous is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = previous
+        replay.clear()

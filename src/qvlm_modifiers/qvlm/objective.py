@@ -44,6 +44,7 @@ __all__ = [
     "batch_squared_errors",
     "subset_loss",
     "block_mse_objective",
+    "LinearOutputReplay",
     "BlockObjective",
 ]
 
@@ -198,6 +199,61 @@ def block_mse_objective(
     return objective
 
 
+class LinearOutputReplay:
+    """Exact shortcut inside a decoder layer for :class:`BlockObjective`: while the candidates of the
+    range of one Linear ``L`` are tried, every module wrapped by
+    :func:`~qvlm_modifiers.qvlm.cached_forward.replay_linear_outputs` that runs *before* ``L`` in
+    the same batch's forward gets exactly the same input each time (nothing upstream of ``L``
+    changes), so its output is computed on the first candidate and replayed afterwards. Only what
+    follows ``L`` runs again (the layer's norms / attention arithmetic still run; their Linears,
+    most of the FLOPs, do not). Bit-identical outputs; memory: the replayed outputs of the search
+    batches, for one focus at a time, on the execution device.
+
+    :class:`BlockObjective` drives it: :meth:`begin` at a call with the focused variable's module
+    (the cache is dropped whenever the focus key changes), :meth:`start_batch` per batch,
+    :meth:`end` after the call (the wrappers then run plainly)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._key: object = None
+        self._target: object = None
+        self._batch: int | None = None
+        self._target_seen = False
+        self.active = False
+        self.hits = 0
+
+    def begin(self, key: object, target: object) -> None:
+        if key != self._key:
+            self._cache.clear()
+            self._key = key
+        self._target, self.active = target, True
+
+    def start_batch(self, batch_index: int) -> None:
+        self._batch, self._target_seen = batch_index, False
+
+    def end(self) -> None:
+        self.active, self._batch = False, None
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self._key = None
+
+    def call(self, module: object, forward: Callable[..., torch.Tensor], *args, **kwargs) -> torch.Tensor:
+        """``forward(*args, **kwargs)`` of a wrapped module, or its replayed output."""
+        if not self.active or self._batch is None or self._target_seen:
+            return forward(*args, **kwargs)
+        if module is self._target:
+            self._target_seen = True
+            return forward(*args, **kwargs)
+        key = (self._batch, id(module))
+        out = self._cache.get(key)
+        if out is None:
+            out = self._cache[key] = forward(*args, **kwargs)
+        else:
+            self.hits += 1
+        return out
+
+
 class BlockObjective:
     """Eq. 3's objective (the same value as :func:`block_mse_objective`, same summation order)
     with two exact shortcuts for :func:`~qvlm_modifiers.qvlm.block_search.coordinate_descent`:
@@ -222,6 +278,8 @@ class BlockObjective:
     :param kind: the per-token error weighting (:func:`token_error_weights`)
     :param token_weights: optional extra per-token weights, one per evaluated batch
         (:func:`combined_token_weights`)
+    :param replay: third shortcut, inside the focused variable's layer (:class:`LinearOutputReplay`;
+        needs the variables' ``module``)
     """
 
     supports_bound = True
@@ -237,6 +295,7 @@ class BlockObjective:
         keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
         kind: BlockObjectiveKind = "mse",
         token_weights: Sequence[torch.Tensor | None] | None = None,
+        replay: LinearOutputReplay | None = None,
     ):
         if len(inputs) != len(targets):
             raise ValueError("one target per input batch is required")
@@ -258,6 +317,9 @@ class BlockObjective:
         # layer index -> (state of the variables of the layers before it, hidden states at its input)
         self._prefix: dict[int, tuple[tuple[int, ...], list[torch.Tensor]]] = {0: ((), list(inputs))}
         self._start = 0
+        self.replay = replay
+        self._replay_target: object = None  # module of the focused variable
+        self._focus_serial = 0
 
     def _state_before(self, layer_index: int) -> tuple[int, ...]:
         return tuple(v.current for v, j in zip(self.variables, self.variable_layers) if j < layer_index)
@@ -265,9 +327,12 @@ class BlockObjective:
     def focus(self, variable_index: int | None) -> None:
         """Prepare for trying the candidates of ``variables[variable_index]`` (``None``: the whole
         block). Every variable must be applied at its ``current`` candidate."""
+        self._focus_serial += 1
+        self._replay_target = None
         if variable_index is None or self.variables is None:
             self._start = 0
             return
+        self._replay_target = getattr(self.variables[variable_index], "module", None)
         start = self.variable_layers[variable_index]
         key = self._state_before(start)
         cached = self._prefix.get(start)
@@ -284,11 +349,20 @@ class BlockObjective:
         total = 0.0
         hidden = self._prefix[self._start][1]
         run = self.layers[self._start:]
-        for x, y, w, b in zip(hidden, self.targets, self.weights, self.batch_indices):
-            out = x
-            for layer in run:
-                out = layer(out, b)
-            total += _squared_error(out, y, w)
-            if total / self.count >= bound:
-                return total / self.count  # a lower bound of the loss, >= bound: rejected
-        return total / self.count
+        replay = self.replay if self._replay_target is not None else None
+        if replay is not None:  # the same focus = the same upstream outputs: the key of the cache
+            replay.begin((id(self), self._focus_serial), self._replay_target)
+        try:
+            for x, y, w, b in zip(hidden, self.targets, self.weights, self.batch_indices):
+                if replay is not None:
+                    replay.start_batch(b)
+                out = x
+                for layer in run:
+                    out = layer(out, b)
+                total += _squared_error(out, y, w)
+                if total / self.count >= bound:
+                    return total / self.count  # a lower bound of the loss, >= bound: rejected
+            return total / self.count
+        finally:
+            if replay is not None:
+                replay.end()

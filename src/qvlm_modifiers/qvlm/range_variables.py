@@ -158,7 +158,7 @@ def qparam_variable(
         if _b == "weight":  # the key of cached_weight_forward's fake-quantized weight
             _m.__dict__[WEIGHT_KEY_ATTR] = id(setting)
 
-    var = RangeVariable(name=f"{name}.{base_name}", candidates=candidates, labels=labels, apply=apply)
+    var = RangeVariable(name=f"{name}.{base_name}", candidates=candidates, labels=labels, apply=apply, module=module)
     var.set(0)
     return var
 
