@@ -28,6 +28,26 @@ QUESTION, ANSWER = "Hi?", "A dog."
 # so each run below is counted from the chat template text written next to it.
 # Runs are (loss_mask value, number of tokens), 0 = ignored, 1 = text, 2 = vision.
 EXPECTED_RUNS = {
+    # text_mask="assistant_turn" (default): the whole assistant turn is text, header and end-of-turn
+    # included -- the MBQ reference's labels != -100. Same rows as EXPECTED_RUNS_ANSWER below.
+    # ... "\n" "Hi?" " " | "ASSISTANT:" " " "A dog." " "
+    "llava": [(0, 7), (2, 16), (0, 1 + 3 + 1), (1, 10 + 1 + 6 + 1)],
+    # ... "\n" "Hi?" "<|im_end|>" | "<|im_start|>" "assistant \n" "A dog." "<|im_end|>"
+    "llava_onevision": [(0, 6), (2, 36), (0, 1 + 3 + 1), (1, 1 + 11 + 6 + 1)],
+    # ... "<|vision_end|>" "Hi?" "<|im_end|>" "\n" | "<|im_start|>" "assistant\n" "A dog." "<|im_end|>" "\n"
+    # (the reference's Qwen2-VL rule: everything from the last <|im_start|> on)
+    "qwen2_vl": [(0, 45), (2, 9), (0, 1 + 3 + 1 + 1), (1, 1 + 10 + 6 + 1 + 1)],
+    "qwen2_5_vl": [(0, 45), (2, 9), (0, 1 + 3 + 1 + 1), (1, 1 + 10 + 6 + 1 + 1)],
+    # ... "<fake_token_around_image>" "Hi?" "<end_of_utterance>" "\n" | "Assistant: " "A dog."
+    # "<end_of_utterance>" "\n"
+    "idefics3": [(0, 8), (2, 16), (0, 1 + 3 + 1 + 1), (1, 11 + 6 + 1 + 1)],
+    # ... "<end_of_image>" "\n\n" "Hi?" "<end_of_turn>" "\n" | "<start_of_turn>" "model\n" "A dog."
+    # "<end_of_turn>" "\n"
+    "gemma3": [(0, 10), (2, 16), (0, 1 + 2 + 3 + 1 + 1), (1, 1 + 6 + 6 + 1 + 1)],
+}
+
+# text_mask="answer" (a departure from the reference): only the answer's own tokens are text.
+EXPECTED_RUNS_ANSWER = {
     # "<s>" "USER: " | <image> x16 (4x4 CLIP patches, CLS dropped) | "\n" "Hi?" " " "ASSISTANT:" " "
     # | "A dog." | " "
     "llava": [(0, 1 + 6), (2, 16), (0, 1 + 3 + 1 + 10 + 1), (1, 6), (0, 1)],
@@ -51,12 +71,12 @@ EXPECTED_RUNS = {
 
 # Same row with count_prompt_as_text=True: the 3 tokens of "Hi?" become text.
 EXPECTED_RUNS_PROMPT_AS_TEXT = {
-    "llava": [(0, 7), (2, 16), (0, 1), (1, 3), (0, 1 + 10 + 1), (1, 6), (0, 1)],
-    "llava_onevision": [(0, 6), (2, 36), (0, 1), (1, 3), (0, 1 + 1 + 11), (1, 6), (0, 1)],
-    "qwen2_vl": [(0, 45), (2, 9), (0, 1), (1, 3), (0, 1 + 1 + 1 + 10), (1, 6), (0, 2)],
-    "qwen2_5_vl": [(0, 45), (2, 9), (0, 1), (1, 3), (0, 1 + 1 + 1 + 10), (1, 6), (0, 2)],
-    "idefics3": [(0, 8), (2, 16), (0, 1), (1, 3), (0, 1 + 1 + 11), (1, 6), (0, 2)],
-    "gemma3": [(0, 10), (2, 16), (0, 1 + 2), (1, 3), (0, 1 + 1 + 1 + 6), (1, 6), (0, 2)],
+    "llava": [(0, 7), (2, 16), (0, 1), (1, 3), (0, 1), (1, 18)],
+    "llava_onevision": [(0, 6), (2, 36), (0, 1), (1, 3), (0, 1), (1, 19)],
+    "qwen2_vl": [(0, 45), (2, 9), (0, 1), (1, 3), (0, 1 + 1), (1, 19)],
+    "qwen2_5_vl": [(0, 45), (2, 9), (0, 1), (1, 3), (0, 1 + 1), (1, 19)],
+    "idefics3": [(0, 8), (2, 16), (0, 1), (1, 3), (0, 1 + 1), (1, 19)],
+    "gemma3": [(0, 10), (2, 16), (0, 1 + 2), (1, 3), (0, 1 + 1), (1, 15)],
 }
 
 
@@ -81,20 +101,55 @@ def built():
     return get
 
 
+@pytest.mark.parametrize("text_mask", ["assistant_turn", "answer"])
 @pytest.mark.parametrize("family", zoo.FAMILY_NAMES)
-def test_loss_mask_matches_hand_counted_positions(family, built):
+def test_loss_mask_matches_hand_counted_positions(family, text_mask, built):
     model, processor = built(family)
-    ds = build_calibration_dataset(_one_row(), processor, model, prompt_column="question")
+    ds = build_calibration_dataset(_one_row(), processor, model, prompt_column="question", text_mask=text_mask)
     batch = collate_fn([ds[0]])
     mask = batch["loss_mask"][0].tolist()
     ids = batch["input_ids"][0]
     assert batch["loss_mask"].shape == batch["input_ids"].shape
-    assert _runs(mask) == EXPECTED_RUNS[family]
+    expected = EXPECTED_RUNS if text_mask == "assistant_turn" else EXPECTED_RUNS_ANSWER
+    assert _runs(mask) == expected[family]
     # and the positions hold what they should
     mask_t = batch["loss_mask"][0]
-    assert processor.tokenizer.decode(ids[mask_t == TEXT]) == ANSWER
+    text = processor.tokenizer.decode(ids[mask_t == TEXT])
+    if text_mask == "answer":
+        assert text == ANSWER
+    else:  # the assistant turn as the template renders it, from its header to the end of the row
+        full = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
+             {"role": "assistant", "content": [{"type": "text", "text": ANSWER}]}], tokenize=False)
+        assert ANSWER in text and full.endswith(text) and len(text) > len(ANSWER) + 2
+        assert mask_t[-1] == TEXT  # the end-of-turn token(s) are the last text positions
     assert (ids[mask_t == VISION] == families.image_token_id(model)).all()
     assert ((ids == families.image_token_id(model)) == (mask_t == VISION)).all()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
+def test_assistant_turn_mask_equals_reference_labels_rule(family, built):
+    """The MBQ reference's Qwen2-VL labels (every token before the last ``<|im_start|>`` is -100),
+    written on the token ids, give through the derived-mask path (text = labels != -100) exactly the
+    builder's default loss_mask."""
+    from qvlm_modifiers.modality import derive_loss_mask
+
+    model, processor = built(family)
+    row = build_calibration_dataset(_one_row(), processor, model, prompt_column="question")[0]
+    ids = torch.tensor(row["input_ids"][0])
+    im_start = processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    last = int((ids == im_start).nonzero().max())
+    labels = ids.clone()
+    labels[:last] = -100
+    derived, _rule = derive_loss_mask(ids, model.config, labels=labels,
+                                      mm_token_type_ids=row.get("mm_token_type_ids", [None])[0])
+    assert derived.tolist() == row["loss_mask"][0]
+
+
+def test_bad_text_mask_names_the_choices(built):
+    model, processor = built("llava")
+    with pytest.raises(CalibrationDataError, match="assistant_turn"):
+        build_calibration_dataset(_one_row(), processor, model, text_mask="caption")
 
 
 @pytest.mark.parametrize("family", zoo.FAMILY_NAMES)
@@ -104,6 +159,11 @@ def test_count_prompt_as_text(family, built):
                                    count_prompt_as_text=True)
     batch = collate_fn([ds[0]])
     assert _runs(batch["loss_mask"][0].tolist()) == EXPECTED_RUNS_PROMPT_AS_TEXT[family]
+    text_ids = batch["input_ids"][0][batch["loss_mask"][0] == TEXT]
+    assert processor.tokenizer.decode(text_ids).startswith(QUESTION)
+    ds = build_calibration_dataset(_one_row(), processor, model, prompt_column="question",
+                                   count_prompt_as_text=True, text_mask="answer")
+    batch = collate_fn([ds[0]])
     text_ids = batch["input_ids"][0][batch["loss_mask"][0] == TEXT]
     assert processor.tokenizer.decode(text_ids) == QUESTION + ANSWER
 
@@ -118,8 +178,8 @@ def test_caption_without_question(built):
     model, processor = built("llava")
     ds = build_calibration_dataset(_one_row(question=""), processor, model)  # prompt_column=None
     batch = collate_fn([ds[0]])
-    # "<s>" "USER: " | <image> x16 | "\n" "ASSISTANT:" " " | "A dog." | " "
-    assert _runs(batch["loss_mask"][0].tolist()) == [(0, 7), (2, 16), (0, 12), (1, 6), (0, 1)]
+    # "<s>" "USER: " | <image> x16 | "\n" | "ASSISTANT:" " " "A dog." " "
+    assert _runs(batch["loss_mask"][0].tolist()) == [(0, 7), (2, 16), (0, 1), (1, 18)]
     ds = build_calibration_dataset(_one_row(question=""), processor, model, default_prompt="Hi?")
     assert _runs(ds[0]["loss_mask"][0]) == EXPECTED_RUNS["llava"]
 
@@ -153,15 +213,18 @@ def test_num_samples_and_seed(built, calib_pairs):
 def test_max_seq_length(built):
     model, processor = built("llava")
     row = _one_row()
-    # 46 tokens; the image ends at token 23; the answer starts at token 39
+    # 46 tokens; the image ends at token 23; the assistant turn starts at token 28, the answer at 39
     ds = build_calibration_dataset(row, processor, model, prompt_column="question", max_seq_length=42)
     batch = collate_fn([ds[0]])
     assert batch["input_ids"].shape == (1, 42) and batch["attention_mask"].shape == (1, 42)
-    assert _runs(batch["loss_mask"][0].tolist()) == [(0, 7), (2, 16), (0, 16), (1, 3)]
+    assert _runs(batch["loss_mask"][0].tolist()) == [(0, 7), (2, 16), (0, 5), (1, 14)]
+    ds = build_calibration_dataset(row, processor, model, prompt_column="question", max_seq_length=42,
+                                   text_mask="answer")
+    assert _runs(ds[0]["loss_mask"][0]) == [(0, 7), (2, 16), (0, 16), (1, 3)]
     with pytest.raises(CalibrationDataError, match=r"Row 0.*max_seq_length=20.*image"):
         build_calibration_dataset(row, processor, model, prompt_column="question", max_seq_length=20)
     with pytest.raises(CalibrationDataError, match=r"Row 0.*no text token"):
-        build_calibration_dataset(row, processor, model, prompt_column="question", max_seq_length=30)
+        build_calibration_dataset(row, processor, model, prompt_column="question", max_seq_length=28)
 
 
 def test_sources_save_to_disk_and_image_folders(built, tmp_path):
@@ -346,11 +409,11 @@ def test_idefics3_tiled_image(built):
     assert batch["pixel_values"].shape[:2] == (1, 5)  # 2x2 tiles of 64 px + the global image
     # "<|begin_of_text|>" "User:" "<fake_token_around_image>" "<row_1_col_1>" | 16 | "<fake..>" "<row_1_col_2>"
     # | 16 | "\n" "<fake..>" "<row_2_col_1>" | 16 | "<fake..>" "<row_2_col_2>" | 16 |
-    # "\n" "\n" "<fake..>" "<global-img>" | 16 | "<fake..>" "Hi?" "<end_of_utterance>" "\n" "Assistant: "
-    # | "A dog." | "<end_of_utterance>" "\n"
+    # "\n" "\n" "<fake..>" "<global-img>" | 16 | "<fake..>" "Hi?" "<end_of_utterance>" "\n" |
+    # "Assistant: " "A dog." "<end_of_utterance>" "\n"   (the assistant turn: text)
     assert _runs(batch["loss_mask"][0].tolist()) == [
         (0, 8), (2, 16), (0, 2), (2, 16), (0, 3), (2, 16), (0, 2), (2, 16), (0, 4), (2, 16),
-        (0, 1 + 3 + 1 + 1 + 11), (1, 6), (0, 2),
+        (0, 1 + 3 + 1 + 1), (1, 11 + 6 + 1 + 1),
     ]
     with torch.no_grad():
         assert torch.isfinite(model(**{k: v for k, v in batch.items() if k != "loss_mask"}).logits).all()

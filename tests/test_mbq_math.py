@@ -153,3 +153,31 @@ def test_wa_candidate_input_gives_quantized_weight_times_quantized_scaled_input(
     got = wa_candidate_input(x, s, 8) @ layer_weight.T
     expected = fake_quantize_per_token_symmetric(x / s, 8) @ wq.T
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("duo", [True, "both"])
+def test_duo_grid_is_awqmodifiers(duo):
+    """Same candidates, same order as llm-compressor's AWQModifier (the identity first)."""
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    from qvlm_modifiers.mbq.scale_search import duo_grid
+
+    for n_grid in (4, 20, 21):
+        assert duo_grid(n_grid, duo) == AWQModifier(duo_scaling=duo, n_grid=n_grid)._get_grid_search_params()
+    assert len(duo_grid(20, True)) == 20 and duo_grid(20, True)[0] == (0.0, False)
+
+
+def test_duo_scales_formula():
+    """s = x^a / (w^(1-a) + 1e-4), clamped at 1e-4, divided by sqrt(max*min) (AWQModifier's duo branch)."""
+    from qvlm_modifiers.mbq.scale_search import candidate_scales, duo_scales
+
+    x_mean, w_mean = torch.tensor([0.5, 2.0, 8.0, 1e-9]), torch.tensor([0.3, 0.9, 0.1, 0.5])
+    for alpha in (0.0, 0.25, 0.7, 1.0):
+        raw = torch.tensor([max(x ** alpha / (w ** (1 - alpha) + 1e-4), 1e-4) for x, w in zip(x_mean.tolist(),
+                                                                                          w_mean.tolist())])
+        expected = raw / (raw.max() * raw.min()).sqrt()
+        torch.testing.assert_close(duo_scales(x_mean, w_mean, alpha), expected)
+        torch.testing.assert_close(candidate_scales(x_mean, alpha, True, w_mean), expected)
+    torch.testing.assert_close(candidate_scales(x_mean, 0.3), activation_scales(x_mean, 0.3))
+    with pytest.raises(ValueError, match="w_mean"):
+        candidate_scales(x_mean, 0.3, duo=True)

@@ -215,3 +215,44 @@ def test_sensitivity_of_a_disk_offloaded_model_equals_the_in_memory_one(saved_vl
         for kind, ratio in per_kind.items():
             # same float32 computation, other memory placement: equal up to summation order
             assert got.raw_ratios[i][kind] == pytest.approx(ratio, rel=1e-5), (i, kind)
+
+
+def _last_text_only(row_mask):
+    """The row's loss_mask with text (1) kept only at its last text position."""
+    mask = torch.tensor(row_mask)
+    last = int((mask[0] == 1).nonzero().max())
+    mask[0][mask[0] == 1] = 0
+    mask[0, last] = 1
+    return mask.tolist()
+
+
+def test_zero_text_gradients_are_counted_warned_once_and_ratios_logged(llava_and_rows):
+    """A row whose only text token is its last labelled position has a text gradient of exactly 0
+    (no later position carries loss). Reference count, from the masks alone: the rows edited that
+    way. The pass reports that count, warns once, and logs one table line per layer with the
+    ratios it returns."""
+    from loguru import logger
+
+    model, rows = llava_and_rows
+    edited = [0, 2]
+    masks = [_last_text_only(rows[i]["loss_mask"]) if i in edited else rows[i]["loss_mask"] for i in range(len(rows))]
+    degenerate = rows.remove_columns("loss_mask").add_column("loss_mask", masks)
+    lines = []
+    sink = logger.add(lambda m: lines.append((m.record["level"].name, m.record["message"])), level="INFO")
+    try:
+        sens = compute_modality_sensitivity(model, degenerate, collate_fn=data.collate_fn, median_floor=False)
+    finally:
+        logger.remove(sink)
+    assert sens.zero_text_grad_samples == len(edited)
+    warnings = [msg for level, msg in lines if level == "WARNING" and "exactly 0" in msg]
+    assert len(warnings) == 1 and f"{len(edited)} calibration rows" in warnings[0]
+    [table] = [msg for level, msg in lines if level == "INFO" and "G = mean |dL/dY|" in msg]
+    body = table.splitlines()[2:]
+    assert len(body) == len(sens.ratios)
+    for i, line in enumerate(body):
+        assert line.split("|")[0].strip() == str(i)
+        for kind in ("attn", "mlp"):
+            assert f"-> {sens.ratios[i][kind]:.4g}" in line
+    # the recorded form carries the count; the healthy rows give none
+    assert ModalitySensitivity.from_dict(sens.to_dict()).zero_text_grad_samples == len(edited)
+    assert compute_modality_sensitivity(model, rows, collate_fn=data.collate_fn).zero_text_grad_samples == 0

@@ -6,7 +6,13 @@ runs the model's own processor on it (so image placeholders are expanded exactly
 inference) and adds a per-token ``loss_mask``:
 
 * ``0`` ignored: system prompt, user prompt, chat-template tokens, padding
-* ``1`` text: the answer tokens (and the question's tokens with ``count_prompt_as_text=True``)
+* ``1`` text: the whole assistant turn (``text_mask="assistant_turn"``, the default): its header
+  (``<|im_start|>assistant\n``, ``ASSISTANT:``, ...), the answer/caption and the end-of-turn
+  token(s) -- exactly the positions the MBQ reference labels (``labels != -100``, its
+  ``caption_mask``). ``text_mask="answer"`` marks only the answer's own tokens (a departure from
+  the reference; with short answers the last labelled position, whose output gradient is exactly
+  0, is most of the text, and MBQ's vision/text ratio degenerates). With
+  ``count_prompt_as_text=True`` the question's tokens are text too.
 * ``2`` vision: the image placeholder tokens the vision features replace (the family's image
   token id, or ``mm_token_type_ids == 1`` for Qwen2/2.5-VL)
 
@@ -57,6 +63,7 @@ from qvlm_modifiers.data_sources import CAPTION_FILES, _is_image_folder, load_im
 from qvlm_modifiers.modality import IGNORE, TEXT, VISION  # ``loss_mask`` values
 
 __all__ = [
+    "TEXT_MASKS",
     "IGNORE",
     "TEXT",
     "VISION",
@@ -69,6 +76,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+
+#: ``text_mask`` choices of :func:`build_calibration_dataset`
+TEXT_MASKS = ("assistant_turn", "answer")
 
 # processor outputs that are per-token (truncated together with input_ids)
 _TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids", "loss_mask")
@@ -168,8 +178,16 @@ def _messages(question: str, answer: str | None) -> list[dict]:
 class _RowEncoder:
     """Encodes one (image, question, answer) with the processor and builds its loss mask."""
 
-    def __init__(self, processor, family: VLMFamily, image_token: int, count_prompt_as_text: bool):
+    def __init__(
+        self,
+        processor,
+        family: VLMFamily,
+        image_token: int,
+        count_prompt_as_text: bool,
+        text_mask: str = "assistant_turn",
+    ):
         self.processor = processor
+        self.text_mask = text_mask
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.family = family
         self.image_token = image_token
@@ -195,6 +213,19 @@ class _RowEncoder:
 
     def _ids(self, image, text: str) -> list[int]:
         return self._encode(image, text)["input_ids"][0].tolist()
+
+    def _assistant_turn_start(self, question: str, full: str, ans_start: int, row: int) -> int:
+        """Character offset in ``full`` where the assistant turn begins: the end of the conversation
+        rendered without the assistant turn (and without a generation prompt), i.e. the start of the
+        assistant header."""
+        user_only = self._render(_messages(question, None), add_generation_prompt=False)
+        start = len(user_only) if full.startswith(user_only) else _common_prefix(list(user_only), list(full))
+        if start > ans_start:
+            raise CalibrationDataError(
+                f"Row {row}: the chat template of {type(self.processor).__name__} renders the user turn past the "
+                "start of the answer, so the assistant turn cannot be located. Use text_mask='answer'."
+            )
+        return start
 
     def __call__(self, image, question: str, answer: str, row: int) -> dict[str, np.ndarray]:
         full = self._render(_messages(question, answer), add_generation_prompt=False)
@@ -225,7 +256,13 @@ class _RowEncoder:
                 end += 1
             return start, end
 
-        a0, a1 = span(ans_start, ans_end)
+        if self.text_mask == "assistant_turn":
+            # the reference's labels != -100: from the end of the rendered user turn (the assistant
+            # header) to the end of the text (answer and end-of-turn tokens)
+            turn_start = self._assistant_turn_start(question, full, ans_start, row)
+            a0, a1 = span(turn_start, len(full))
+        else:
+            a0, a1 = span(ans_start, ans_end)
         mask[a0:a1] = TEXT
         if self.count_prompt_as_text and question:
             q_start = full.rfind(question, 0, ans_start)
@@ -291,6 +328,7 @@ def build_calibration_dataset(
     max_seq_length: int | None = None,
     count_prompt_as_text: bool = False,
     default_prompt: str | None = None,
+    text_mask: str = "assistant_turn",
 ):
     """Image-text pairs -> a :class:`datasets.Dataset` of processor outputs with a ``loss_mask``.
 
@@ -309,10 +347,20 @@ def build_calibration_dataset(
     :param max_seq_length: truncate longer rows; a row whose image would be cut raises
     :param count_prompt_as_text: also mark the question's tokens as text (``loss_mask == 1``)
     :param default_prompt: question for rows without one
+    :param text_mask: which tokens get ``loss_mask == 1``: ``"assistant_turn"`` (default; the MBQ
+        reference's ``labels != -100``: assistant header, answer, end-of-turn tokens) or ``"answer"``
+        (the answer's own tokens only; a departure from the reference, kept for comparison: the
+        last labelled position has an exactly-zero output gradient, which on short answers makes
+        MBQ's vision/text sensitivity ratio explode)
     :return: dataset with one processor output per row (batch dim kept) plus ``loss_mask``
     """
     import datasets
 
+    if text_mask not in TEXT_MASKS:
+        raise CalibrationDataError(
+            f"text_mask must be one of {TEXT_MASKS}, got {text_mask!r}. 'assistant_turn' labels the whole "
+            "assistant turn as the MBQ reference does; 'answer' only the answer's tokens."
+        )
     dataset = load_pairs(source)
     if prompt_column is None and _is_image_folder(source):
         prompt_column = "question"  # image folders: questions (possibly empty) come with the captions
@@ -336,7 +384,7 @@ def build_calibration_dataset(
             f"The processor is a {type(processor).__name__} without an image processor; VLM calibration needs "
             "the model's multimodal processor. Load it with AutoProcessor.from_pretrained(<model path>)."
         )
-    encoder = _RowEncoder(processor, family, image_token_id(config), count_prompt_as_text)
+    encoder = _RowEncoder(processor, family, image_token_id(config), count_prompt_as_text, text_mask)
 
     feature = dataset.features.get(image_column)
     if isinstance(feature, datasets.Image) and feature.decode:

@@ -9,7 +9,8 @@ for those the labels are derived here, per row, from what the row holds:
 - **vision**: the family's image placeholder tokens (``input_ids == image_token_id``; Qwen2/2.5-VL:
   ``mm_token_type_ids == 1``, which is what their M-RoPE reads);
 - **text**: ``labels != -100`` when the row has labels (the MBQ reference's text tokens: the
-  supervised assistant turn), otherwise every non-image token ("all-text");
+  supervised assistant turn -- the same tokens :func:`qvlm_modifiers.data.build_calibration_dataset`
+  labels 1 by default, ``text_mask="assistant_turn"``), otherwise every non-image token ("all-text");
 - **ignored**: padding (``attention_mask == 0``) and, under the labels rule, unsupervised tokens.
 
 A row with neither a vision nor a text token cannot be weighed and is refused, by its index, before

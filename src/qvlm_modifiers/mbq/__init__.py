@@ -3,7 +3,10 @@
 - :mod:`~qvlm_modifiers.mbq.sensitivity`: the gradient pass (vision/text sensitivity per layer),
   also usable standalone: :func:`compute_modality_sensitivity`
 - :mod:`~qvlm_modifiers.mbq.loss`: the modality-weighted reconstruction loss (Eq. 16-17)
-- :mod:`~qvlm_modifiers.mbq.scale_search`: alpha grid, scale formula, W-A fake-quant candidate
+- :mod:`~qvlm_modifiers.mbq.scale_search`: alpha grid, scale formula (activation-only or AWQ's duo
+  form), W-A fake-quant candidate
+- :mod:`~qvlm_modifiers.mbq.clip_search`: AWQ ``auto_clip``-style clip search, token-weighted
+- :mod:`~qvlm_modifiers.mbq.diagnostics`: per-mapping choices and losses for the log and the run record
 - :mod:`~qvlm_modifiers.mbq.modifier`: :class:`MBQModifier` (recipe key ``MBQModifier``)
 """
 

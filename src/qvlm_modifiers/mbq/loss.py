@@ -7,8 +7,9 @@ scale search, Eq. 17 its MAE form), where ``dY = Y_fp - Y_q`` is the block-outpu
 vision weight ``r = |g_v|/|g_t|``) and by a token count; the argmin over the scale grid is unchanged.
 
 Token classes come from the calibration rows' ``loss_mask`` (built by :mod:`qvlm_modifiers.data`):
-``0`` ignored (prompt, template, padding), ``1`` text (answer tokens), ``2`` vision (image
-placeholder tokens).
+``0`` ignored (prompt, template, padding), ``1`` text (the labelled tokens: by default the whole
+assistant turn, the reference's ``labels != -100``; answer only with ``text_mask="answer"``), ``2``
+vision (image placeholder tokens).
 
 Normalisations (``normalization``):
 
@@ -58,8 +59,9 @@ def modality_token_masks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean ``(text, vision)`` token masks of a ``loss_mask`` (any shape, values 0/1/2).
 
-    ``text_tokens="answer"`` counts only answer tokens (``loss_mask == 1``) as text, as the reference
-    code does (``caption_mask = labels != -100``); ``"all_text"`` counts every non-vision position
+    ``text_tokens="answer"`` counts only the labelled tokens (``loss_mask == 1``; the assistant turn
+    with the data builder's default) as text, as the reference code does (``caption_mask = labels
+    != -100``); ``"all_text"`` counts every non-vision position
     (prompt and template too; with the 1-sample collator there is no padding) -- the paper's
     "language tokens".
     """

@@ -4,7 +4,11 @@ The search is AWQ's (paper Sec. 3.3 "channel-wise equalization"; reference
 ``auto_scale.py:_search_module_scale`` L110-199), for weight-only *and* weight-activation modes:
 
 - scales ``s = mean_tokens(|x|) ** alpha``, clamped at 1e-4, normalised by ``sqrt(max(s) * min(s))``
-  (no weight-magnitude term, i.e. AWQ's ``duo_scaling=False``);
+  (no weight-magnitude term, i.e. AWQ's ``duo_scaling=False``); optionally llm-compressor AWQ's
+  "duo" form ``s = x_mean ** a / (w_mean ** (1 - a) + 1e-4)`` (``w_mean``: per input channel mean of
+  ``|W|`` normalised by each quantization group's max, AWQModifier ``_compute_layer_means``), same
+  clamp and normalisation, on AWQ's duo grid (:func:`duo_grid`: the identity plus ``k / (n - 2)``,
+  ``k = 0 .. n - 2``: ``n`` candidates in all);
 - ``alpha`` on MBQ's grid ``k / n_grid`` for ``k = 0 .. n_grid - 1`` (``n_grid = 20``: 0, 0.05, ...,
   0.95; 1.0 is *not* a candidate), or optionally AWQ's ``k / (n_grid - 1)`` (includes 1.0);
 - weight-only candidate: ``Q(W * s) / s`` applied to ``x`` (done by llm-compressor's AWQ loop with the
@@ -24,7 +28,10 @@ import torch
 __all__ = [
     "AlphaGrid",
     "alpha_grid",
+    "duo_grid",
     "activation_scales",
+    "duo_scales",
+    "candidate_scales",
     "fake_quantize_per_token_symmetric",
     "fake_quantize_per_channel_symmetric",
     "wa_candidate_input",
@@ -49,6 +56,50 @@ def alpha_grid(n_grid: int, kind: AlphaGrid = "mbq") -> list[float]:
     raise ValueError(f"alpha grid must be 'mbq' or 'awq', got {kind!r}")
 
 
+def duo_grid(n_grid: int, duo_scaling: bool | str) -> list[tuple[float, bool]]:
+    """llm-compressor ``AWQModifier._get_grid_search_params`` for ``duo_scaling`` True / ``"both"``.
+
+    ``True``: ``[(0, False)]`` (the identity, ``s = 1``) then ``(k / (n_grid - 2), True)`` for
+    ``k = 0 .. n_grid - 2`` (``n_grid`` candidates). ``"both"``: ``m = n_grid // 2`` exponents
+    ``k / (m - 1)``, each without and with the weight term.
+    """
+    if duo_scaling is True:
+        if n_grid < 3:
+            raise ValueError(f"duo_scaling: true needs n_grid >= 3, got {n_grid}")
+        return [(0.0, False)] + [(k / (n_grid - 2), True) for k in range(n_grid - 1)]
+    if duo_scaling == "both":
+        half = int(n_grid / 2)
+        if half < 2:
+            raise ValueError(f"duo_scaling: both needs n_grid >= 4, got {n_grid}")
+        return [(k / (half - 1), duo) for k in range(half) for duo in (False, True)]
+    raise ValueError(f"duo_grid is for duo_scaling true or 'both', got {duo_scaling!r}")
+
+
+def _normalise(scales: torch.Tensor) -> torch.Tensor:
+    scales = scales / (scales.max() * scales.min()).sqrt()
+    scales[torch.isinf(scales)] = 1
+    scales[torch.isnan(scales)] = 1
+    return scales
+
+
+def duo_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``s = x_mean ** a / (w_mean ** (1 - a) + 1e-4)``, clamped at 1e-4, normalised as
+    :func:`activation_scales` (op for op AWQModifier's duo branch)."""
+    scales = (x_mean.pow(alpha) / (w_mean.to(x_mean.device).pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
+    return _normalise(scales.view(-1))
+
+
+def candidate_scales(
+    x_mean: torch.Tensor, alpha: float, duo: bool = False, w_mean: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The scales of one grid candidate ``(alpha, duo)`` (what AWQ's loop applies to the weights)."""
+    if duo:
+        if w_mean is None:
+            raise ValueError("a duo-scaling candidate needs the balance layers' w_mean")
+        return duo_scales(x_mean, w_mean, alpha)
+    return activation_scales(x_mean, alpha)
+
+
 def activation_scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     """``s = x_mean ** alpha``, clamped at 1e-4, divided by ``sqrt(max(s) * min(s))``.
 
@@ -56,11 +107,7 @@ def activation_scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     and of the reference ``_search_module_scale``, so the W-A hook sees the very scales the AWQ loop
     applies to the weights.
     """
-    scales = x_mean.pow(alpha).clamp(min=1e-4).view(-1)
-    scales = scales / (scales.max() * scales.min()).sqrt()
-    scales[torch.isinf(scales)] = 1
-    scales[torch.isnan(scales)] = 1
-    return scales
+    return _normalise(x_mean.pow(alpha).clamp(min=1e-4).view(-1))
 
 
 def fake_quantize_per_token_symmetric(x: torch.Tensor, bits: int) -> torch.Tensor:

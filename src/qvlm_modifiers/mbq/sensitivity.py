@@ -6,7 +6,9 @@ magnitude ``|g|``. The reference code (``pre_quant.py`` ``GradCacheHook`` L30-10
 it as follows, and so does this module:
 
 1. one forward + backward per calibration sample on the *unquantized* model, loss = the model's
-   cross-entropy on the answer tokens only (labels = ``input_ids`` where ``loss_mask == 1``);
+   cross-entropy on the text tokens (labels = ``input_ids`` where ``loss_mask == 1``: the whole
+   assistant turn with :func:`qvlm_modifiers.data.build_calibration_dataset`'s default, the
+   reference's ``labels != -100``);
 2. at each decoder layer's attention output projection (``o_proj``, kind ``"attn"``) and MLP down
    projection (``down_proj``, kind ``"mlp"``), ``g = dL/dY`` of the module *output*:
    ``g_v[n] = mean |g[vision tokens of sample n, :]|``, ``g_t[n] = mean |g[text tokens of n, :]|``
@@ -20,6 +22,13 @@ searches, ``r_mlp[i]`` in ``post_attention_layernorm -> gate/up`` and ``up_proj 
 
 Departures, each explicit: samples lacking one modality are skipped for that modality (the reference
 would average a NaN in); the median of an even count is the mean of the two middle values.
+
+Diagnostics: the output gradient of the *last* labelled position is exactly 0 at every layer (no
+later token carries loss), so a sample whose text tokens are only that position (a one-token
+answer under ``text_mask="answer"``) has a text gradient of exactly 0, and such samples drag
+``G_t`` towards 0 and the ratio up by orders of magnitude. The pass counts them and warns once
+with the count (:attr:`ModalitySensitivity.zero_text_grad_samples`), and logs the per-layer
+``G_v``, ``G_t`` and ratios as one table at INFO (:meth:`ModalitySensitivity.table`).
 
 Memory (``checkpoint_layers=True``, the default): the backward is layer by layer. Each decoder
 layer runs under non-reentrant :func:`torch.utils.checkpoint.checkpoint`, so the forward keeps only
@@ -84,6 +93,8 @@ class ModalitySensitivity:
     :param vision_grad: ``{layer_idx: {kind: G_v}}`` (mean |dL/dY| over vision tokens, sample-averaged)
     :param text_grad: ``{layer_idx: {kind: G_t}}``
     :param num_samples: samples that contributed
+    :param zero_text_grad_samples: samples whose text-token gradient was exactly 0 at some tap
+        (see the module docstring); 0 for sensitivities loaded from files written before this field
     """
 
     ratios: dict[int, dict[str, float]]
@@ -92,6 +103,20 @@ class ModalitySensitivity:
     text_grad: dict[int, dict[str, float]] = field(default_factory=dict)
     num_samples: int = 0
     median_floored: bool = True
+    zero_text_grad_samples: int = 0
+
+    def table(self) -> str:
+        """Per layer and kind: ``G_v``, ``G_t``, the raw and the used ratio, one line per layer."""
+        lines = ["layer | attn G_v G_t raw -> used | mlp G_v G_t raw -> used"]
+        for i in sorted(self.ratios):
+            cells = []
+            for kind in SENSITIVITY_KINDS:
+                gv = self.vision_grad.get(i, {}).get(kind, float("nan"))
+                gt = self.text_grad.get(i, {}).get(kind, float("nan"))
+                raw = self.raw_ratios.get(i, {}).get(kind, float("nan"))
+                cells.append(f"{gv:.3e} {gt:.3e} {raw:.4g} -> {self.ratios[i].get(kind, float('nan')):.4g}")
+            lines.append(f"{i:5d} | " + " | ".join(cells))
+        return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         def _str_keys(d):
@@ -104,6 +129,7 @@ class ModalitySensitivity:
             "text_grad": _str_keys(self.text_grad),
             "num_samples": self.num_samples,
             "median_floored": self.median_floored,
+            "zero_text_grad_samples": self.zero_text_grad_samples,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -124,6 +150,7 @@ class ModalitySensitivity:
             text_grad=_int_keys(data.get("text_grad")),
             num_samples=int(data.get("num_samples", 0)),
             median_floored=bool(data.get("median_floored", True)),
+            zero_text_grad_samples=int(data.get("zero_text_grad_samples", 0)),
         )
 
     @classmethod
@@ -301,7 +328,8 @@ def compute_modality_sensitivity(
     taps = sensitivity_taps(layers)
     vision_means: dict[tuple[int, str], list[float]] = {key: [] for key in taps}
     text_means: dict[tuple[int, str], list[float]] = {key: [] for key in taps}
-    current_mask: dict[str, torch.Tensor] = {}
+    current_mask: dict[str, Any] = {}
+    zero_text_samples: set[tuple[int, int]] = set()  # (batch, row)
 
     def make_tap(key):
         def forward_hook(_module, _args, output):
@@ -310,11 +338,13 @@ def compute_modality_sensitivity(
                 return
 
             def grad_hook(grad):
-                for gv, gt in modality_mean_abs_gradient(grad, current_mask["mask"], text_tokens):
+                for row, (gv, gt) in enumerate(modality_mean_abs_gradient(grad, current_mask["mask"], text_tokens)):
                     if gv is not None:
                         vision_means[key].append(gv)
                     if gt is not None:
                         text_means[key].append(gt)
+                        if gt == 0.0:
+                            zero_text_samples.add((current_mask["sample"], row))
 
             out.register_hook(grad_hook)
 
@@ -340,7 +370,7 @@ def compute_modality_sensitivity(
             # the batch's own labels, or derived from its input_ids / labels (qvlm_modifiers.modality)
             loss_mask, _rule = batch_loss_mask(batch, model.config)
             if not (loss_mask == TEXT_TOKEN).any():
-                logger.warning("MBQ sensitivity: skipping a sample without answer tokens (loss_mask == 1)")
+                logger.warning("MBQ sensitivity: skipping a sample without text tokens (loss_mask == 1)")
                 continue
             inputs = {
                 k: (v.to(device) if isinstance(v, torch.Tensor) else v)
@@ -348,7 +378,7 @@ def compute_modality_sensitivity(
                 if k not in ("loss_mask", "labels")
             }
             labels = torch.where(loss_mask == TEXT_TOKEN, inputs["input_ids"].cpu(), -100).to(device)
-            current_mask["mask"] = loss_mask
+            current_mask["mask"], current_mask["sample"] = loss_mask, n_used
             with torch.enable_grad(), checkpointing():
                 loss = model(**inputs, labels=labels, use_cache=False).loss
                 loss.backward()
@@ -385,7 +415,17 @@ def compute_modality_sensitivity(
         text_grad=_avg(text_means),
         num_samples=n_used,
         median_floored=median_floor,
+        zero_text_grad_samples=len(zero_text_samples),
     )
+    if zero_text_samples:
+        logger.warning(
+            f"MBQ sensitivity: {len(zero_text_samples)} calibration rows ({n_used} batches) give a text-token "
+            "gradient of exactly 0 (their text tokens are only the last labelled position, whose output gradient is 0); "
+            "they pull the text gradient towards 0 and the vision/text ratios up. Label the whole assistant "
+            "turn (build_calibration_dataset(text_mask='assistant_turn'), the default) and calibrate on "
+            "longer answers/captions."
+        )
+    logger.info(f"MBQ sensitivity over {n_used} samples (G = mean |dL/dY|):\n{result.table()}")
     if save_path is not None:
         result.save(save_path)
     return result

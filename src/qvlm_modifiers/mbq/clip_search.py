@@ -1,0 +1,155 @@
+"""Activation-aware weight clipping after the scale search (AWQ's ``auto_clip``), token-weighted for MBQ.
+
+The original AWQ (Lin et al., MLSys'24, Sec. 3.2 "searching to scale", and its code
+``awq/quantize/auto_clip.py``) follows the scale search with a clip search per quantization group:
+for every output row ``c`` and input group ``G`` of a (scaled) weight ``W``, the clipping threshold
+``m = ratio * max|W[c, G]|`` minimizing the group's output error on calibration tokens ``x_n``
+
+    err(c, G, m) = sum_n w_n * ( x_n[G] . W[c, G]  -  x_n[G] . Q(clamp(W[c, G], -m, m)) )**2
+
+is kept, for ``ratio`` in ``1 - i / n_grid``, ``i = 0 .. max_shrink * n_grid - 1`` (1.0, 0.95, ..,
+0.55 for AWQ's ``n_grid=20, max_shrink=0.5``; 1.0 is "no clipping", so the search never does worse
+on its tokens than not clipping). ``Q`` quantizes each group from its own (clamped) min/max. AWQ's
+token weights are all 1 (``w_n = 1``, 512 strided tokens); MBQ's are the modality weights of its
+reconstruction loss (Eq. 16-17: text ``text_weight``, vision ``r``, ignored 0), see
+:func:`modality_token_weights`. MBQ with uniform weights therefore *is* AWQ's clip search, which
+makes the two sides of the MBQ-vs-AWQ comparison use the same clipping.
+
+Departures from ``auto_clip``: tokens are sampled per modality (``n`` per modality, strided) and
+reweighted by ``count / n`` so the sample estimates the full-calibration sum (AWQ strides over all
+tokens, which on VLM data would keep almost only vision tokens); the quantizer is the follow-up
+scheme's own (what gets deployed), passed in as ``fake_quant``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["clip_ratios", "search_clip", "apply_clip", "modality_token_weights", "strided_sample"]
+
+FakeQuant = Callable[[torch.Tensor], torch.Tensor]
+
+
+def clip_ratios(n_grid: int = 20, max_shrink: float = 0.5) -> list[float]:
+    """AWQ ``auto_clip``'s ratios ``1 - i / n_grid`` for ``i < max_shrink * n_grid`` (1.0 first)."""
+    if n_grid < 1:
+        raise ValueError(f"clip n_grid must be >= 1, got {n_grid}")
+    if not 0.0 < max_shrink < 1.0:
+        raise ValueError(f"clip max_shrink must be in (0, 1), got {max_shrink}")
+    return [1 - i / n_grid for i in range(max(1, int(max_shrink * n_grid)))]
+
+
+def strided_sample(n_total: int, n_keep: int) -> torch.Tensor:
+    """Indices of ``min(n_total, n_keep)`` tokens spread evenly over ``range(n_total)`` (AWQ strides)."""
+    if n_total <= n_keep:
+        return torch.arange(n_total)
+    return torch.linspace(0, n_total - 1, n_keep).round().long()
+
+
+def modality_token_weights(
+    is_vision: torch.Tensor,
+    text_count: int,
+    vision_count: int,
+    vision_weight: float,
+    text_weight: float = 1.0,
+    normalization: str = "pooled",
+) -> torch.Tensor:
+    """Per sampled token weight ``w_n`` for :func:`search_clip`, from the MBQ loss's weights.
+
+    :param is_vision: boolean per sampled token (the others are text)
+    :param text_count: text tokens in the full calibration set (the sample is reweighted to it)
+    :param vision_count: vision tokens in the full calibration set
+    :param normalization: ``"pooled"`` (each token counts ``weight``; the MBQ MAE loss, and AWQ with
+        weights 1) or ``"per_modality"`` (each modality averaged over its own count; the MBQ MSE
+        loss). The argmin is unchanged by a common factor, so totals are not divided out.
+    """
+    is_vision = is_vision.bool()
+    n_vision = int(is_vision.sum())
+    n_text = is_vision.numel() - n_vision
+    weights = torch.zeros(is_vision.shape, dtype=torch.float32)
+    if normalization == "pooled":
+        if n_text:
+            weights[~is_vision] = text_weight * text_count / n_text
+        if n_vision:
+            weights[is_vision] = vision_weight * vision_count / n_vision
+    elif normalization == "per_modality":
+        if n_text:
+            weights[~is_vision] = text_weight / n_text
+        if n_vision:
+            weights[is_vision] = vision_weight / n_vision
+    else:
+        raise ValueError(f"normalization must be 'pooled' or 'per_modality', got {normalization!r}")
+    return weights
+
+
+@torch.no_grad()
+def search_clip(
+    weight: torch.Tensor,
+    inputs: torch.Tensor,
+    token_weights: torch.Tensor,
+    group_size: int,
+    fake_quant: FakeQuant,
+    ratios: list[float],
+    rows_per_chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (output row, input group) clipping threshold minimizing the token-weighted output error.
+
+    :param weight: ``(out, in)`` weight, already scaled (``W * s``)
+    :param inputs: ``(tokens, in)`` the layer's inputs for that weight (``x / s``)
+    :param token_weights: ``(tokens,)`` non-negative weights ``w_n``
+    :param group_size: input channels per quantization group (``in`` for per-channel)
+    :param fake_quant: quantize-dequantize of a ``(rows, group_size)`` tensor, each row from its
+        own min/max (the follow-up scheme's quantizer)
+    :param ratios: candidate ``m / max|W[c, G]|``; the first minimum wins (AWQ's ``err < best``)
+    :return: ``(max_val, ratio_index)``, both ``(out, in // group_size)``
+    """
+    out_f, in_f = weight.shape
+    if in_f % group_size:
+        raise ValueError(f"in_features {in_f} is not a multiple of group_size {group_size}")
+    if inputs.shape[-1] != in_f or inputs.shape[0] != token_weights.shape[0]:
+        raise ValueError(
+            f"inputs {tuple(inputs.shape)} / token_weights {tuple(token_weights.shape)} do not match the "
+            f"weight's {in_f} input channels"
+        )
+    n_groups = in_f // group_size
+    x = inputs.float().reshape(-1, n_groups, group_size)  # (n, G, g)
+    tw = token_weights.float().to(x.device)
+    best_max, best_idx = [], []
+    for start in range(0, out_f, rows_per_chunk):
+        w = weight[start : start + rows_per_chunk].float().reshape(-1, n_groups, group_size)  # (c, G, g)
+        org_max = w.abs().amax(dim=-1, keepdim=True)  # (c, G, 1)
+        org_out = torch.einsum("ngk,cgk->cng", x, w)  # per-group partial outputs
+        min_err = torch.full(org_max.shape[:2], float("inf"), device=w.device)
+        chosen_max = org_max[..., 0].clone()
+        chosen_idx = torch.zeros(org_max.shape[:2], dtype=torch.long, device=w.device)
+        for i, ratio in enumerate(ratios):
+            max_val = org_max * ratio
+            cur = torch.clamp(w, -max_val, max_val)
+            q = fake_quant(cur.reshape(-1, group_size)).reshape(cur.shape).float()
+            diff = torch.einsum("ngk,cgk->cng", x, q) - org_out
+            err = torch.einsum("cng,n->cg", diff.pow(2), tw)
+            better = err < min_err
+            min_err = torch.where(better, err, min_err)
+            chosen_max = torch.where(better, max_val[..., 0], chosen_max)
+            chosen_idx = torch.where(better, torch.full_like(chosen_idx, i), chosen_idx)
+        best_max.append(chosen_max)
+        best_idx.append(chosen_idx)
+    return torch.cat(best_max), torch.cat(best_idx)
+
+
+def apply_clip(
+    weight: torch.Tensor, max_val: torch.Tensor, group_size: int, scales: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``clamp(W[c, G], -max_val[c, G], max_val[c, G])`` per group (AWQ ``apply_clip``); same dtype.
+
+    With ``scales`` (the per-input-channel ``s`` of the scale search), ``weight`` is the *unscaled*
+    ``W`` and ``max_val`` was searched on ``W * s``: the result is ``clamp(W, -m / s, m / s)``, whose
+    product with ``s`` is ``clamp(W * s, -m, m)`` (``s > 0``), so the scaling applied afterwards
+    yields the clipped scaled weight.
+    """
+    bound = max_val.to(weight.device, torch.float32).repeat_interleave(group_size, dim=1)
+    if scales is not None:
+        bound = bound / scales.to(weight.device, torch.float32).view(1, -1)
+    return torch.clamp(weight.float(), -bound, bound).to(weight.dtype)
