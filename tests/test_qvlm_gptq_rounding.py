@@ -121,9 +121,19 @@ def test_gptq_rounding_without_search_reproduces_gptqmodifier(saved_vlm, calib_p
 def test_searched_ranges_with_gptq_never_worse_than_gptq(saved_vlm, calib_pairs):
     """With the search on and GPTQ inside, each block keeps the better of (searched ranges + GPTQ)
     and (min/max + GPTQ = GPTQModifier) on the held-out rows and on all rows."""
-    model, linears = _run(saved_vlm("llava", num_layers=4), calib_pairs, QVLMModifier(
+    path = saved_vlm("llava", num_layers=4)
+    model, linears = _run(path, calib_pairs, QVLMModifier(
         scheme="W4A16", targets=["Linear"], gptq_rounding=True, entropy_threshold=-1.0, search_epochs=2))
-    for rec in model.config.qvlm_blocks["block_losses"]:
+    records = model.config.qvlm_blocks["block_losses"]
+    # on this model and these rows block [0, 1, 2] keeps its search and block [3] reverts: both paths run
+    assert [(r["layers"], r["guard"]["winner"]) for r in records] == [([0, 1, 2], "searched"), ([3], "rtn")]
+    fp = AutoModelForImageTextToText.from_pretrained(path)
+    for name, m in decoder_layers(fp)[3].named_modules():  # the reverted block holds min/max qparams
+        if isinstance(m, torch.nn.Linear):
+            args = linears[f"3.{name}"].quantization_scheme.weights
+            scale, zp = range_qparams(*minmax_range(flatten_for_ranges(m.weight.detach(), "weight", args)), args)
+            assert torch.equal(linears[f"3.{name}"].weight_scale, scale.reshape(m.weight.shape[0], -1)), name
+    for rec in records:
         guard = rec["guard"]
         assert guard["holdout_batches"] == 1 and rec["gptq"]
         assert rec["loss"] <= guard["loss_rtn"]
