@@ -219,7 +219,7 @@ def test_diagnostics_match_the_written_out_search_and_reach_the_run_record(llava
     whole record is what the run record gets (JSON, one entry per searched mapping)."""
     import json
 
-    from qvlm_modifiers.mbq.diagnostics import last_run_diagnostics
+    from qvlm_modifiers.mbq.diagnostics import last_run_diagnostics, take_run_diagnostics
 
     path, processor, rows = llava
     mbq = SpyMBQ(vision_weight=0.3)
@@ -239,8 +239,9 @@ def test_diagnostics_match_the_written_out_search_and_reach_the_run_record(llava
     assert published["settings"]["vision_weight"] == 0.3 and published["sensitivity"] is None
     # with computed sensitivities the record carries them (per-layer gradients, ratios, zero-gradient rows)
     _run(path, processor, rows, SpyMBQ(), _quant(W3_G128))
-    sens = last_run_diagnostics()["sensitivity"]
+    sens = take_run_diagnostics()["sensitivity"]
     assert set(sens["ratios"]) == {"0", "1"} and sens["zero_text_grad_samples"] == 0
+    assert last_run_diagnostics() is None and take_run_diagnostics() is None  # taken once
 
 
 @pytest.mark.parametrize("wa", [False, True], ids=["w3_g128", "w4a8"])

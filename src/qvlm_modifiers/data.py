@@ -250,6 +250,8 @@ class _RowEncoder:
             # tokens shared with the prefix's tokenization end at or before start_char; the next
             # token of `ids` starts at start_char or straddles it (then it holds text chars too)
             start = _common_prefix(ids, self._ids(image, full[:start_char]))
+            if end_char >= len(full):  # to the end of the text: every token (no second encode)
+                return start, len(ids)
             end_prefix = self._ids(image, full[:end_char])
             end = _common_prefix(ids, end_prefix)
             if end < len(end_prefix):  # the token at `end` straddles end_char: it holds text chars too

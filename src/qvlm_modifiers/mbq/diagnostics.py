@@ -10,8 +10,15 @@ clipped. The sensitivities (per-layer ``G_v``, ``G_t``, ratios, rows with zero t
 recorded beside them.
 
 The run record: :func:`last_run_diagnostics` returns the diagnostics of the last MBQModifier that
-finished (``on_finalize``) in this process, JSON-ready (``NaN`` as ``None``); ``qvlm quantize``
-stores them under the record's ``"mbq"`` key.
+finished (``on_finalize``) in this process, JSON-ready (``NaN`` as ``None``);
+:func:`take_run_diagnostics` returns them and forgets them, so a later run without MBQ in the same
+process does not pick up stale ones. The run-record writer (``qvlm quantize``,
+:mod:`qvlm_modifiers.cli.commands`) is meant to store them under the record's ``"mbq"`` key right
+after ``oneshot``::
+
+    from qvlm_modifiers.mbq.diagnostics import take_run_diagnostics
+    if (mbq := take_run_diagnostics()) is not None:
+        record["mbq"] = mbq
 """
 
 from __future__ import annotations
@@ -21,7 +28,14 @@ from typing import Any
 
 from qvlm_modifiers.mbq.loss import ModalityErrorSums
 
-__all__ = ["modality_errors", "chosen_index", "json_ready", "last_run_diagnostics", "publish"]
+__all__ = [
+    "modality_errors",
+    "chosen_index",
+    "json_ready",
+    "last_run_diagnostics",
+    "take_run_diagnostics",
+    "publish",
+]
 
 _LAST: dict[str, Any] | None = None
 
@@ -64,3 +78,10 @@ def publish(diagnostics: dict[str, Any]) -> None:
 def last_run_diagnostics() -> dict[str, Any] | None:
     """The diagnostics of the last MBQModifier run that finished in this process (or ``None``)."""
     return _LAST
+
+
+def take_run_diagnostics() -> dict[str, Any] | None:
+    """:func:`last_run_diagnostics`, then forget them (call once per run, after ``oneshot``)."""
+    global _LAST
+    diagnostics, _LAST = _LAST, None
+    return diagnostics
