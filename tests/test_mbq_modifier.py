@@ -497,3 +497,16 @@ def test_wa_mode_with_duo_scaling_uses_the_duo_candidates(llava):
     assert torch.equal(seen[0], torch.ones_like(seen[0]))  # the identity candidate comes first
     for record in mbq.diagnostics()["mappings"]:
         assert (record["alpha"], record["duo_scaling"]) in duo_grid(20, True)
+
+
+def test_new_options_on_plain_rows_without_loss_mask(llava):
+    """Plain processor rows (no loss_mask, no use_loss_mask) with duo scaling and clip search: labels
+    derived per row (qvlm_modifiers.modality), every mapping searched, clipped and recorded."""
+    path, processor, rows = llava
+    plain = rows.remove_columns("loss_mask")
+    mbq = SpyMBQ(vision_weight=0.3, duo_scaling=True, clip_search=True)
+    _, rec = _run(path, processor, plain, mbq, _quant(W3_G128), use_loss_mask=False)
+    records = mbq.diagnostics()["mappings"]
+    assert {r["mapping"] for r in records} == set(rec["mbq"]) and len(records) >= 6
+    assert all(r["text_error"]["identity"] is not None and r["vision_error"]["identity"] is not None for r in records)
+    assert all(r["clip"] for r in records)  # every mapping has a clipped (non-q/k) balance layer
