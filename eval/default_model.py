@@ -4,9 +4,13 @@
   (a GGUF file, Q4_1). transformers dequantizes it (``gguf_file=``) to float32; that float32 model is
   our full-precision reference. Its weights already lie on a 4-bit grid with block 32, which makes
   W4 quantization look easier than on a natively bf16 model: say so next to every result.
-* **Vision encoder + connector**: a tiny Idefics3 (SigLIP-style) ViT on 64x64 images, patch 8,
-  pixel-shuffle scale 4 -> 4 image tokens, trained by ``eval/train_vision.py`` on easy-vqa and a
-  handful of captioned photographs; its weights are committed under ``eval/weights/``.
+* **Vision encoder + connector** (test bed v2): a tiny Idefics3 (SigLIP-style) ViT on 64x64 images,
+  patch 8, no pixel shuffle (scale 1) -> 64 image tokens per image, about three quarters of a VQA row
+  and two thirds of a caption row, the token balance of a real VLM (LLaVA-1.5: 576 image tokens before
+  a short prompt; SmolVLM: 64 per tile). Trained by ``eval/train_vision.py`` on easy-vqa questions,
+  composed easy-vqa captions and a handful of captioned photographs; its weights are committed under
+  ``eval/weights/``. (Test bed v1, archived under ``eval/results/smolvlm-tiny-v1/``, had scale 4 ->
+  4 image tokens in a 22-token row: too few for MBQ's modality balance to matter.)
 * **Processor**: ``Idefics3Processor`` = the SmolLM2 tokenizer from the GGUF with four of its unused
   special tokens renamed to the Idefics3 image tokens (so the vocabulary, the embedding matrix and
   therefore every text-only logit stay exactly those of the LM), an ``Idefics3ImageProcessorPil``
@@ -27,10 +31,15 @@ import os
 from pathlib import Path
 
 import torch
+from dataclasses import dataclass
 
 from qvlm_modifiers.errors import CheckpointError, OutputDirError
 
 __all__ = [
+    "Testbed",
+    "TESTBEDS",
+    "DEFAULT_TESTBED",
+    "testbed",
     "IMAGE_SIZE",
     "PATCH_SIZE",
     "SCALE_FACTOR",
@@ -49,12 +58,54 @@ __all__ = [
     "ensure_default_model",
 ]
 
-IMAGE_SIZE = 64
-PATCH_SIZE = 8
-SCALE_FACTOR = 4  # as in SmolVLM-256M/500M
-# (64/8)^2 = 64 patches, pixel shuffle by 4 -> 4 tokens per image (Idefics3Processor docstring formula);
-# few image tokens keep the frozen-LM training affordable on 2 shared CPU cores
-IMAGE_SEQ_LEN = (IMAGE_SIZE // PATCH_SIZE) ** 2 // SCALE_FACTOR**2
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+@dataclass(frozen=True)
+class Testbed:
+    """One version of the default model: the LM and its tokenizer are shared, the vision side differs.
+
+    ``name`` also names the assembled folder (``eval/.models/<model_name>``) and the results folder."""
+
+    name: str
+    model_name: str
+    image_size: int
+    patch_size: int
+    scale_factor: int
+    weights: Path
+
+    @property
+    def image_seq_len(self) -> int:
+        """Image tokens per image: (image/patch)^2 patches, pixel shuffle by scale^2 (Idefics3Processor)."""
+        return (self.image_size // self.patch_size) ** 2 // self.scale_factor**2
+
+
+TESTBEDS = {
+    # v1 (2026-11): pixel shuffle by 4 as SmolVLM-256M does -> 4 image tokens in a 22-token VQA row (18%);
+    # archived: too few image tokens for MBQ's modality balance to matter (issue #22)
+    "v1": Testbed("v1", "smolvlm-tiny", 64, 8, 4, WEIGHTS_DIR / "smolvlm_tiny_vision.safetensors"),
+    # v2: no pixel shuffle -> 64 image tokens per image, ~3/4 of a VQA row, ~2/3 of a caption row
+    "v2": Testbed("v2", "smolvlm-tiny-v2", 64, 8, 1, WEIGHTS_DIR / "v2" / "smolvlm_tiny_vision.safetensors"),
+}
+#: the test bed every script uses unless told otherwise (``--testbed``)
+DEFAULT_TESTBED = "v1"
+
+
+def testbed(name: "str | Testbed | None" = None) -> Testbed:
+    """The named test bed (default :data:`DEFAULT_TESTBED`); a clear error for unknown names."""
+    if isinstance(name, Testbed):
+        return name
+    name = name or DEFAULT_TESTBED
+    if name not in TESTBEDS:
+        raise ValueError(f"unknown test bed {name!r}; known: {', '.join(TESTBEDS)} (default {DEFAULT_TESTBED})")
+    return TESTBEDS[name]
+
+
+_DEFAULT = TESTBEDS[DEFAULT_TESTBED]
+IMAGE_SIZE = _DEFAULT.image_size
+PATCH_SIZE = _DEFAULT.patch_size
+SCALE_FACTOR = _DEFAULT.scale_factor
+IMAGE_SEQ_LEN = _DEFAULT.image_seq_len
 VISION_HIDDEN = 128
 VISION_LAYERS = 3
 VISION_HEADS = 2
@@ -86,8 +137,8 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-#: the committed vision tower: package data of qvlm_eval (or pass ``vision_weights=`` explicitly)
-DEFAULT_VISION_WEIGHTS = Path(__file__).resolve().parent / "weights" / "smolvlm_tiny_vision.safetensors"
+#: the default test bed's committed vision tower: package data of qvlm_eval (or pass ``vision_weights=``)
+DEFAULT_VISION_WEIGHTS = _DEFAULT.weights
 
 
 def gguf_location() -> tuple[str, str]:
@@ -149,16 +200,17 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_processor(tokenizer=None):
-    """Idefics3Processor for 64x64 images (no tiling: one global image of 4 tokens)."""
+def build_processor(tokenizer=None, testbed_name: "str | Testbed | None" = None):
+    """Idefics3Processor for the test bed's images (no tiling: one global image of ``image_seq_len`` tokens)."""
     from transformers import Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
+    bed = testbed(testbed_name)
     image_processor = Idefics3ImageProcessorPil(
         do_resize=True,
-        size={"longest_edge": IMAGE_SIZE},
+        size={"longest_edge": bed.image_size},
         do_image_splitting=False,
-        max_image_size={"longest_edge": IMAGE_SIZE},
+        max_image_size={"longest_edge": bed.image_size},
         do_rescale=True,
         do_normalize=True,
         image_mean=[0.5, 0.5, 0.5],
@@ -169,15 +221,16 @@ def build_processor(tokenizer=None):
     processor = Idefics3Processor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        image_seq_len=IMAGE_SEQ_LEN,
+        image_seq_len=bed.image_seq_len,
         chat_template=CHAT_TEMPLATE,
     )
     assert len(tokenizer) == 49152, "the processor must not add tokens (the vocab would grow)"
     return processor
 
 
-def build_config(text_config):
-    """Idefics3Config around the LM's LlamaConfig and the tiny vision tower."""
+def build_config(text_config, testbed_name: "str | Testbed | None" = None):
+    """Idefics3Config around the LM's LlamaConfig and the test bed's tiny vision tower."""
+    bed = testbed(testbed_name)
     from transformers import Idefics3Config
     from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
 
@@ -191,13 +244,13 @@ def build_config(text_config):
         num_hidden_layers=VISION_LAYERS,
         num_attention_heads=VISION_HEADS,
         num_channels=3,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
+        image_size=bed.image_size,
+        patch_size=bed.patch_size,
     )
     config = Idefics3Config(
         text_config=text,
         vision_config=vision.to_dict(),
-        scale_factor=SCALE_FACTOR,
+        scale_factor=bed.scale_factor,
         image_token_id=IMAGE_TOKEN_ID,
         tie_word_embeddings=True,
         pad_token_id=text_config.pad_token_id,
@@ -215,18 +268,30 @@ def vision_state_dict(model) -> dict[str, torch.Tensor]:
     }
 
 
-def assemble(language_model=None, vision_weights: str | os.PathLike | None = DEFAULT_VISION_WEIGHTS,
-             dtype: torch.dtype = torch.float32, seed: int = 0):
+#: ``vision_weights`` default: the committed weights of the chosen test bed
+TESTBED_WEIGHTS = "testbed"
+
+
+def _weights_of(vision_weights, bed: Testbed):
+    return bed.weights if isinstance(vision_weights, str) and vision_weights == TESTBED_WEIGHTS else vision_weights
+
+
+def assemble(language_model=None, vision_weights: str | os.PathLike | None = TESTBED_WEIGHTS,
+             dtype: torch.dtype = torch.float32, seed: int = 0, testbed_name: "str | Testbed | None" = None):
     """Build ``Idefics3ForConditionalGeneration`` = SmolLM2 LM + tiny vision tower.
 
     :param language_model: a loaded ``LlamaForCausalLM`` (default: :func:`load_language_model`)
-    :param vision_weights: safetensors with vision encoder + connector weights; ``None`` keeps the
-        seeded random initialization (what ``eval/train_vision.py`` starts from)
+    :param vision_weights: safetensors with vision encoder + connector weights (default: the test bed's
+        committed file); ``None`` keeps the seeded random initialization (what ``eval/train_vision.py``
+        starts from)
+    :param testbed_name: ``"v1"``/``"v2"`` (default :data:`DEFAULT_TESTBED`)
     """
     from transformers import Idefics3ForConditionalGeneration
 
+    bed = testbed(testbed_name)
+    vision_weights = _weights_of(vision_weights, bed)
     lm = language_model if language_model is not None else load_language_model(torch.float32)
-    config = build_config(lm.config)
+    config = build_config(lm.config, bed)
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config)
     model.model.text_model.load_state_dict(lm.model.state_dict(), strict=True)
@@ -246,8 +311,9 @@ def assemble(language_model=None, vision_weights: str | os.PathLike | None = DEF
         own = vision_state_dict(model)
         if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
             raise CheckpointError(
-                f"{path} does not match the default vision tower (keys/shapes differ): it was trained for "
-                "another configuration. Fix: retrain with `python eval/train_vision.py`."
+                f"{path} does not match the {bed.name} vision tower (keys/shapes differ): it was trained for "
+                f"another test bed. Fix: pass the matching --testbed, or retrain with "
+                f"`python eval/train_vision.py --testbed {bed.name}`."
             )
         model.load_state_dict(state, strict=False)
     model.to(dtype)
@@ -258,9 +324,12 @@ def assemble(language_model=None, vision_weights: str | os.PathLike | None = DEF
     return model
 
 
-def save_default_model(output: str | os.PathLike, vision_weights=DEFAULT_VISION_WEIGHTS,
-                       dtype: torch.dtype = torch.float32, language_model=None) -> Path:
+def save_default_model(output: str | os.PathLike, vision_weights=TESTBED_WEIGHTS,
+                       dtype: torch.dtype = torch.float32, language_model=None,
+                       testbed_name: "str | Testbed | None" = None) -> Path:
     """Assemble and save model + processor to ``output`` atomically (temp sibling, then rename)."""
+    bed = testbed(testbed_name)
+    vision_weights = _weights_of(vision_weights, bed)
     import shutil
     import tempfile
 
@@ -268,13 +337,14 @@ def save_default_model(output: str | os.PathLike, vision_weights=DEFAULT_VISION_
     if output.exists() and any(output.iterdir()):
         raise OutputDirError(f"{output} exists and is not empty. Fix: pick another --output or delete it.")
     output.parent.mkdir(parents=True, exist_ok=True)
-    model = assemble(language_model, vision_weights=vision_weights, dtype=dtype)
-    processor = build_processor()
+    model = assemble(language_model, vision_weights=vision_weights, dtype=dtype, testbed_name=bed)
+    processor = build_processor(testbed_name=bed)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        (tmp / ASSEMBLY_RECORD).write_text(json.dumps({"vision_weights_sha256": _file_sha256(vision_weights)}))
+        (tmp / ASSEMBLY_RECORD).write_text(json.dumps({"vision_weights_sha256": _file_sha256(vision_weights),
+                                                       "testbed": bed.name}))
         if output.exists():
             output.rmdir()
         os.replace(tmp, output)
@@ -285,6 +355,8 @@ def save_default_model(output: str | os.PathLike, vision_weights=DEFAULT_VISION_
 
 
 ASSEMBLY_RECORD = "qvlm_default_model.json"
+#: where the lab assembles the default models (gitignored)
+MODELS_DIR = Path(__file__).resolve().parent / ".models"
 
 
 def _file_sha256(path) -> str | None:
@@ -299,14 +371,20 @@ def _file_sha256(path) -> str | None:
     return digest.hexdigest()
 
 
-def ensure_default_model(path: str | os.PathLike, **kwargs) -> Path:
+def ensure_default_model(path: str | os.PathLike | None = None, **kwargs) -> Path:
     """Return ``path`` if it holds the default model assembled from the current vision weights, else
-    (re)assemble it there: a folder assembled from other (e.g. retrained) weights is replaced."""
+    (re)assemble it there: a folder assembled from other (e.g. retrained) weights is replaced.
+
+    ``path`` defaults to ``eval/.models/<the test bed's model_name>``; ``kwargs`` go to
+    :func:`save_default_model` (``testbed_name=``, ``vision_weights=``, ...)."""
+    if path is None:
+        path = MODELS_DIR / testbed(kwargs.get("testbed_name")).model_name
     import shutil
 
     path = Path(path)
     record = path / ASSEMBLY_RECORD
-    wanted = _file_sha256(kwargs.get("vision_weights", DEFAULT_VISION_WEIGHTS))
+    bed = testbed(kwargs.get("testbed_name"))
+    wanted = _file_sha256(_weights_of(kwargs.get("vision_weights", TESTBED_WEIGHTS), bed))
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")) and record.is_file():
         if json.loads(record.read_text()).get("vision_weights_sha256") == wanted:
             return path
@@ -321,10 +399,13 @@ def ensure_default_model(path: str | os.PathLike, **kwargs) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="directory to write the checkpoint to (must be empty)")
-    parser.add_argument("--vision-weights", default=str(DEFAULT_VISION_WEIGHTS))
+    parser.add_argument("--testbed", default=DEFAULT_TESTBED, choices=sorted(TESTBEDS))
+    parser.add_argument("--vision-weights", default=TESTBED_WEIGHTS,
+                        help="safetensors of the vision side (default: the test bed's committed weights)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
-    path = save_default_model(args.output, vision_weights=args.vision_weights, dtype=getattr(torch, args.dtype))
+    path = save_default_model(args.output, vision_weights=args.vision_weights, dtype=getattr(torch, args.dtype),
+                              testbed_name=args.testbed)
     print(f"saved the default model to {path}")
     return 0
 

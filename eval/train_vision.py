@@ -1,21 +1,25 @@
 """Train the default model's vision encoder + connector (the LM, SmolLM2-135M-Instruct, stays frozen).
 
-Data: the easy-vqa package's train split (shape images with questions, single-word answers) plus the
-photographs shipped with scikit-image / matplotlib, questioned and captioned by hand in
-``eval/data/photo_captions.jsonl``. Loss: cross-entropy on the answer tokens (and the closing
-``<|im_end|>``) only. The frozen LM runs under bf16 autocast (AMX on CPU) for speed; the trainable
-weights and the optimizer state are float32.
+Data: the easy-vqa package's train split (shape images with questions, single-word answers), a caption
+per labelled easy-vqa image composed from its own facts (``qvlm_eval.captions``), plus the photographs
+shipped with scikit-image / matplotlib, questioned and captioned by hand in
+``eval/data/photo_captions.jsonl``. Loss: per row, the mean cross-entropy on the assistant turn (answer
+or caption, and the closing ``<|im_end|>``), averaged over rows; plus a stage-1 alignment regulariser.
+The trainable weights and the optimizer state are float32; the frozen LM runs in float32 with
+``--no-bf16`` (CPUs without AVX512-BF16/AMX: 2.6x faster than emulated bf16 there) or under bf16
+autocast (GPUs, CPUs with AMX).
 
-One command, seeded; on CPU bitwise reproducible given the same torch build and thread count (70 min
-on 2 cores, measured 2026-11-26: eval/results/train_vision_cpu/); on CUDA a few minutes, and not bitwise reproducible (attention backward is
-non-deterministic there)::
+One command, seeded; on CPU bitwise reproducible given the same torch build and thread count; on CUDA
+not bitwise reproducible (attention backward is non-deterministic there)::
 
-    nice -n 10 python eval/train_vision.py            # writes eval/weights/smolvlm_tiny_vision.safetensors
-    python eval/train_vision.py --device cuda         # how the committed weights were trained (H200)
-    python eval/train_vision.py --measure 3           # just time 3 steps and exit
+    nice -n 10 python eval/train_vision.py --no-bf16   # test bed v2 -> eval/weights/v2/ (CPU run: its log)
+    python eval/train_vision.py --device cuda           # the same on a GPU (minutes)
+    python eval/train_vision.py --measure 3 --no-bf16   # just time 3 steps and exit
     python eval/train_vision.py --stage1-weights /tmp/s1.safetensors --lr 1e-3   # reuse stage 1 across variants
 
-The log (``eval/weights/train_vision.log``) is written next to the weights.
+The log (``train_vision.log``) is written next to the weights. Test bed v1's committed weights
+(``eval/weights/smolvlm_tiny_vision.safetensors``, 4 image tokens) came from this script at commit
+fcc15a4 (token-mean loss, no captions; CPU reproduction in ``eval/results/train_vision_cpu/``).
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ from pathlib import Path
 import torch
 
 from qvlm_eval import default_model as dm
+from qvlm_eval.captions import (CAPTION_PROMPT, COLORS, PHOTO_FILE, SHAPES, compose_caption, easy_vqa_labels,
+                                photo_path)
 
 EVAL_DIR = Path(__file__).resolve().parent
-PHOTO_FILE = EVAL_DIR / "data" / "photo_captions.jsonl"
 ANSWER_END = "<|im_end|>"
 
 
@@ -42,18 +47,7 @@ def load_photo_image(ref: str):
     """``skimage:NAME`` / ``matplotlib:NAME`` -> RGB PIL image from the installed package's data."""
     from PIL import Image
 
-    source, name = ref.split(":", 1)
-    if source == "skimage":
-        import skimage.data
-
-        path = Path(skimage.data.__file__).parent / name
-    elif source == "matplotlib":
-        import matplotlib
-
-        path = Path(matplotlib.get_data_path()) / "sample_data" / name
-    else:
-        raise ValueError(f"unknown image source {source!r} in {ref!r}")
-    return Image.open(path).convert("RGB")
+    return Image.open(photo_path(ref)).convert("RGB")
 
 
 def photo_examples(path: Path = PHOTO_FILE) -> list[dict]:
@@ -64,36 +58,8 @@ def photo_examples(path: Path = PHOTO_FILE) -> list[dict]:
         examples.append({"image": row["image"], "question": row["question"], "answer": row["answer"]})
         if row["image"] not in captioned:
             captioned.add(row["image"])
-            examples.append({"image": row["image"], "question": "describe the image briefly.", "answer": row["caption"]})
+            examples.append({"image": row["image"], "question": CAPTION_PROMPT, "answer": row["caption"]})
     return examples
-
-
-COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
-SHAPES = ("circle", "rectangle", "triangle")
-
-
-def easy_vqa_labels(texts, answers, image_ids) -> dict[int, tuple[str, str]]:
-    """(color, shape) of each easy-vqa image, read off its own train questions and answers."""
-    color, shape = {}, {}
-    for q, a, i in zip(texts, answers, image_ids):
-        words = q.rstrip("?").split()
-        named_colors = [w for w in words if w in COLORS]
-        named_shapes = [w for w in words if w in SHAPES]
-        if a in COLORS:
-            color[i] = a
-            if named_shapes:
-                shape[i] = named_shapes[0]
-        elif a in SHAPES:
-            shape[i] = a
-            if named_colors:
-                color[i] = named_colors[0]
-        else:  # yes/no: a positive statement about a named attribute tells us the attribute
-            positive = (a == "yes") != ("not" in words or "no" in words)
-            if positive and named_colors:
-                color[i] = named_colors[0]
-            if positive and named_shapes:
-                shape[i] = named_shapes[0]
-    return {i: (color[i], shape[i]) for i in color if i in shape}
 
 
 def question_type(answer: str) -> str:
@@ -162,7 +128,8 @@ def collate(examples, pixels, pixel_masks, pad_id: int, device: torch.device | s
 
 
 def answer_loss_and_hits(model, batch):
-    """Mean CE over answer tokens; per-example 'all answer tokens are the argmax' (= greedy exact match)."""
+    """Mean over rows of each row's mean CE on its answer tokens; per-example 'all answer tokens are the
+    argmax' (= greedy exact match)."""
     out = model.model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -173,7 +140,11 @@ def answer_loss_and_hits(model, batch):
     targets = batch["targets"]
     keep = targets != -100
     logits = model.lm_head(out.last_hidden_state[keep]).float()  # lm_head only where it is needed
-    loss = torch.nn.functional.cross_entropy(logits, targets[keep])
+    token_loss = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="none")
+    # mean over rows of each row's mean: a 25-token caption weighs as much as a one-word answer
+    row = keep.nonzero()[:, 0]
+    per_row = torch.zeros(targets.shape[0], device=logits.device).index_add_(0, row, token_loss)
+    loss = (per_row / keep.sum(1).clamp(min=1)).mean()
     correct = torch.zeros_like(targets, dtype=torch.bool)
     correct[keep] = logits.argmax(-1) == targets[keep]
     hits = (correct | ~keep).all(dim=1)
@@ -183,8 +154,10 @@ def answer_loss_and_hits(model, batch):
 QUESTION_TYPES = ("yes/no", "colour", "shape")
 
 
-def batch_composition(batch_size: int, photo_fraction: float, type_mix: str) -> tuple[int, list[int]]:
-    """Stage-2 batch: (photo examples, [yes/no, colour, shape] easy-vqa questions) per batch.
+def batch_composition(batch_size: int, photo_fraction: float, type_mix: str,
+                      caption_fraction: float = 0.0) -> tuple[int, int, list[int]]:
+    """Stage-2 batch: (photo examples, easy-vqa caption examples, [yes/no, colour, shape] easy-vqa
+    questions) per batch.
 
     ``type_mix`` is "a,b,c", the shares of the three question types; the rounding remainder goes to yes/no."""
     try:
@@ -197,11 +170,15 @@ def batch_composition(batch_size: int, photo_fraction: float, type_mix: str) -> 
     if not 0 <= photo_fraction < 1:
         raise SystemExit(f"--photo-fraction is the share of photo examples per batch, in [0, 1), e.g. 0.06; "
                          f"got {photo_fraction}")
+    if not 0 <= caption_fraction < 1 or photo_fraction + caption_fraction >= 1:
+        raise SystemExit(f"--caption-fraction is the share of easy-vqa caption examples per batch, in [0, 1) and "
+                         f"leaving room for questions beside --photo-fraction, e.g. 0.12; got {caption_fraction}")
     n_photo = max(0, round(batch_size * photo_fraction))
-    n_vqa = batch_size - n_photo
+    n_caption = max(0, round(batch_size * caption_fraction))
+    n_vqa = batch_size - n_photo - n_caption
     counts = [int(n_vqa * share / sum(mix)) for share in mix]
     counts[0] += n_vqa - sum(counts)
-    return n_photo, counts
+    return n_photo, n_caption, counts
 
 
 def stage1_key(args, data_digest: str) -> dict:
@@ -209,7 +186,7 @@ def stage1_key(args, data_digest: str) -> dict:
     device and thread count (rounding), and ``data_digest`` (the stage-1 images, their descriptions and
     the vision config; see :func:`stage1_data_digest`)."""
     key = {k: getattr(args, k) for k in ("seed", "align_steps", "align_batch_size", "align_lr", "align_ce",
-                                         "align_temperature", "threads")}
+                                         "align_temperature", "align_ce_tokens", "threads")}
     key["device"] = str(torch.device(args.device))
     key["data"] = data_digest
     return key
@@ -260,13 +237,19 @@ def load_stage1_cache(path: Path, model: torch.nn.Module, key: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="train the default model's vision encoder + connector")
-    parser.add_argument("--align-steps", type=int, default=3000, help="stage 1: image tokens -> description embeddings")
+    parser.add_argument("--testbed", default="v2", choices=sorted(dm.TESTBEDS),
+                        help="which default-model version to train the vision side of (v1 is archived: its committed "
+                             "weights came from this script at commit fcc15a4, before captions and the per-row loss)")
+    parser.add_argument("--align-steps", type=int, default=1500, help="stage 1: image tokens -> description embeddings")
     parser.add_argument("--align-batch-size", type=int, default=32)
     parser.add_argument("--align-lr", type=float, default=2e-3)
     parser.add_argument("--align-ce", type=float, default=1.0, help="weight of the stage-1 token-decoding loss")
     parser.add_argument("--align-temperature", type=float, default=0.05)
-    parser.add_argument("--steps", type=int, default=1200, help="stage 2: answer cross-entropy through the frozen LM")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--align-ce-tokens", type=int, default=8,
+                        help="stage 1: image tokens that the decode loss covers (the description cycles, so 8 tokens "
+                             "hold it several times); the MSE covers all of them")
+    parser.add_argument("--steps", type=int, default=600, help="stage 2: answer cross-entropy through the frozen LM")
+    parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--stage2-align", type=float, default=0.5,
@@ -279,8 +262,11 @@ def main(argv=None) -> int:
                         help="stage 2: share of yes/no, colour and shape questions per batch (easy-vqa train is "
                              "74/13/13%%; colour questions were at chance with the natural mix)")
     parser.add_argument("--photo-fraction", type=float, default=0.06, help="share of photo examples per batch")
-    parser.add_argument("--val-questions", type=int, default=1000,
-                        help="questions on the held-out train images used for progress and model choice (all 966 by default)")
+    parser.add_argument("--caption-fraction", type=float, default=0.12,
+                        help="share of easy-vqa caption examples (qvlm_eval.captions) per batch; with the photos they "
+                             "run as a second forward so the long rows do not pad the question rows")
+    parser.add_argument("--val-questions", type=int, default=300,
+                        help="questions on the held-out train images used for progress (of 966)")
     parser.add_argument("--val-every", type=int, default=100)
     parser.add_argument("--test-questions", type=int, default=1000, help="easy-vqa test questions for the final check")
     parser.add_argument("--seed", type=int, default=0)
@@ -294,7 +280,7 @@ def main(argv=None) -> int:
                              "a digest of stage 1's data): "
                              "loaded, and stage 1 skipped, when the file exists; written after stage 1 otherwise")
     parser.add_argument("--measure", type=int, default=0, help="only time this many steps, save nothing")
-    parser.add_argument("--output", default=str(dm.DEFAULT_VISION_WEIGHTS))
+    parser.add_argument("--output", default=None, help="default: the test bed's committed weights file")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -304,7 +290,8 @@ def main(argv=None) -> int:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     rng = random.Random(args.seed)
-    output = Path(args.output)
+    bed = dm.testbed(args.testbed)
+    output = Path(args.output) if args.output else bed.weights
     log_path = output.with_name("train_vision.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_file = None if args.measure else open(log_path, "w")
@@ -321,8 +308,8 @@ def main(argv=None) -> int:
     from PIL import Image
 
     t0 = time.time()
-    model = dm.assemble(vision_weights=None, seed=args.seed).to(device)
-    processor = dm.build_processor()
+    model = dm.assemble(vision_weights=None, seed=args.seed, testbed_name=bed).to(device)
+    processor = dm.build_processor(testbed_name=bed)
     for name, param in model.named_parameters():
         param.requires_grad = name.startswith(("model.vision_model.", "model.connector."))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -353,8 +340,15 @@ def main(argv=None) -> int:
     for p in photos:
         ids, start = encode_example(processor, p["question"], p["answer"])
         train_photo.append({"ids": ids, "answer_start": start, "pixel_index": offset + refs.index(p["image"])})
-    log(f"data: {len(train_vqa)} easy-vqa train, {len(val_vqa)} val, {len(train_photo)} photo examples "
-        f"({len(refs)} photos); prepared in {time.time() - t0:.0f}s")
+    labels = easy_vqa_labels(texts, answers, image_ids)
+    train_caption, val_caption = [], []
+    for image_id, (color, shape) in labels.items():
+        ids, start = encode_example(processor, CAPTION_PROMPT, compose_caption(color, shape, image_id))
+        (val_caption if image_id in val_images else train_caption).append(
+            {"ids": ids, "answer_start": start, "pixel_index": row_of[image_id], "type": "caption"})
+    log(f"data: {len(train_vqa)} easy-vqa train questions, {len(train_caption)} captions; {len(val_vqa)} val "
+        f"questions, {len(val_caption)} val captions; {len(train_photo)} photo examples ({len(refs)} photos); "
+        f"prepared in {time.time() - t0:.0f}s")
 
     pad_id = processor.tokenizer.pad_token_id
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -382,10 +376,21 @@ def main(argv=None) -> int:
         per = {t: hits[[k for k, u in enumerate(types) if u == t]].mean().item() for t in sorted(set(types))}
         return hits.mean().item(), per
 
+    def caption_ce(examples, batch_size=16) -> float:
+        """Mean (over rows) teacher-forced cross-entropy of held-out captions, nats per token."""
+        model.eval()
+        losses = []
+        with torch.no_grad(), autocast:
+            for k in range(0, len(examples), batch_size):
+                part = examples[k : k + batch_size]
+                loss, _ = answer_loss_and_hits(model, collate(part, pixels, pixel_masks, pad_id, device))
+                losses.append(loss.item() * len(part))
+        model.train()
+        return sum(losses) / max(1, len(examples))
+
     # --- stage 1: align image tokens with the LM's embeddings of a short description -------------
     # (no LM layers: cheap). easy-vqa: "{color} {shape}" read off the train questions; photos: the
     # answer to their first question. Loss: MSE to the target embeddings, scaled by their mean square.
-    labels = easy_vqa_labels(texts, answers, image_ids)
     align_rows, align_text = [], []
     for image_id, (color, shape) in labels.items():
         if image_id not in val_images:
@@ -397,9 +402,9 @@ def main(argv=None) -> int:
     for k, ref in enumerate(refs):
         align_rows.append(offset + k)
         align_text.append(first_answer[ref])
-    targets_all = description_targets(model, processor.tokenizer, align_text, dm.IMAGE_SEQ_LEN)
+    targets_all = description_targets(model, processor.tokenizer, align_text, bed.image_seq_len)
     target_scale = targets_all.pow(2).mean()
-    target_ids = description_ids(processor.tokenizer, align_text, dm.IMAGE_SEQ_LEN).to(device)
+    target_ids = description_ids(processor.tokenizer, align_text, bed.image_seq_len).to(device)
     unit_table = torch.nn.functional.normalize(model.model.text_model.embed_tokens.weight.detach().float(), dim=-1)
 
     def decode_accuracy() -> float:
@@ -429,9 +434,12 @@ def main(argv=None) -> int:
         features = features.float()[:, :n_tokens]
         loss = (features - targets_all[pick][:, :n_tokens]).pow(2).mean() / target_scale
         if args.align_ce > 0:
-            logits = torch.nn.functional.normalize(features, dim=-1) @ unit_table.T / args.align_temperature
+            # the decode loss scores every vocabulary row, so it runs on the first --align-ce-tokens tokens
+            # only (v2 has 64 image tokens; all of them would cost 16x v1's stage 1)
+            n_ce = min(features.shape[1], args.align_ce_tokens)
+            logits = torch.nn.functional.normalize(features[:, :n_ce], dim=-1) @ unit_table.T / args.align_temperature
             loss = loss + args.align_ce * torch.nn.functional.cross_entropy(
-                logits.flatten(0, 1), target_ids[pick][:, :n_tokens].flatten())
+                logits.flatten(0, 1), target_ids[pick][:, :n_ce].flatten())
         return loss
 
     log(f"stage 1: {len(align_rows)} images with descriptions ({len(labels)} easy-vqa labelled)")
@@ -475,12 +483,14 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed + 1)
     torch.manual_seed(args.seed + 1)
     steps = args.measure or args.steps
-    n_photo, counts = batch_composition(args.batch_size, args.photo_fraction, args.type_mix)
+    n_photo, n_caption, counts = batch_composition(args.batch_size, args.photo_fraction, args.type_mix,
+                                                   args.caption_fraction)
     type_names = QUESTION_TYPES
     pools = {t: [k for k, e in enumerate(train_vqa) if e["type"] == t] for t in type_names}
+    pools["caption"] = list(range(len(train_caption)))
     for pool in pools.values():
         rng.shuffle(pool)
-    cursors = {t: 0 for t in type_names}
+    cursors = {t: 0 for t in pools}
     # image tokens of the batch (the connector's output), for the stage-1 regulariser
     align_index = {pixel_row: k for k, pixel_row in enumerate(align_rows)}
     captured = {}
@@ -488,22 +498,22 @@ def main(argv=None) -> int:
     model.train()
     start = time.time()
     running = None
-    for step in range(steps):
-        picked = []
-        for t, count in zip(type_names, counts):
-            pool = pools[t]
-            for _ in range(count):
-                if cursors[t] == len(pool):
-                    rng.shuffle(pool)
-                    cursors[t] = 0
-                picked.append(train_vqa[pool[cursors[t]]])
-                cursors[t] += 1
-        picked += rng.sample(train_photo, n_photo)
-        batch = collate(picked, pixels, pixel_masks, pad_id, device)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+
+    def draw(kind: str, source: list[dict], count: int) -> list[dict]:
+        out = []
+        pool = pools[kind]
+        for _ in range(count):
+            if cursors[kind] == len(pool):
+                rng.shuffle(pool)
+                cursors[kind] = 0
+            out.append(source[pool[cursors[kind]]])
+            cursors[kind] += 1
+        return out
+
+    def part_loss(picked: list[dict]):
+        """Answer loss (+ the stage-1 regulariser) of one sub-batch, and its exact-match hits."""
         with autocast:
-            loss, hits = answer_loss_and_hits(model, batch)
+            loss, hits = answer_loss_and_hits(model, collate(picked, pixels, pixel_masks, pad_id, device))
         if args.stage2_align > 0:
             rows_in_align = [align_index.get(e["pixel_index"], -1) for e in picked]
             keep = torch.tensor([r >= 0 for r in rows_in_align], device=device)
@@ -511,6 +521,20 @@ def main(argv=None) -> int:
                 pick = torch.tensor([r for r in rows_in_align if r >= 0])
                 reg = alignment_loss(captured.pop("tokens")[keep], pick, args.stage2_align_tokens)
                 loss = loss + args.stage2_align * reg
+        return loss, hits
+
+    for step in range(steps):
+        questions = [row for t, count in zip(type_names, counts) for row in draw(t, train_vqa, count)]
+        # long rows (captions, photos) run as their own forward: padding them with the question rows
+        # would cost a caption's length on every row
+        long_rows = draw("caption", train_caption, n_caption) + rng.sample(train_photo, n_photo)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        loss, hits = part_loss(questions)
+        if long_rows:
+            long_loss, _ = part_loss(long_rows)
+            total = len(questions) + len(long_rows)
+            loss = (len(questions) * loss + len(long_rows) * long_loss) / total
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -523,7 +547,8 @@ def main(argv=None) -> int:
         if not args.measure and ((step + 1) % args.val_every == 0 or step == steps - 1):
             acc, per = evaluate(val_vqa)
             per_s = ", ".join(f"{t} {v:.2f}" for t, v in per.items())
-            log(f"step {step + 1}: val exact-match {acc:.3f} ({per_s}) on {len(val_vqa)} held-out train-split questions")
+            log(f"step {step + 1}: val exact-match {acc:.3f} ({per_s}) on {len(val_vqa)} held-out train-split questions; "
+                f"val caption CE {caption_ce(val_caption):.3f} nats/token on {len(val_caption)} held-out captions")
     hook.remove()
     if args.measure:
         log(f"measured {(time.time() - start) / steps:.2f}s/step at batch {args.batch_size}")

@@ -65,6 +65,35 @@ def test_processor_keeps_the_vocabulary_and_marks_images(reloaded):
     assert ids[start : start + 7] == [11, 13, 12, 12, 12, 12, 11]
 
 
+def test_testbed_v2_has_the_token_balance_of_a_real_vlm(smollm2):
+    """Issue #22: at least 64 image tokens per image, at least half of a VQA row and of a caption row;
+    the v2 tower (random weights here) assembles and runs, and v1 weights are refused for it."""
+    from PIL import Image
+
+    from qvlm_eval.captions import CAPTION_PROMPT, compose_caption
+
+    bed = dm.testbed("v2")
+    assert bed.image_seq_len >= 64 and bed.model_name != dm.testbed("v1").model_name
+    processor = dm.build_processor(testbed_name="v2")
+    image = Image.new("RGB", (64, 64), "red")
+    for question, answer in (("what color is the shape?", "red"),
+                             (CAPTION_PROMPT, compose_caption("red", "circle", 0))):
+        prompt = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+             {"role": "assistant", "content": [{"type": "text", "text": answer}]}])
+        ids = processor(text=[prompt], images=[[image]], return_tensors="pt")["input_ids"][0].tolist()
+        assert ids.count(dm.IMAGE_TOKEN_ID) == 64
+        assert ids.count(dm.IMAGE_TOKEN_ID) >= len(ids) / 2, (question, len(ids))
+    model = dm.assemble(smollm2, vision_weights=None, testbed_name="v2")
+    batch = processor(text=[prompt], images=[[image]], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
+    with pytest.raises(CheckpointError, match="--testbed"):
+        dm.assemble(smollm2, vision_weights=dm.testbed("v1").weights, testbed_name="v2")
+    with pytest.raises(ValueError, match="known: v1, v2"):
+        dm.testbed("v3")
+
+
 def test_assembly_leaves_the_language_model_unchanged(smollm2, reloaded):
     """Text-only input: the saved+reloaded VLM gives the LM's logits bit for bit (same weights, same vocab)."""
     from qvlm_eval import metrics

@@ -13,7 +13,8 @@ def test_main_job_quantizes_evaluates_and_reloads(saved_vlm, tmp_path, capsys, e
     rc = main_job.main([
         "--model", str(saved_vlm("idefics3")), "--recipe", "gptq_w4a16",
         "--output-dir", str(tmp_path / "q"), "--results-dir", str(tmp_path / "results"),
-        "--vqa-questions", "4", "--kl-rows", "2", "--calib-samples", "4", "--ppl-tokens", "128",
+        "--vqa-questions", "4", "--kl-rows", "2", "--kl-caption-rows", "2", "--calib-samples", "4",
+        "--calib-caption-fraction", "0.5", "--ppl-tokens", "128",
     ])
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -23,6 +24,18 @@ def test_main_job_quantizes_evaluates_and_reloads(saved_vlm, tmp_path, capsys, e
     assert q["reload"]["load_problems"] == {} and q["reload"]["max_abs_logit_diff"] <= 1e-3
     assert q["vqa"]["n"] == fp["vqa"]["n"] == 4
     assert q["kl"]["tokens"] > 0 and q["kl"]["kl_mean"] >= 0
+    # the KL covers both kinds of assistant turn, each reported, and per row for paired comparisons
+    kinds = q["kl"]["by_kind"]
+    assert set(kinds) == {"answer", "caption"} and kinds["caption"]["rows"] == kinds["answer"]["rows"] == 2
+    assert kinds["caption"]["tokens"] >= 2 * 15  # captions are caption-length, not one word
+    assert kinds["caption"]["tokens"] + kinds["answer"]["tokens"] == q["kl"]["tokens"]
+    assert q["kl_row_kinds"] == ["answer", "answer", "caption", "caption"]
+    assert sum(q["kl_tokens_per_row"]) == q["kl"]["tokens"]
+    per_row_total = sum(m * n for m, n in zip(q["kl_per_row"], q["kl_tokens_per_row"]))
+    assert per_row_total / q["kl"]["tokens"] == pytest.approx(q["kl"]["kl_mean"], rel=1e-5)
+    assert len(q["vqa"]["hits"]) == 4 and set(q["vqa"]["hits"]) <= {0, 1}
+    assert sum(q["vqa"]["hits"]) / 4 == pytest.approx(q["vqa"]["accuracy"])
+    assert "of which caption tokens" in out
     assert q["calibration"]["wall_s"] > 0 and q["calibration"]["peak_rss_bytes"] > 0
     # int4 packing shrinks the decoder weights: the quantized checkpoint is smaller
     assert q["size_bytes"] < fp["size_bytes"]

@@ -36,16 +36,23 @@ def test_question_types(tv):
     assert [tv.question_type(a) for a in ("yes", "no", "teal", "circle")] == ["yes/no", "yes/no", "colour", "shape"]
 
 
-@pytest.mark.parametrize("batch,photo,mix,expected", [
-    (32, 0.06, "0.6,0.2,0.2", (2, [18, 6, 6])),  # the committed setting: 2 photos + 30 questions
-    (32, 0.0, "1,1,1", (0, [12, 10, 10])),       # rounding remainder goes to yes/no
-    (64, 0.06, "0.74,0.13,0.13", (4, [46, 7, 7])),
-    (8, 0.0, "0,0,1", (0, [0, 0, 8])),
+@pytest.mark.parametrize("batch,photo,caption,mix,expected", [
+    (24, 0.06, 0.12, "0.6,0.2,0.2", (1, 3, [12, 4, 4])),  # the v2 setting: 1 photo + 3 captions + 20 questions
+    (32, 0.06, 0.0, "0.6,0.2,0.2", (2, 0, [18, 6, 6])),   # v1's: 2 photos + 30 questions
+    (32, 0.0, 0.0, "1,1,1", (0, 0, [12, 10, 10])),        # rounding remainder goes to yes/no
+    (64, 0.06, 0.0, "0.74,0.13,0.13", (4, 0, [46, 7, 7])),
+    (8, 0.0, 0.0, "0,0,1", (0, 0, [0, 0, 8])),
 ])
-def test_batch_composition(tv, batch, photo, mix, expected):
-    n_photo, counts = tv.batch_composition(batch, photo, mix)
-    assert (n_photo, counts) == expected
-    assert n_photo + sum(counts) == batch
+def test_batch_composition(tv, batch, photo, caption, mix, expected):
+    n_photo, n_caption, counts = tv.batch_composition(batch, photo, mix, caption)
+    assert (n_photo, n_caption, counts) == expected
+    assert n_photo + n_caption + sum(counts) == batch
+
+
+@pytest.mark.parametrize("caption", [-0.1, 1.0, 0.95])
+def test_batch_composition_rejects_a_caption_fraction_that_leaves_no_questions(tv, caption):
+    with pytest.raises(SystemExit, match=r"--caption-fraction .* e.g. 0.12"):
+        tv.batch_composition(32, 0.06, "0.6,0.2,0.2", caption)
 
 
 @pytest.mark.parametrize("mix", ["0.6,0.4", "a,b,c", "-1,1,1", "0,0,0", "nan,1,1", "inf,1,1"])
@@ -76,7 +83,8 @@ def test_collate_targets_only_the_answer_tokens_shifted_by_one(tv):
 
 
 STAGE1_ARGS = dict(seed=0, align_steps=3000, align_batch_size=32, align_lr=2e-3, align_ce=1.0,
-                   align_temperature=0.05, threads=2, device="cpu", no_bf16=False, steps=1200, lr=2e-3,
+                   align_temperature=0.05, align_ce_tokens=8, threads=2, device="cpu", no_bf16=False, steps=1200,
+                   lr=2e-3,
                    type_mix="0.6,0.2,0.2")
 
 
@@ -86,7 +94,8 @@ def test_stage1_key_changes_with_every_stage1_input_and_no_stage2_option(tv):
     assert tv.stage1_key(argparse.Namespace(**{**STAGE1_ARGS, "steps": 600, "lr": 1e-3, "no_bf16": True}), "d0") == key
     # ... every stage-1 option, the device, the threads and the data digest invalidate it
     for name, other in (("seed", 1), ("align_steps", 10), ("align_batch_size", 16), ("align_lr", 1e-3),
-                        ("align_ce", 0.0), ("align_temperature", 0.1), ("threads", 1), ("device", "cuda")):
+                        ("align_ce", 0.0), ("align_temperature", 0.1), ("align_ce_tokens", 2), ("threads", 1),
+                        ("device", "cuda")):
         assert tv.stage1_key(argparse.Namespace(**{**STAGE1_ARGS, name: other}), "d0") != key, name
     assert tv.stage1_key(argparse.Namespace(**STAGE1_ARGS), "d1") != key
     # a device is named one way: "cpu" and torch.device("cpu") give the same key
