@@ -98,6 +98,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             model=model, processor=inputs.processor, dataset=calib, recipe=inputs.recipe, output_dir=None,
             num_calibration_samples=args.num_samples, max_seq_length=args.max_seq_length or 2048, **oneshot_kwargs,
         )
+        from qvlm_modifiers.mbq.diagnostics import take_run_diagnostics
+
+        mbq = take_run_diagnostics()  # per-mapping exponents and losses of an MBQ recipe (None otherwise)
+        if mbq is not None:
+            record["mbq"] = mbq
         run = save_checkpoint(model, inputs.processor, out, overwrite=args.overwrite)
 
     from qvlm_modifiers.inspect_ckpt import inspect_checkpoint
@@ -150,7 +155,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rows = build_calibration_dataset(inputs.pairs, inputs.processor, inputs.config, num_samples=args.num_samples,
                                      image_column=args.image_column, text_column=args.text_column,
                                      prompt_column=inputs.prompt_column, seed=args.seed,
-                                     max_seq_length=args.max_seq_length)
+                                     max_seq_length=args.max_seq_length,
+                                     text_mask="answer")  # `qvlm eval` scores the answer tokens themselves
     model = load_model(source, args.trust_remote_code, None, None).eval()
     reference = None
     if inputs.reference is not None:

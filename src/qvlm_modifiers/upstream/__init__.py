@@ -96,6 +96,7 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("llmcompressor.modifiers.transform.awq.base", "AWQModifier._get_grid_search_params"),
     ("llmcompressor.modifiers.transform.awq.base", "AWQModifier._setup_activation_cache_hooks"),
     ("llmcompressor.modifiers.transform.awq.base", "AWQModifier._apply_smoothing"),
+    ("llmcompressor.modifiers.transform.awq.base", "AWQModifier._compute_layer_means"),  # MBQ duo_scaling
     ("llmcompressor.pipelines.cache", "IntermediatesCache.pin_memory"),
     ("llmcompressor.entrypoints.utils", "modify_save_pretrained"),
     ("transformers.quantizers.auto", "AUTO_QUANTIZER_MAPPING"),
