@@ -152,8 +152,9 @@ def test_eval_against_itself_and_against_the_quantized_model(assets, w8a8, tmp_p
     model = AutoModelForImageTextToText.from_pretrained(assets["model"], dtype="auto").eval()
     processor = AutoProcessor.from_pretrained(assets["model"])
     # the CLI's default: the 'question' column (present in zoo pairs) is the prompt
+    # `qvlm eval` scores the answer's own tokens (text_mask="answer"), not the whole assistant turn
     rows = build_calibration_dataset(str(assets["pairs"]), processor, model, num_samples=3, seed=0,
-                                     prompt_column="question")
+                                     prompt_column="question", text_mask="answer")
     total, count = 0.0, 0
     for row in rows:
         batch = collate_fn([row])
