@@ -155,6 +155,18 @@ def git_commit() -> str | None:
 _PLACE_ARGUMENTS = ("--model", "--recipe", "--fp-cache", "--results-dir", "--output-dir")
 
 
+def default_model_path(model: dict) -> str:
+    """Folder of a ``path: default`` model: the default model of its ``testbed`` (v1, v2; default
+    ``qvlm_eval.default_model.DEFAULT_TESTBED``) in ``eval/.models/``."""
+    from qvlm_eval import default_model as dm
+
+    return str(dm.MODELS_DIR / dm.testbed(model.get("testbed")).model_name)
+
+
+#: settings passed to main_job only when set (so cells of configurations without them keep their keys)
+_OPTIONAL_SETTINGS = {"kl_caption_rows": "--kl-caption-rows", "calib_caption_fraction": "--calib-caption-fraction"}
+
+
 def job_arguments(cell: dict, path: str, settings: dict, group_size: int | None, out_dir: Path,
                   recipe_file: str) -> list[str]:
     """eval/main_job.py's argv for one cell."""
@@ -169,6 +181,9 @@ def job_arguments(cell: dict, path: str, settings: dict, group_size: int | None,
         "--fp-cache", str(out_dir / ".fp_cache"),
         "--results-dir", str(out_dir), "--output-dir", str(out_dir / "quantized" / cell["id"]),
     ]
+    for key, flag in _OPTIONAL_SETTINGS.items():
+        if settings.get(key) is not None:
+            argv += [flag, str(settings[key])]
     if cell["calib_seed"] is not None:
         argv += ["--calib-seed", str(cell["calib_seed"])]
     if group_size:
@@ -873,13 +888,16 @@ def main(argv=None) -> int:
     code_at_start = {cell["id"]: code_version(effective_recipe_text(resolve_recipe(cell["recipe"]), None))
                      for cell in cells} if running else {}
     failures = 0
+    base_settings = settings
     for model in config["models"]:
         name = model["name"]
-        path = str(main_job.DEFAULT_MODEL_DIR) if model["path"] == "default" else model["path"]
+        settings = {**base_settings, **model.get("settings", {})}  # a model's own settings win
+        path = default_model_path(model) if model["path"] == "default" else model["path"]
         if model["path"] == "default" and not args.report:
             from qvlm_eval.default_model import ensure_default_model
 
-            ensure_default_model(path)  # re-assembled when the committed vision weights changed
+            # re-assembled when the committed vision weights changed
+            ensure_default_model(path, testbed_name=model.get("testbed"))
         # (the report reads results.json only: no need to hash the model's files)
         fingerprint = model_fingerprint(path) if Path(path).is_dir() and not args.report else None
         group_size = model.get("group_size")

@@ -113,6 +113,22 @@ def test_cell_key_covers_the_job_arguments_but_not_where_outputs_go(eval_script,
     assert run.keyed_arguments(argv) == ["--vqa-questions", "4", "--kl-rows", "32", "--ppl-tokens", "2048",
                                          "--calib-samples", "2", "--batch-size", "16", "--seed", "0",
                                          "--group-size", "16"]
+    # test bed v2's settings reach main_job and the key; configurations without them keep their keys
+    v2 = {**settings, "kl_caption_rows": 72, "calib_caption_fraction": 0.5}
+    assert key(settings=v2) != base
+    argv = run.plan_cell(cell, "/m", "f", v2, 16, tmp_path)["argv"]
+    assert run.keyed_arguments(argv)[-6:] == ["--kl-caption-rows", "72", "--calib-caption-fraction", "0.5",
+                                              "--group-size", "16"]
+
+
+def test_a_default_model_entry_names_its_test_bed_folder(eval_script):
+    run = eval_script("run_experiments")
+    from qvlm_eval import default_model as dm
+
+    assert run.default_model_path({"path": "default", "testbed": "v2"}) == str(dm.MODELS_DIR / "smolvlm-tiny-v2")
+    assert run.default_model_path({"path": "default"}) == str(dm.MODELS_DIR / dm.testbed().model_name)
+    with pytest.raises(ValueError, match="known: v1, v2"):
+        run.default_model_path({"path": "default", "testbed": "v9"})
 
 
 def test_list_states(eval_script):
