@@ -7,6 +7,7 @@ of easy-vqa's own test split (never trained on). Several files are measured in o
 questions, so a new run is compared against the committed weights measured alongside it.
 
     python eval/evaluate_vision_weights.py eval/weights/smolvlm_tiny_vision.safetensors other.safetensors
+    python eval/evaluate_vision_weights.py --testbed v2 eval/weights/v2/smolvlm_tiny_vision.safetensors
 """
 
 from __future__ import annotations
@@ -21,18 +22,18 @@ import torch
 
 
 def evaluate(weights: list[str], questions: int = 1000, seed: int = 0, batch_size: int = 20,
-             language_model=None) -> list[dict]:
+             language_model=None, testbed: str | None = None) -> list[dict]:
     """Accuracy (+ 95% CI) of the default model with each vision-weight file, on the same questions."""
     from qvlm_eval import default_model as dm
     from qvlm_eval import metrics
 
     lm = language_model if language_model is not None else dm.load_language_model(torch.float32)
-    processor = dm.build_processor()
+    processor = dm.build_processor(testbed_name=testbed)
     data = metrics.load_vqa_dataset("easy-vqa", split="test", num_samples=questions, seed=seed)
     rows = []
     for path in weights:
         start = time.time()
-        model = dm.assemble(lm, vision_weights=path, dtype=torch.float32)
+        model = dm.assemble(lm, vision_weights=path, dtype=torch.float32, testbed_name=testbed)
         result = metrics.evaluate_vqa(model, processor, data, batch_size=batch_size, progress=True)
         rows.append({"weights": str(path), "accuracy": result["accuracy"], "ci_low": result["ci_low"],
                      "ci_high": result["ci_high"], "n": result["n"], "wall_s": round(time.time() - start, 1)})
@@ -43,6 +44,7 @@ def evaluate(weights: list[str], questions: int = 1000, seed: int = 0, batch_siz
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("weights", nargs="+", help="vision weights (safetensors) written by eval/train_vision.py")
+    parser.add_argument("--testbed", default=None, help="default-model version the weights are for (v1, v2)")
     parser.add_argument("--questions", type=int, default=1000, help="easy-vqa test questions (seeded subset)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the question subset")
     parser.add_argument("--batch-size", type=int, default=20)
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
               "eval/train_vision.py (--output).", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    rows = evaluate(args.weights, args.questions, args.seed, args.batch_size)
+    rows = evaluate(args.weights, args.questions, args.seed, args.batch_size, testbed=args.testbed)
     for row in rows:
         print(f"{row['weights']}: easy-vqa test {100 * row['accuracy']:.1f}% "
               f"[{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}] "
