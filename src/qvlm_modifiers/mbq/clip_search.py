@@ -1,19 +1,18 @@
 """Activation-aware weight clipping after the scale search (AWQ's ``auto_clip``), token-weighted for MBQ.
 
-The original AWQ (Lin et al., MLSys'24, Sec. 3.2 "searching to scale", and its code
-``awq/quantize/auto_clip.py``) follows the scale search with a clip search per quantization group:
-for every output row ``c`` and input group ``G`` of a (scaled) weight ``W``, the clipping threshold
+The search itself is AWQ's, shared with Q-VLM (:mod:`qvlm_modifiers.auto_clip`): for every output row
+``c`` and input group ``G`` of the (scaled) weight ``W``, the clipping threshold
 ``m = ratio * max|W[c, G]|`` minimizing the group's output error on calibration tokens ``x_n``
 
     err(c, G, m) = sum_n w_n * ( x_n[G] . W[c, G]  -  x_n[G] . Q(clamp(W[c, G], -m, m)) )**2
 
-is kept, for ``ratio`` in ``1 - i / n_grid``, ``i = 0 .. max_shrink * n_grid - 1`` (1.0, 0.95, ..,
-0.55 for AWQ's ``n_grid=20, max_shrink=0.5``; 1.0 is "no clipping", so the search never does worse
-on its tokens than not clipping). ``Q`` quantizes each group from its own (clamped) min/max. AWQ's
-token weights are all 1 (``w_n = 1``, 512 strided tokens); MBQ's are the modality weights of its
-reconstruction loss (Eq. 16-17: text ``text_weight``, vision ``r``, ignored 0), see
-:func:`modality_token_weights`. MBQ with uniform weights therefore *is* AWQ's clip search, which
-makes the two sides of the MBQ-vs-AWQ comparison use the same clipping.
+is kept, for ``ratio`` in AWQ's ``1 - i / n_grid``, ``i < max_shrink * n_grid`` (1.0, 0.95, ..,
+0.55; :func:`~qvlm_modifiers.auto_clip.clip_ratios`). ``Q`` quantizes each group from its own
+(clamped) min/max. What is MBQ's here: the token weights. AWQ's are all 1 (``w_n = 1``, 512 strided
+tokens); MBQ's are the modality weights of its reconstruction loss (Eq. 16-17: text
+``text_weight``, vision ``r``, ignored 0), see :func:`modality_token_weights`. MBQ with uniform
+weights therefore *is* AWQ's clip search, which makes the two sides of the MBQ-vs-AWQ comparison
+use the same clipping.
 
 Departures from ``auto_clip``: tokens are sampled per modality (``n`` per modality, strided) and
 reweighted by ``count / n`` so the sample estimates the full-calibration sum (AWQ strides over all
@@ -27,18 +26,11 @@ from collections.abc import Callable
 
 import torch
 
+from qvlm_modifiers.auto_clip import clip_ratios, search_group_clip
+
 __all__ = ["clip_ratios", "search_clip", "apply_clip", "modality_token_weights", "strided_sample"]
 
 FakeQuant = Callable[[torch.Tensor], torch.Tensor]
-
-
-def clip_ratios(n_grid: int = 20, max_shrink: float = 0.5) -> list[float]:
-    """AWQ ``auto_clip``'s ratios ``1 - i / n_grid`` for ``i < max_shrink * n_grid`` (1.0 first)."""
-    if n_grid < 1:
-        raise ValueError(f"clip n_grid must be >= 1, got {n_grid}")
-    if not 0.0 < max_shrink < 1.0:
-        raise ValueError(f"clip max_shrink must be in (0, 1), got {max_shrink}")
-    return [1 - i / n_grid for i in range(max(1, int(max_shrink * n_grid)))]
 
 
 def strided_sample(n_total: int, n_keep: int) -> torch.Tensor:
@@ -114,29 +106,18 @@ def search_clip(
             f"weight's {in_f} input channels"
         )
     n_groups = in_f // group_size
-    x = inputs.float().reshape(-1, n_groups, group_size)  # (n, G, g)
-    tw = token_weights.float().to(x.device)
-    best_max, best_idx = [], []
-    for start in range(0, out_f, rows_per_chunk):
-        w = weight[start : start + rows_per_chunk].float().reshape(-1, n_groups, group_size)  # (c, G, g)
-        org_max = w.abs().amax(dim=-1, keepdim=True)  # (c, G, 1)
-        org_out = torch.einsum("ngk,cgk->cng", x, w)  # per-group partial outputs
-        min_err = torch.full(org_max.shape[:2], float("inf"), device=w.device)
-        chosen_max = org_max[..., 0].clone()
-        chosen_idx = torch.zeros(org_max.shape[:2], dtype=torch.long, device=w.device)
-        for i, ratio in enumerate(ratios):
-            max_val = org_max * ratio
-            cur = torch.clamp(w, -max_val, max_val)
-            q = fake_quant(cur.reshape(-1, group_size)).reshape(cur.shape).float()
-            diff = torch.einsum("ngk,cgk->cng", x, q) - org_out
-            err = torch.einsum("cng,n->cg", diff.pow(2), tw)
-            better = err < min_err
-            min_err = torch.where(better, err, min_err)
-            chosen_max = torch.where(better, max_val[..., 0], chosen_max)
-            chosen_idx = torch.where(better, torch.full_like(chosen_idx, i), chosen_idx)
-        best_max.append(chosen_max)
-        best_idx.append(chosen_idx)
-    return torch.cat(best_max), torch.cat(best_idx)
+
+    def clamp_then_quantize(w: torch.Tensor, ratio: float) -> torch.Tensor:
+        """AWQ's candidate: each group clamped to ``+-ratio * max|W[c, G]|``, then the scheme's fake-quant."""
+        max_val = w.abs().amax(dim=-1, keepdim=True) * ratio
+        return fake_quant(torch.clamp(w, -max_val, max_val).reshape(-1, group_size)).reshape(w.shape)
+
+    grouped = weight.float().reshape(out_f, n_groups, group_size)
+    ratio, idx = search_group_clip(
+        grouped, inputs.reshape(-1, n_groups, group_size), ratios, clamp_then_quantize,
+        token_weights=token_weights, rows_per_chunk=rows_per_chunk,
+    )
+    return grouped.abs().amax(dim=-1) * ratio, idx
 
 
 def apply_clip(

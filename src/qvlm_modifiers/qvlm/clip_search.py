@@ -12,8 +12,11 @@ output* on calibration inputs::
 with ``Q_r`` the uniform quantizer of the range ``[r * min_{o,g}, r * max_{o,g}]``. The cross terms
 between groups of one output channel are ignored (as AWQ does), so every ``(o, g)`` is an
 independent 1-D search. The grid is ``r = 1 - i / grid`` for ``i = 0 .. max_shrink * grid``
-(AWQ: 20 steps down to 0.5). ``r = 1`` is min/max, i.e. round-to-nearest, so the chosen error is
-never above RTN's on the inputs searched.
+(20 steps down to 0.5, end point included). ``r = 1`` is min/max, i.e. round-to-nearest, so the
+chosen error is never above RTN's on the inputs searched. The grid and the search loop are AWQ's,
+shared with MBQ (:mod:`qvlm_modifiers.auto_clip`); what is Q-VLM's here is the candidate (the range
+shrink ``Q_r`` above, through the compressed-tensors qparams of :mod:`~qvlm_modifiers.qvlm.ranges`),
+the input tokens, and :func:`blend_ratios`.
 
 Inputs: the Linear's calibration inputs with token position 0 left out (:func:`clip_input_tokens`):
 the attention-sink token carries activations 100x the others' in later layers, and AWQ's error would
@@ -30,13 +33,13 @@ from collections.abc import Sequence
 import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
 
+from qvlm_modifiers.auto_clip import clip_ratios, search_group_clip
 from qvlm_modifiers.qvlm.ranges import fake_quantize_observed, minmax_range, range_qparams
 
 __all__ = [
     "CLIP_MAX_TOKENS",
     "clip_ratio_grid",
     "clip_input_tokens",
-    "group_output_errors",
     "auto_clip_ranges",
     "blend_ratios",
 ]
@@ -48,10 +51,9 @@ _OC_CHUNK = 64
 
 
 def clip_ratio_grid(grid: int = 20, max_shrink: float = 0.5) -> list[float]:
-    """AWQ's ratios ``1 - i/grid`` for ``i = 0 .. round(max_shrink * grid)``: 1.0 (min/max) first."""
-    if grid < 1 or not 0.0 <= max_shrink < 1.0:
-        raise ValueError(f"need grid >= 1 and 0 <= max_shrink < 1, got {grid}, {max_shrink}")
-    return [1.0 - i / grid for i in range(int(round(max_shrink * grid)) + 1)]
+    """AWQ's ratios ``1 - i/grid`` for ``i = 0 .. round(max_shrink * grid)``: 1.0 (min/max) first, the
+    end point included (:func:`~qvlm_modifiers.auto_clip.clip_ratios` with ``include_end=True``)."""
+    return clip_ratios(grid, max_shrink, include_end=True)
 
 
 def clip_input_tokens(
@@ -73,38 +75,14 @@ def clip_input_tokens(
     return flat
 
 
-def _grouped_inputs(x: torch.Tensor, observed_shape: torch.Size) -> torch.Tensor:
-    """``x`` ``(T, in)`` as ``(T, G, S)`` matching the observed weight ``(1, O, G, S)``."""
-    _, _, groups, size = observed_shape
-    if groups * size != x.shape[-1]:
-        raise ValueError(f"inputs have {x.shape[-1]} features, weight groups {groups} x {size}")
-    return x.reshape(x.shape[0], groups, size)
-
-
-def group_output_errors(
-    observed: torch.Tensor, x_grouped: torch.Tensor, low: torch.Tensor, high: torch.Tensor, args: QuantizationArgs
-) -> torch.Tensor:
-    """Per ``(o, g)``: the mean over tokens of ``(sum_{s in g} (W - Q(W))_{o,s} X_{t,s})^2``, the
-    squared error of group ``g``'s contribution to output ``o`` (the term of AWQ Eq. 4), with ``Q``
-    the quantizer of the range ``(low, high)`` (each ``(O, G)``). ``observed`` is ``(1, O, G, S)``,
-    ``x_grouped`` ``(T, G, S)``."""
-    scale, zero_point = range_qparams(low, high, args)
-    dq = fake_quantize_observed(observed, scale, zero_point, args)
-    delta = (observed - dq)[0]  # (O, G, S)
-    out = torch.empty(delta.shape[:2], dtype=torch.float32, device=delta.device)
-    for o in range(0, delta.shape[0], _OC_CHUNK):
-        partial = torch.einsum("tgs,ogs->tog", x_grouped, delta[o:o + _OC_CHUNK])  # (T, o, G)
-        out[o:o + _OC_CHUNK] = partial.pow(2).mean(dim=0)
-    return out
-
-
 @torch.no_grad()
 def auto_clip_ranges(
     observed: torch.Tensor, inputs: torch.Tensor, args: QuantizationArgs, ratios: Sequence[float]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """AWQ's per-group clip search (module docstring): for every ``(o, g)`` the ratio of ``ratios``
-    with the smallest :func:`group_output_errors`; ties keep the earlier ratio (put 1.0 first so
-    that a group no clip improves stays at min/max).
+    """AWQ's per-group clip search (module docstring, :func:`~qvlm_modifiers.auto_clip.search_group_clip`):
+    for every ``(o, g)`` the ratio of ``ratios`` whose shrunk range ``[r * min, r * max]`` gives the
+    smallest mean squared error of the group's output contribution; ties keep the earlier ratio (put
+    1.0 first so that a group no clip improves stays at min/max).
 
     :param observed: the weight as ``flatten_for_ranges`` gives it, ``(1, O, G, S)`` (group / channel
         strategies; channel is ``G = 1``)
@@ -113,17 +91,21 @@ def auto_clip_ranges(
     """
     if args.strategy not in (QuantizationStrategy.GROUP, QuantizationStrategy.CHANNEL) or observed.dim() != 4:
         raise ValueError(f"auto_clip_ranges needs group or channel weight ranges, got {args.strategy}")
-    observed = observed.float()
-    x = _grouped_inputs(inputs.to(observed.device).float(), observed.shape)
-    low, high = minmax_range(observed)
-    best_err = torch.full_like(low, float("inf"))
-    best_ratio = torch.ones_like(low)
-    for r in ratios:
-        err = group_output_errors(observed, x, low * r, high * r, args)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_ratio = torch.where(better, torch.full_like(best_ratio, float(r)), best_ratio)
-    return best_ratio, low * best_ratio, high * best_ratio
+    _, _, groups, size = observed.shape
+    if groups * size != inputs.shape[-1]:
+        raise ValueError(f"inputs have {inputs.shape[-1]} features, weight groups {groups} x {size}")
+
+    def shrink_range(w: torch.Tensor, ratio: float) -> torch.Tensor:
+        """``Q_r``: each group quantized with the range ``[r * min, r * max]`` (compressed-tensors qparams)."""
+        low, high = minmax_range(w[None])
+        scale, zero_point = range_qparams(low * ratio, high * ratio, args)
+        return fake_quantize_observed(w[None], scale, zero_point, args)[0]
+
+    ratio, _ = search_group_clip(
+        observed[0].float(), inputs.reshape(-1, groups, size), ratios, shrink_range, rows_per_chunk=_OC_CHUNK
+    )
+    low, high = minmax_range(observed.float())
+    return ratio, low * ratio, high * ratio
 
 
 def blend_ratios(ratio: torch.Tensor, strength: float) -> torch.Tensor:
