@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     parser.add_argument("--align-ce-tokens", type=int, default=8,
                         help="stage 1: image tokens that the decode loss covers (the description cycles, so 8 tokens "
                              "hold it several times); the MSE covers all of them")
-    parser.add_argument("--steps", type=int, default=600, help="stage 2: answer cross-entropy through the frozen LM")
+    parser.add_argument("--steps", type=int, default=500, help="stage 2: answer cross-entropy through the frozen LM")
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=20)
@@ -267,7 +267,7 @@ def main(argv=None) -> int:
                              "run as a second forward so the long rows do not pad the question rows")
     parser.add_argument("--val-questions", type=int, default=300,
                         help="questions on the held-out train images used for progress (of 966)")
-    parser.add_argument("--val-every", type=int, default=100)
+    parser.add_argument("--val-every", type=int, default=250)
     parser.add_argument("--test-questions", type=int, default=1000, help="easy-vqa test questions for the final check")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -577,7 +577,7 @@ def main(argv=None) -> int:
         test_examples.append({"ids": ids, "answer_start": st, "pixel_index": used.index(t_image_ids[k]),
                               "type": question_type(t_answers[k])})
     acc, per = evaluate(test_examples)
-    log(f"easy-vqa TEST exact-match (teacher-forced greedy, bf16 autocast): {acc:.3f} "
+    log(f"easy-vqa TEST exact-match (teacher-forced greedy, {'float32' if args.no_bf16 else 'bf16 autocast'}): {acc:.3f} "
         f"({', '.join(f'{t} {v:.3f}' for t, v in per.items())}) on {len(test_examples)} questions")
     return 0
 

@@ -176,3 +176,24 @@ def test_training_is_seeded_and_reproducible(tv, tmp_path):
     first, second = train("a", 0), train("b", 0)
     assert first.keys() == second.keys() and len(first) > 0
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_training_curves_are_read_off_the_log(eval_script, tmp_path):
+    """eval/plot_training_log.py: stage-1 and stage-2 series from the log lines; an aborted run's few
+    stage-2 steps are replaced by the finished run's; the figure is written."""
+    plot = eval_script("plot_training_log")
+    run1 = tmp_path / "stage1.log"
+    run1.write_text("[07:14:01] align step 1/1500 loss 16.8080 0.28s/step\n"
+                    "[07:37:39] align step 1500/1500 loss 0.1966 0.95s/step\n"
+                    "[07:38:29] step 1/600 loss 5.561 (ema 5.561) batch-acc 0.00 lr 1.00e-04 8.20s/step\n")
+    run2 = tmp_path / "train.log"
+    run2.write_text("[07:58:29] step 1/500 loss 5.5 (ema 5.4) batch-acc 0.00 lr 1.00e-04 8.20s/step\n"
+                    "[08:27:22] step 250: val exact-match 0.767 (colour 1.00) on 300 held-out train-split questions; "
+                    "val caption CE 2.446 nats/token on 90 held-out captions\n"
+                    "[08:51:24] step 500: val exact-match 0.847 (colour 1.00) on 300 held-out train-split questions\n")
+    series = plot.parse([run1, run2])
+    assert series["align"] == [(1, 16.808), (1500, 0.1966)]
+    assert series["loss"] == [(1, 5.4)]
+    assert series["val"] == [(250, 0.767), (500, 0.847)] and series["caption_ce"] == [(250, 2.446)]
+    out = plot.plot(series, tmp_path / "curves.png")
+    assert out.stat().st_size > 1000
