@@ -138,14 +138,7 @@ def _oracle_down_proj_scales(path, rows, vision_weight, wa: bool):
     Q_w(W*s) @ Q_tok(x/s) (W-A), pooled weighted MAE (answer tokens 1, vision tokens r, rest 0)."""
     model = _load(path)
     down = decoder_layers(model)[0].mlp.down_proj
-    xs = []
-    handle = down.register_forward_pre_hook(lambda _m, args: xs.append(args[0].detach()))
-    with torch.no_grad():
-        for i in range(len(rows)):
-            batch = data.collate_fn([rows[i]])
-            batch.pop("loss_mask")
-            model(**batch)
-    handle.remove()
+    xs = _down_proj_inputs(model, rows)
     masks = [torch.tensor(rows[i]["loss_mask"]).reshape(-1) for i in range(len(rows))]
     w = down.weight.detach()
     flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
