@@ -136,13 +136,7 @@ def _oracle_down_proj_scales(path, rows, vision_weight, wa: bool):
     """Brute force for layer 0's up_proj -> down_proj mapping (parent = down_proj), written from
     the paper / reference code: x_mean over all tokens, alpha = k/20, candidate Q(W*s)/s (W-only) or
     Q_w(W*s) @ Q_tok(x/s) (W-A), pooled weighted MAE (answer tokens 1, vision tokens r, rest 0)."""
-    model = _load(path)
-    down = decoder_layers(model)[0].mlp.down_proj
-    xs = _down_proj_inputs(model, rows)
-    masks = [torch.tensor(rows[i]["loss_mask"]).reshape(-1) for i in range(len(rows))]
-    w = down.weight.detach()
-    flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
-    x_mean = flat.abs().sum(0) / flat.shape[0]
+    w, xs, masks, x_mean = _down_proj_case(path, rows)
     losses = []
     for alpha in alpha_grid(20, "mbq"):
         s = x_mean.pow(alpha).clamp(min=1e-4)
@@ -166,13 +160,7 @@ def _oracle_down_proj_scales(path, rows, vision_weight, wa: bool):
 def _oracle_diagnostics(path, rows, vision_weight):
     """Layer 0's up_proj -> down_proj, weight-only W3 g128, written out: per alpha the pooled
     weighted MAE and each modality's mean |dY| per token and channel."""
-    model = _load(path)
-    down = decoder_layers(model)[0].mlp.down_proj
-    xs = _down_proj_inputs(model, rows)
-    masks = [torch.tensor(rows[i]["loss_mask"]).reshape(-1) for i in range(len(rows))]
-    w = down.weight.detach()
-    flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
-    x_mean = flat.abs().sum(0) / flat.shape[0]
+    w, xs, masks, x_mean = _down_proj_case(path, rows)
     results = []
     for alpha in alpha_grid(20, "mbq"):
         s = activation_scales(x_mean, alpha)
@@ -191,6 +179,16 @@ def _oracle_diagnostics(path, rows, vision_weight):
             "vision": vision_sum / (n_vision * c),
         })
     return results
+
+
+def _down_proj_case(path, rows):
+    """Layer 0's down_proj of a fresh model: its weight, its inputs per row, the rows' loss masks and
+    the mean |x| over all tokens (what both oracles start from)."""
+    model = _load(path)
+    xs = _down_proj_inputs(model, rows)
+    masks = [torch.tensor(rows[i]["loss_mask"]).reshape(-1) for i in range(len(rows))]
+    flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+    return decoder_layers(model)[0].mlp.down_proj.weight.detach(), xs, masks, flat.abs().sum(0) / flat.shape[0]
 
 
 def _down_proj_inputs(model, rows):
