@@ -90,7 +90,8 @@ def run_child(args) -> dict:
     if args.child == "awq":
         transform, use_mask = LMAWQModifier(duo_scaling=False, n_grid=20), False
     else:
-        transform, use_mask = MBQModifier(act_bits=8 if args.scheme == "w4a8" else None), True
+        transform, use_mask = MBQModifier(act_bits=8 if args.scheme == "w4a8" else None,
+                                          **mbq_overrides(args.mbq_set)), True
 
     cuda = args.device != "cpu" and torch.cuda.is_available()
     if cuda:
@@ -125,6 +126,19 @@ def run_child(args) -> dict:
     return result
 
 
+def mbq_overrides(items) -> dict:
+    """``--mbq-set KEY=VALUE`` pairs as MBQModifier fields (values parsed as YAML: ``clip_search=true``)."""
+    import yaml
+
+    fields = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--mbq-set wants KEY=VALUE (e.g. clip_search=true), got {item!r}")
+        fields[key.strip()] = yaml.safe_load(value)
+    return fields
+
+
 def _spawn(method: str, args, out_dir: Path) -> dict:
     out = out_dir / f"{method}-{time.monotonic_ns()}.json"
     cmd = [
@@ -136,6 +150,8 @@ def _spawn(method: str, args, out_dir: Path) -> dict:
         cmd += ["--pairs", args.pairs]
     if args.prompt_column:
         cmd += ["--prompt-column", args.prompt_column]
+    for item in args.mbq_set or []:
+        cmd += ["--mbq-set", item]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
@@ -190,6 +206,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the children")
+    parser.add_argument("--mbq-set", action="append", metavar="KEY=VALUE",
+                        help="MBQModifier field for the MBQ side, repeatable (e.g. clip_search=true, duo_scaling=true)")
     parser.add_argument("--max-ratio", type=float, default=1.3)
     parser.add_argument("--check", action="store_true", help="exit 1 if the time ratio exceeds --max-ratio")
     parser.add_argument("--json", help="also write the results here")
@@ -245,7 +263,9 @@ def main(argv=None) -> int:
     gpu_total_ratio = _ratio(summary["mbq"]["peak_gpu_total_mib"], summary["awq"]["peak_gpu_total_mib"])
 
     group = f" group {args.group_size}" if args.group_size else ""
-    print(f"model: {args.model}  samples: {args.samples}  scheme: {args.scheme}{group}  device: {summary['awq']['device']}")
+    mbq_fields = ", ".join(args.mbq_set or []) or "shipped defaults"
+    print(f"model: {args.model}  samples: {args.samples}  scheme: {args.scheme}{group}  device: {summary['awq']['device']}"
+          f"  MBQ: {mbq_fields}")
     for method in ("awq", "mbq"):
         s = summary[method]
         gpu = f"  peak GPU +{s['peak_gpu_delta_mib']:.1f} MiB" if s["peak_gpu_delta_mib"] is not None else ""
