@@ -88,7 +88,7 @@ TESTBEDS = {
     "v2": Testbed("v2", "smolvlm-tiny-v2", 64, 8, 1, WEIGHTS_DIR / "v2" / "smolvlm_tiny_vision.safetensors"),
 }
 #: the test bed every script uses unless told otherwise (``--testbed``)
-DEFAULT_TESTBED = "v1"
+DEFAULT_TESTBED = "v2"
 
 
 def testbed(name: "str | Testbed | None" = None) -> Testbed:

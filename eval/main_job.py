@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 EVAL_DIR = Path(__file__).resolve().parent
-DEFAULT_MODEL_DIR = EVAL_DIR / ".models" / "smolvlm-tiny"  # test bed v1's folder (qvlm_eval.default_model)
+DEFAULT_MODEL_DIR = EVAL_DIR / ".models" / "smolvlm-tiny-v2"  # the default test bed's folder (qvlm_eval.default_model)
 
 Q4_NOTE = (
     "Note: the default model's LM is SmolLM2-135M-Instruct from a Q4_1 GGUF (block 32), dequantized; its weights\n"

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 EVAL_DIR = Path(__file__).resolve().parent
-DEFAULT_MODEL_DIR = EVAL_DIR / ".models" / "smolvlm-tiny"
+DEFAULT_MODEL_DIR = EVAL_DIR / ".models" / "smolvlm-tiny-v2"  # the default test bed (v2)
 
 # The grid: baseline without VEO, the provisional default, then one factor changed at a time.
 DEFAULT_CONFIGS = ["none", "0.1,1,0.5", "0,1,0.5", "1,1,0.5", "0.1,0,0.5", "0.1,1,0", "0.1,1,1"]

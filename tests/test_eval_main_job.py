@@ -50,3 +50,13 @@ def test_main_job_reports_an_unknown_recipe_clearly(saved_vlm, tmp_path, capsys,
     assert rc != 0
     assert "no_such_recipe" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+def test_default_model_folders_follow_the_default_test_bed(eval_script):
+    """The scripts' default model folder is the default test bed's (a stale literal would quietly
+    benchmark the archived v1 model)."""
+    from qvlm_eval import default_model as dm
+
+    expected = dm.MODELS_DIR / dm.testbed().model_name
+    assert eval_script("main_job").DEFAULT_MODEL_DIR == expected
+    assert eval_script("sweep_vision_opt").DEFAULT_MODEL_DIR == expected
