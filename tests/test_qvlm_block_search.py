@@ -590,3 +590,20 @@ def test_replayed_linear_outputs_give_the_plain_search_exactly():
     fast, fast_choice, replay = run(True)
     assert fast_choice == plain_choice and fast.loss == plain.loss and fast.layerwise_loss == plain.layerwise_loss
     assert replay.hits > 0
+
+
+def test_token_relative_weights_stay_finite_for_a_zero_output_token():
+    """A token whose FP block output is exactly zero (seen on a zoo Gemma 3's first layer) must not turn
+    the default objective into NaN (0 error x infinite weight) or infinity: its weight is floored at
+    1e-6 of the mean token's squared norm, the other tokens keep d / ||y_t||^2."""
+    from qvlm_modifiers.qvlm.objective import token_error_weights
+
+    y = torch.randn(1, 4, 8)
+    y[0, 2] = 0.0
+    w = token_error_weights(y, "token_relative_mse")
+    assert torch.isfinite(w).all()
+    norms = y.pow(2).sum(-1, keepdim=True)
+    keep = [0, 1, 3]
+    torch.testing.assert_close(w[0, keep], 8 / norms[0, keep])
+    assert w[0, 2].item() == pytest.approx(8 / (norms.mean().item() * 1e-6), rel=1e-5)
+    assert torch.isfinite(token_error_weights(torch.zeros(1, 3, 8), "token_relative_mse")).all()

@@ -58,7 +58,7 @@ def token_error_weights(target: torch.Tensor, kind: BlockObjectiveKind) -> torch
 
     ``"token_relative_mse"`` weighs token ``t`` by ``d / ||y_t||^2`` (d = hidden size), so the
     objective becomes the mean over tokens of ``||out_t - y_t||^2 / ||y_t||^2``: every token counts
-    alike. Not in the paper: with plain MSE an LLM's massive activations (one attention-sink token
+    alike (the denominator floored at 1e-6 of the mean token's, so a zero output stays finite). Not in the paper: with plain MSE an LLM's massive activations (one attention-sink token
     whose hidden state is 100x the others', >99% of the squared norm in SmolLM2's later layers)
     decide the whole search."""
     if kind == "mse":
@@ -73,7 +73,11 @@ def token_error_weights(target: torch.Tensor, kind: BlockObjectiveKind) -> torch
     if kind != "token_relative_mse":
         raise ValueError(f"block objective must be 'mse', 'token_relative_mse' or 'mse_skip_first', got {kind!r}")
     y = target.float()
-    return y.shape[-1] / y.pow(2).sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    norms = y.pow(2).sum(dim=-1, keepdim=True)
+    # a token whose FP output is (near) zero would get an infinite weight (0 * inf = NaN for an exact
+    # match): floor the denominator at 1e-6 of the mean token's squared norm (and at 1e-12 absolute)
+    floor = (norms.mean() * 1e-6).clamp_min(1e-12)
+    return y.shape[-1] / torch.maximum(norms, floor)
 
 
 def combined_token_weights(
