@@ -156,7 +156,7 @@ def test_vision_token_weight_weighs_image_tokens_in_the_reported_objective(deep_
     fp_outs = _layer_outputs(fp_model, rows, quantized=False)
     model = AutoModelForImageTextToText.from_pretrained(deep_llava)
     recipe = QVLMModifier(config_groups=_W4_CHANNEL, entropy_threshold=-1.0, max_block_layers=3, search_epochs=1,
-                          vision_token_weight=0.25)
+                          vision_token_weight=0.25, block_objective="mse")
     _oneshot(model, processor, rows, recipe)
     first, second = model.config.qvlm_blocks["block_losses"]
     assert model.config.qvlm_blocks["vision_token_weight"] == 0.25  # the losses say what they measure
