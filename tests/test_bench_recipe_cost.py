@@ -1,0 +1,29 @@
+"""eval/bench_recipe_cost.py refuses what it cannot measure before any work starts (its measurement runs
+are recorded in eval/results/, not in CI)."""
+
+from __future__ import annotations
+
+import pytest
+
+from qvlm_eval import bench_recipe_cost as bench
+
+
+def test_recipes_resolve_from_the_three_places(tmp_path):
+    own = tmp_path / "mine.yaml"
+    own.write_text("quant_stage: {}\n")
+    assert bench.resolve(str(own)) == own
+    assert bench.resolve("gptq_w4a16_g64").name == "gptq_w4a16_g64.yaml"   # eval/recipes
+    assert bench.resolve("qvlm_w4").name == "qvlm_w4.yaml"                 # shipped
+    with pytest.raises(SystemExit, match="not a YAML file"):
+        bench.resolve("no_such_recipe")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["qvlm_w4"], "baseline recipe and at least one"),
+    (["gptq_w4a16_g64", "qvlm_w4", "--samples", "0"], "must be positive"),
+])
+def test_bad_arguments_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
