@@ -58,9 +58,10 @@ def token_error_weights(target: torch.Tensor, kind: BlockObjectiveKind) -> torch
 
     ``"token_relative_mse"`` weighs token ``t`` by ``d / ||y_t||^2`` (d = hidden size), so the
     objective becomes the mean over tokens of ``||out_t - y_t||^2 / ||y_t||^2``: every token counts
-    alike (the denominator floored at 1e-6 of the mean token's, so a zero output stays finite). Not in the paper: with plain MSE an LLM's massive activations (one attention-sink token
-    whose hidden state is 100x the others', >99% of the squared norm in SmolLM2's later layers)
-    decide the whole search."""
+    alike (the denominator floored at 1e-6 of the mean token's, so a zero output stays finite). Not
+    in the paper: with plain MSE an LLM's massive activations (one attention-sink token whose hidden
+    state is 100x the others', >99% of the squared norm in SmolLM2's later layers) decide the whole
+    search."""
     if kind == "mse":
         return None
     if kind == "mse_skip_first":
