@@ -35,14 +35,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from qvlm_modifiers.resources import proc_status_kib, reset_peak_rss
+from qvlm_eval import cost_bench
 
 SCHEMES = {
     "w3": {"weights": {"num_bits": 3, "type": "int", "symmetric": False, "strategy": "group", "group_size": 128}},
@@ -93,36 +91,12 @@ def run_child(args) -> dict:
         transform, use_mask = MBQModifier(act_bits=8 if args.scheme == "w4a8" else None,
                                           **mbq_overrides(args.mbq_set)), True
 
-    cuda = args.device != "cpu" and torch.cuda.is_available()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        gpu_base = torch.cuda.memory_allocated()
-    peak_reset = reset_peak_rss()
-    rss_base = proc_status_kib("VmRSS")
-    start, cpu_start = time.perf_counter(), time.process_time()
-    qvlm_modifiers.oneshot(
-        model, processor=processor, dataset=rows, recipe=[transform, quant], use_loss_mask=use_mask,
-        num_calibration_samples=len(rows), shuffle_calibration_samples=False,
-    )
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    cpu_seconds = time.process_time() - cpu_start
-    result = {
-        "method": args.child,
-        "seconds": seconds,
-        "cpu_seconds": cpu_seconds,
-        "peak_rss_delta_mib": (proc_status_kib("VmHWM") - rss_base) / 1024 if peak_reset else None,
-        "peak_rss_total_mib": proc_status_kib("VmHWM") / 1024 if peak_reset else None,
-        "samples": len(rows),
-    }
-    if cuda:
-        result["peak_gpu_delta_mib"] = (torch.cuda.max_memory_allocated() - gpu_base) / 2**20
-        result["peak_gpu_total_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        result["device"] = torch.cuda.get_device_name()
-    else:
-        result["device"] = "cpu"
+    with cost_bench.measure(args.device) as result:
+        qvlm_modifiers.oneshot(
+            model, processor=processor, dataset=rows, recipe=[transform, quant], use_loss_mask=use_mask,
+            num_calibration_samples=len(rows), shuffle_calibration_samples=False,
+        )
+    result.update(method=args.child, samples=len(rows))
     return result
 
 
@@ -152,11 +126,7 @@ def _spawn(method: str, args, out_dir: Path) -> dict:
         cmd += ["--prompt-column", args.prompt_column]
     for item in args.mbq_set or []:
         cmd += ["--mbq-set", item]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise SystemExit(f"{method} calibration failed (exit {proc.returncode})")
-    return json.loads(out.read_text())
+    return cost_bench.spawn(cmd, out, method)
 
 
 def _save_zoo_model(args, path: Path) -> Path:
@@ -184,10 +154,6 @@ def _save_zoo_model(args, path: Path) -> Path:
     big.save_pretrained(path)
     processor.save_pretrained(path)
     return path
-
-
-def _ratio(a, b):
-    return None if a is None or b in (None, 0) else a / b
 
 
 def main(argv=None) -> int:
@@ -239,28 +205,13 @@ def main(argv=None) -> int:
             for method in ("awq", "mbq"):  # alternate so drifts in machine load hit both
                 runs[method].append(_spawn(method, args, tmp))
 
-    summary = {}
-    for method, results in runs.items():
-        rss = [r["peak_rss_delta_mib"] for r in results if r["peak_rss_delta_mib"] is not None]
-        rss_total = [r["peak_rss_total_mib"] for r in results if r.get("peak_rss_total_mib") is not None]
-        gpu = [r["peak_gpu_delta_mib"] for r in results if "peak_gpu_delta_mib" in r]
-        gpu_total = [r["peak_gpu_total_mib"] for r in results if "peak_gpu_total_mib" in r]
-        summary[method] = {
-            "seconds_median": statistics.median(r["seconds"] for r in results),
-            "seconds_all": [round(r["seconds"], 3) for r in results],
-            "cpu_seconds_median": statistics.median(r["cpu_seconds"] for r in results),
-            "peak_rss_delta_mib": max(rss) if rss else None,
-            "peak_gpu_delta_mib": max(gpu) if gpu else None,
-            "peak_rss_total_mib": max(rss_total) if rss_total else None,
-            "peak_gpu_total_mib": max(gpu_total) if gpu_total else None,
-            "device": results[0]["device"],
-        }
-    time_ratio = _ratio(summary["mbq"]["seconds_median"], summary["awq"]["seconds_median"])
-    cpu_ratio = _ratio(summary["mbq"]["cpu_seconds_median"], summary["awq"]["cpu_seconds_median"])
-    rss_ratio = _ratio(summary["mbq"]["peak_rss_delta_mib"], summary["awq"]["peak_rss_delta_mib"])
-    gpu_ratio = _ratio(summary["mbq"]["peak_gpu_delta_mib"], summary["awq"]["peak_gpu_delta_mib"])
-    rss_total_ratio = _ratio(summary["mbq"]["peak_rss_total_mib"], summary["awq"]["peak_rss_total_mib"])
-    gpu_total_ratio = _ratio(summary["mbq"]["peak_gpu_total_mib"], summary["awq"]["peak_gpu_total_mib"])
+    summary = {method: cost_bench.summarize(results) for method, results in runs.items()}
+    time_ratio = cost_bench.ratio(summary["mbq"]["seconds_median"], summary["awq"]["seconds_median"])
+    cpu_ratio = cost_bench.ratio(summary["mbq"]["cpu_seconds_median"], summary["awq"]["cpu_seconds_median"])
+    rss_ratio = cost_bench.ratio(summary["mbq"]["peak_rss_delta_mib"], summary["awq"]["peak_rss_delta_mib"])
+    gpu_ratio = cost_bench.ratio(summary["mbq"]["peak_gpu_delta_mib"], summary["awq"]["peak_gpu_delta_mib"])
+    rss_total_ratio = cost_bench.ratio(summary["mbq"]["peak_rss_total_mib"], summary["awq"]["peak_rss_total_mib"])
+    gpu_total_ratio = cost_bench.ratio(summary["mbq"]["peak_gpu_total_mib"], summary["awq"]["peak_gpu_total_mib"])
 
     group = f" group {args.group_size}" if args.group_size else ""
     mbq_fields = ", ".join(args.mbq_set or []) or "shipped defaults"

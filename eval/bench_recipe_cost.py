@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,10 +45,9 @@ def run_child(args) -> dict:
     import torch
 
     import qvlm_modifiers
-    from qvlm_eval import main_job, metrics
+    from qvlm_eval import cost_bench, main_job, metrics
     from qvlm_modifiers.data import build_calibration_dataset
     from qvlm_modifiers.recipe_check import override_group_size
-    from qvlm_modifiers.resources import proc_status_kib, reset_peak_rss
 
     torch.set_num_threads(args.threads)
     text = Path(args.child).read_text()
@@ -61,28 +58,20 @@ def run_child(args) -> dict:
     rows = build_calibration_dataset(pairs, processor, model, prompt_column="question", text_column="text")
     recipe = Path(args.child_out).with_suffix(".yaml")
     recipe.write_text(text)
-    peak_reset = reset_peak_rss()
-    rss_base = proc_status_kib("VmRSS")
-    start, cpu_start = time.perf_counter(), time.process_time()
-    qvlm_modifiers.oneshot(model=model, processor=processor, dataset=rows, recipe=str(recipe),
-                           num_calibration_samples=len(rows))
-    return {
-        "seconds": time.perf_counter() - start,
-        "cpu_seconds": time.process_time() - cpu_start,
-        "peak_rss_delta_mib": (proc_status_kib("VmHWM") - rss_base) / 1024 if peak_reset else None,
-    }
+    with cost_bench.measure() as result:
+        qvlm_modifiers.oneshot(model=model, processor=processor, dataset=rows, recipe=str(recipe),
+                               num_calibration_samples=len(rows))
+    return result
 
 
 def _spawn(recipe: Path, args, out_dir: Path) -> dict:
+    from qvlm_eval import cost_bench
+
     out = out_dir / f"{recipe.stem}-{time.monotonic_ns()}.json"
     cmd = [sys.executable, __file__, "--child", str(recipe), "--child-out", str(out), "--model", args.model,
            "--samples", str(args.samples), "--seed", str(args.seed), "--caption-fraction", str(args.caption_fraction),
            "--threads", str(args.threads), "--group-size", str(args.group_size or 0)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise SystemExit(f"{recipe.name}: calibration failed (exit {proc.returncode})")
-    return json.loads(out.read_text())
+    return cost_bench.spawn(cmd, out, recipe.name)
 
 
 def main(argv=None) -> int:
@@ -120,19 +109,20 @@ def main(argv=None) -> int:
             for recipe in recipes:
                 runs[recipe.stem].append(_spawn(recipe, args, Path(tmp)))
                 print(f"[bench] {recipe.stem}: {runs[recipe.stem][-1]}", flush=True)
+    from qvlm_eval.cost_bench import ratio, summarize
+
     base = recipes[0].stem
-    summary = {name: {"seconds_median": statistics.median(r["seconds"] for r in rs),
-                      "cpu_seconds_median": statistics.median(r["cpu_seconds"] for r in rs),
-                      "peak_rss_delta_mib": max((r["peak_rss_delta_mib"] or 0) for r in rs)}
-               for name, rs in runs.items()}
+    summary = {name: summarize(rs) for name, rs in runs.items()}
     print(f"model: {args.model}  samples: {args.samples} (caption share {args.caption_fraction})  "
           f"group size: {args.group_size or 'recipe'}  repeats: {args.repeats}  threads: {args.threads}")
+    b = summary[base]
     for name, s in summary.items():
-        b = summary[base]
+        rss = f"+{s['peak_rss_delta_mib']:.0f} MiB" if s["peak_rss_delta_mib"] is not None else "n/a"
+        mem = ratio(s["peak_rss_delta_mib"], b["peak_rss_delta_mib"])
         print(f"{name:24s} {s['seconds_median']:8.1f} s wall {s['cpu_seconds_median']:8.1f} s CPU  "
-              f"peak RSS +{s['peak_rss_delta_mib']:.0f} MiB   vs {base}: {s['cpu_seconds_median'] / b['cpu_seconds_median']:.2f}x CPU, "
-              f"{s['seconds_median'] / b['seconds_median']:.2f}x wall, "
-              f"{s['peak_rss_delta_mib'] / max(b['peak_rss_delta_mib'], 1e-9):.2f}x memory")
+              f"peak RSS {rss}   vs {base}: {ratio(s['cpu_seconds_median'], b['cpu_seconds_median']):.2f}x CPU, "
+              f"{ratio(s['seconds_median'], b['seconds_median']):.2f}x wall, "
+              + (f"{mem:.2f}x memory" if mem is not None else "memory n/a"))
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": {k: v for k, v in vars(args).items()
                                                             if not k.startswith("child")},
