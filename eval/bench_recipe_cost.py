@@ -64,19 +64,24 @@ def run_child(args) -> dict:
     return result
 
 
+def child_command(recipe: Path, args, out: Path) -> list[str]:
+    """The command line of one measuring child: this script with ``--child`` and the parent's settings."""
+    return [sys.executable, __file__, "--child", str(recipe), "--child-out", str(out), "--model", args.model,
+            "--samples", str(args.samples), "--seed", str(args.seed), "--caption-fraction", str(args.caption_fraction),
+            "--threads", str(args.threads), "--group-size", str(args.group_size or 0)]
+
+
 def _spawn(recipe: Path, args, out_dir: Path) -> dict:
     from qvlm_eval import cost_bench
 
     out = out_dir / f"{recipe.stem}-{time.monotonic_ns()}.json"
-    cmd = [sys.executable, __file__, "--child", str(recipe), "--child-out", str(out), "--model", args.model,
-           "--samples", str(args.samples), "--seed", str(args.seed), "--caption-fraction", str(args.caption_fraction),
-           "--threads", str(args.threads), "--group-size", str(args.group_size or 0)]
-    return cost_bench.spawn(cmd, out, recipe.name)
+    return cost_bench.spawn(child_command(recipe, args, out), out, recipe.name)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipes", nargs="+", help="baseline recipe first, then the recipes to compare with it")
+    # nargs="*": a child gets its one recipe through --child, with no positional
+    parser.add_argument("recipes", nargs="*", help="baseline recipe first, then the recipes to compare with it")
     parser.add_argument("--model", help="saved VLM directory (default: the default test bed's model)")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
@@ -87,6 +92,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.group_size == 0:
         args.group_size = None

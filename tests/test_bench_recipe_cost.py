@@ -27,3 +27,14 @@ def test_bad_arguments_are_refused(argv, message, capsys):
         bench.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_child_command_parses_as_a_child(tmp_path):
+    """The parent spawns this script with --child and no positional recipes (the first v2 run failed
+    there with 'recipes are required'); its command line must parse back to the same settings."""
+    parent = bench.build_parser().parse_args(["gptq_w4a16_g64", "qvlm_w4", "--model", "m", "--samples", "8",
+                                              "--group-size", "64"])
+    cmd = bench.child_command(tmp_path / "qvlm_w4.yaml", parent, tmp_path / "out.json")
+    child = bench.build_parser().parse_args(cmd[2:])
+    assert child.child == str(tmp_path / "qvlm_w4.yaml") and child.recipes == []
+    assert (child.model, child.samples, child.group_size, child.child_out) == ("m", 8, 64, str(tmp_path / "out.json"))
