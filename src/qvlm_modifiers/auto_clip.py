@@ -14,6 +14,12 @@ independent 1-D search over ``grid = 1.0, 1 - 1/n_grid, ...`` (:func:`clip_ratio
 "no clipping" and comes first, and ties keep the earlier ratio, so the search never does worse on
 its tokens than not clipping. AWQ weights every token 1 (``w_n = 1``).
 
+The sum over tokens can be taken once, before the search: with the per-group second moment
+``H_G = sum_n w_n x_n[G] x_n[G]^T`` (``S x S``, :func:`group_input_gram`) the objective is the
+quadratic form ``d^T H_G d`` of ``d = W[c, G] - W_r[c, G]`` (:func:`group_output_error_gram`): the
+same number up to float rounding, at ``S`` instead of ``tokens`` multiply-adds per weight and ratio
+(8x fewer for AWQ's 512 tokens on 64-weight groups). ``error="gram"`` selects it.
+
 This module is the common math: the ratio grid and the argmin loop (:func:`search_group_clip`).
 What a ratio does to a group is the caller's ``dequantize(group, r)``, which is where the two users
 differ:
@@ -27,10 +33,18 @@ differ:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 
-__all__ = ["Dequantize", "clip_ratios", "group_output_error", "search_group_clip"]
+__all__ = [
+    "Dequantize",
+    "clip_ratios",
+    "group_input_gram",
+    "group_output_error",
+    "group_output_error_gram",
+    "search_group_clip",
+]
 
 # (rows, groups, group_size) float32 weight and a ratio -> the dequantized candidate, same shape
 Dequantize = Callable[[torch.Tensor, float], torch.Tensor]
@@ -64,6 +78,22 @@ def group_output_error(
     return torch.einsum("tcg,t->cg", partial, token_weights)
 
 
+def group_input_gram(x: torch.Tensor, token_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per group ``G``: ``H_G = sum_n w_n x_n[G]^T x_n[G]`` (``(G, S, S)``), the mean over tokens when
+    ``token_weights`` is None, so that ``d^T H_G d`` is :func:`group_output_error`'s value.
+    ``x`` is ``(tokens, G, S)``."""
+    if token_weights is None:
+        return torch.einsum("tgs,tgu->gsu", x, x) / x.shape[0]
+    return torch.einsum("tgs,tgu,t->gsu", x, x, token_weights)
+
+
+def group_output_error_gram(gram: torch.Tensor, weight: torch.Tensor, dequantized: torch.Tensor) -> torch.Tensor:
+    """:func:`group_output_error` from the groups' second moments ``gram`` (:func:`group_input_gram`):
+    per ``(c, G)`` the quadratic form ``d^T H_G d`` of ``d = (W - W_r)[c, G]``."""
+    d = weight - dequantized
+    return (torch.einsum("cgs,gsu->cgu", d, gram) * d).sum(dim=-1)
+
+
 @torch.no_grad()
 def search_group_clip(
     weight: torch.Tensor,
@@ -72,6 +102,7 @@ def search_group_clip(
     dequantize: Dequantize,
     token_weights: torch.Tensor | None = None,
     rows_per_chunk: int = 256,
+    error: Literal["tokens", "gram"] = "tokens",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ratio of ``ratios`` minimising :func:`group_output_error` for every ``(row, group)``.
 
@@ -81,7 +112,11 @@ def search_group_clip(
     :param dequantize: ``dequantize(w, r)``: a ``(rows, groups, group_size)`` float32 chunk of
         ``weight`` as ratio ``r`` dequantizes it (the method's clip rule and quantizer)
     :param token_weights: ``(tokens,)`` non-negative ``w_n``; None: uniform (mean over tokens)
-    :param rows_per_chunk: output rows per step (memory: ``rows * tokens * groups`` floats)
+    :param rows_per_chunk: output rows per step (memory: ``rows * tokens * groups`` floats with
+        ``error="tokens"``, ``rows * groups * group_size`` with ``"gram"``)
+    :param error: ``"tokens"``: the error summed over the tokens for every candidate (AWQ's code);
+        ``"gram"``: from the groups' second moments, computed once (:func:`group_output_error_gram`;
+        the same objective up to float rounding, so a near-tie may resolve the other way)
     :return: ``(ratio, index)``, each ``(out, groups)``: the chosen ratio (float32) and its index in
         ``ratios`` (1.0 and 0 where no candidate has a finite error)
     """
@@ -89,6 +124,9 @@ def search_group_clip(
         raise ValueError(f"weight {tuple(weight.shape)} / inputs {tuple(inputs.shape)} are not (out|tokens, G, S)")
     x = inputs.to(weight.device, torch.float32)
     tw = None if token_weights is None else token_weights.to(weight.device, torch.float32)
+    if error not in ("tokens", "gram"):
+        raise ValueError(f"error must be 'tokens' or 'gram', got {error!r}")
+    gram = group_input_gram(x, tw) if error == "gram" else None
     best_ratio, best_idx = [], []
     for start in range(0, weight.shape[0], rows_per_chunk):
         w = weight[start : start + rows_per_chunk].float()
@@ -96,7 +134,11 @@ def search_group_clip(
         ratio = torch.ones(w.shape[:2], device=w.device)
         idx = torch.zeros(w.shape[:2], dtype=torch.long, device=w.device)
         for i, r in enumerate(ratios):
-            err = group_output_error(x, w, dequantize(w, float(r)).float(), tw)
+            dequantized = dequantize(w, float(r)).float()
+            if gram is None:
+                err = group_output_error(x, w, dequantized, tw)
+            else:
+                err = group_output_error_gram(gram, w, dequantized)
             better = err < min_err
             min_err = torch.where(better, err, min_err)
             ratio = torch.where(better, torch.full_like(ratio, float(r)), ratio)

@@ -46,8 +46,6 @@ __all__ = [
 
 # calibration tokens the clip search uses per Linear (AWQ: n_sample_token = 512)
 CLIP_MAX_TOKENS = 512
-# output channels per chunk of the error computation (memory: chunk * tokens * groups floats)
-_OC_CHUNK = 64
 
 
 def clip_ratio_grid(grid: int = 20, max_shrink: float = 0.5) -> list[float]:
@@ -101,8 +99,11 @@ def auto_clip_ranges(
         scale, zero_point = range_qparams(low * ratio, high * ratio, args)
         return fake_quantize_observed(w[None], scale, zero_point, args)[0]
 
+    # the error from the groups' second moments (one S x S matrix per group, not 512 tokens per
+    # candidate) and every output row at once: one fake-quantization per ratio
     ratio, _ = search_group_clip(
-        observed[0].float(), inputs.reshape(-1, groups, size), ratios, shrink_range, rows_per_chunk=_OC_CHUNK
+        observed[0].float(), inputs.reshape(-1, groups, size), ratios, shrink_range,
+        rows_per_chunk=observed.shape[1], error="gram",
     )
     low, high = minmax_range(observed.float())
     return ratio, low * ratio, high * ratio
