@@ -270,14 +270,13 @@ def test_mbq_w8a8_stays_close_to_full_precision(reloaded, floor_data):
 
 @pytest.mark.slow
 def test_qvlm_w8a8_stays_close_to_full_precision(reloaded, floor_data, tmp_path):
-    """Our Q-VLM at W8A8 (eval/recipes/qvlm_w8a8_s32.yaml with a shorter search: 1 epoch on 4 rows,
-    2 percentiles) on 8 rows (2 held out for the guard): the same floors as RTN W8A8; a broken block
-    search (ranges from the wrong block, lost activation quantization) is far outside."""
-    recipe = (Path(__file__).resolve().parents[1] / "eval" / "recipes" / "qvlm_w8a8_s32.yaml").read_text()
-    shorter, n = re.subn(r"(?m)^(\s+)search_epochs: 10$", r"\1search_epochs: 1", recipe)
-    shorter, m = re.subn(r"(?m)^(\s+)search_samples: 32$", r"\1search_samples: 4", shorter)
+    """Our Q-VLM at W8A8 (recipes/qvlm_w8a8.yaml with a shorter search: 4 search rows, 2 percentiles)
+    on 8 rows (2 held out for the guard): the same floors as RTN W8A8; a broken block search (ranges
+    from the wrong block, lost activation quantization) is far outside."""
+    recipe = (Path(__file__).resolve().parents[1] / "recipes" / "qvlm_w8a8.yaml").read_text()
+    shorter, m = re.subn(r"(?m)^(\s+)search_samples: 16$", r"\1search_samples: 4", recipe)
     shorter, k = re.subn(r"(?m)^(\s+)percentile_grid: .*$", r"\1percentile_grid: [1.0, 0.99]", shorter)
-    assert n == m == k == 1, "eval/recipes/qvlm_w8a8_s32.yaml changed: update the shortened search here"
+    assert m == k == 1 and "search_epochs: 1 " in recipe, "recipes/qvlm_w8a8.yaml changed: update the shortened search here"
     (tmp_path / "qvlm_w8a8_short.yaml").write_text(shorter)
     model, processor = reloaded
     q_model = _quantize(model, processor, str(tmp_path / "qvlm_w8a8_short.yaml"), calib_rows=8)

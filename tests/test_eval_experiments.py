@@ -532,8 +532,8 @@ def test_comparisons_of_the_matrix_resolve_and_bad_ones_are_named(eval_script):
     matched = {(f"mbq_{b}{v}", f"mbq_{b}{u}") for b in ("w3", "w4")
                for v, u in (("", "_uniform"), ("_duo", "_duo_uniform"), ("_clip", "_uniform_clip"))}
     assert pairs == {("mbq_w3", "awq_w3a16"), ("mbq_w4", "awq_w4a16"), ("mbq_w4a8", "smoothquant_w4a8"),
-                     ("qvlm_w4_s32", "rtn_w4a16"), ("qvlm_w6a6_s32", "rtn_w6a6"),
-                     ("qvlm_w4_s32_gptq", "gptq_w4a16")} | matched
+                     ("qvlm_w4", "rtn_w4a16"), ("qvlm_w6a6", "rtn_w6a6"),
+                     ("qvlm_w4_gptq", "gptq_w4a16")} | matched
     # the compared cells run at the same seeds on both sides
     seeds = {}
     for r in runs:

@@ -184,3 +184,23 @@ def test_partition_invariants_random(seed):
             for b, nxt in zip(blocks, blocks[1:]):  # ... and fails (or the cap is hit) at each boundary
                 thr = h0 if h0 is not None else running[b[-1]]
                 assert len(b) == cap or np.mean(deps[b[0] : b[-1] + 1]) <= thr
+
+
+def test_spread_token_mask_thins_the_pairs_evenly():
+    from qvlm_modifiers.qvlm.entropy import spread_token_mask
+
+    assert spread_token_mask((1, 40), 64) is None and spread_token_mask((1, 40), None) is None
+    mask = spread_token_mask((2, 50), 25)
+    assert mask.shape == (2, 50) and int(mask.sum()) == 25
+    kept = mask.reshape(-1).nonzero().squeeze(1)
+    assert kept[0] == 0 and kept[-1] == 99 and (kept.diff() >= 3).all() and (kept.diff() <= 5).all()
+    # the masked update is the update of the kept tokens: same joint counts
+    g = torch.Generator().manual_seed(0)
+    h, h1 = torch.randn(2, 50, 8, generator=g), torch.randn(2, 50, 8, generator=g)
+    masked, subset = JointLevelAccumulator(16), JointLevelAccumulator(16)
+    masked.update(h, h1, mask)
+    subset.update(h[mask][None], h1[mask][None])
+    torch.testing.assert_close(masked.joint, subset.joint)
+    assert masked.count == 25 * 8
+    with pytest.raises(ValueError):
+        spread_token_mask((1, 40), 0)

@@ -32,7 +32,7 @@ from qvlm_modifiers.qvlm.cached_forward import (
     replay_linear_outputs,
 )
 from qvlm_modifiers.qvlm.capture import LayerCall, layer_runner, record_layer_call, split_hidden
-from qvlm_modifiers.qvlm.entropy import JointLevelAccumulator
+from qvlm_modifiers.qvlm.entropy import JointLevelAccumulator, spread_token_mask
 from qvlm_modifiers.qvlm.clip_search import CLIP_MAX_TOKENS, clip_ratio_grid, clip_input_tokens
 from qvlm_modifiers.qvlm.gptq_rounding import gptq_quantize_layers
 from qvlm_modifiers.qvlm.guard import GuardDecision, guard_decision, holdout_batch_indices
@@ -97,6 +97,9 @@ class QVLMModifier(Modifier, QuantizationMixin):
     :param entropy_estimator: ``"soft"`` (Eq. 5, temperature = quantization step) or ``"hard"``
         (round-to-nearest level counts). M, the number of levels, is ``2**num_bits`` of the
         input-activation quantizer when activations are quantized with <= 8 bits, else 16
+    :param entropy_max_tokens: tokens per calibration batch whose pairs ``(h_k, h_{k+1})`` enter
+        D(k, k+1), evenly spaced (``null`` = every token). Eq. 5's soft assignment costs M
+        exponentials per element; a regular sample estimates the same joint distribution
     :param weight_candidates: the weight ranges the search may choose besides min/max (candidate 0,
         plain round-to-nearest, the start of every search; issue #24): ``"auto"`` = ``"minmax"`` at
         >= 6 weight bits (no weight clipping), else ``"clip"`` for group/channel weights (else
@@ -107,8 +110,9 @@ class QVLMModifier(Modifier, QuantizationMixin):
         Static input activations always get the paper's candidates (activation range search)
     :param clip_grid: steps of the clip-ratio grid ``1 - i / clip_grid`` (AWQ: 20)
     :param clip_max_shrink: smallest clip ratio is ``1 - clip_max_shrink`` (AWQ: 0.5)
-    :param clip_strengths: candidates per Linear: AWQ's per-group ratios moved toward 1.0,
-        ``1 - s (1 - r)`` for each ``s`` (1 = AWQ's choice)
+    :param clip_strengths: candidates per Linear besides min/max: AWQ's per-group ratios moved
+        toward 1.0, ``1 - s (1 - r)`` for each ``s`` (1 = AWQ's choice, the default; each extra
+        strength adds one evaluation per Linear and pass; ``[1.0, 0.5]`` was the former default)
     :param clip_exclude_first_token: the clip search ignores token position 0 (the attention sink)
     :param search_holdout: fraction of the calibration batches the search never sees; a block keeps
         its searched ranges only if its objective on them (and on all rows) does not rise against
@@ -122,13 +126,15 @@ class QVLMModifier(Modifier, QuantizationMixin):
     :param init_shrink_factors: shrink factors of the min/max range tried by the lp-norm range
         initialisation (reference code's grid; ``[1.0]`` = min/max, as the RTN matrix cells use); an
         extra candidate after min/max, and the ranges of quantized Linears outside the decoder
-    :param search_epochs: coordinate-descent passes per block (paper: 10); stops earlier once a
-        pass changes nothing
+    :param search_epochs: coordinate-descent passes per block, layer-wise and joint (paper: 10);
+        stops earlier once a pass changes nothing. Default 1: one greedy pass, part of the cost
+        budget of issue #24 (calibration within 2x GPTQ's; ``eval/results/smolvlm-tiny-v2/
+        bench_recipe_cost_qvlm.txt``); more passes refine the same candidates
     :param search_samples: evaluate the search objective on this many of the calibration samples
-        not held out only, spread evenly (``null`` = all of them, the exact search; default 32: 3.8x
-        cheaper than all 128 for +2% block MSE in ``eval/results/smolvlm-tiny/bench_qvlm_search.txt``).
-        The search's reported losses are on all samples not held out, and a joint solution worse
-        there than the layer-wise one is not kept (``"kept_layerwise"``)
+        not held out only, spread evenly (``null`` = all of them, the exact search; default 16, the
+        cost budget above). For a block of several layers the reported losses are on all samples
+        not held out, and a joint solution worse there than the layer-wise one is not kept
+        (``"kept_layerwise"``)
     :param block_objective: ``"token_relative_mse"`` (default; not in the paper: each token's squared
         error divided by its FP output's squared norm), ``"mse"`` (Eq. 2-3 as written) or
         ``"mse_skip_first"`` (Eq. 3 without token position 0, the attention sink). The objective of
@@ -171,10 +177,11 @@ class QVLMModifier(Modifier, QuantizationMixin):
     max_block_layers: int = Field(default=3, ge=1)
     entropy_threshold: float | None = None
     entropy_estimator: Literal["soft", "hard"] = "soft"
+    entropy_max_tokens: int | None = Field(default=32, ge=1)
     percentile_grid: list[float] = Field(default_factory=lambda: list(DEFAULT_PERCENTILES))
     init_shrink_factors: list[float] = Field(default_factory=lambda: list(DEFAULT_SHRINK_FACTORS))
-    search_epochs: int = Field(default=10, ge=0)
-    search_samples: int | None = Field(default=32, ge=1)
+    search_epochs: int = Field(default=1, ge=0)
+    search_samples: int | None = Field(default=16, ge=1)
     block_objective: BlockObjectiveKind = "token_relative_mse"
     vision_token_weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     block_target: Literal["fp", "quant_input"] = "fp"
@@ -185,7 +192,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
     weight_candidates: Literal["auto", "clip", "percentile", "minmax"] = "auto"
     clip_grid: int = Field(default=20, ge=1)
     clip_max_shrink: float = Field(default=0.5, ge=0.0, lt=1.0)
-    clip_strengths: list[float] = Field(default_factory=lambda: [1.0, 0.5])
+    clip_strengths: list[float] = Field(default_factory=lambda: [1.0])
     clip_exclude_first_token: bool = True
     search_holdout: float = Field(default=0.25, ge=0.0, lt=1.0)
     search_replay: bool = True
@@ -338,7 +345,8 @@ class QVLMModifier(Modifier, QuantizationMixin):
             return
         hidden, *_ = split_hidden(args, kwargs)
         out = output[0] if isinstance(output, (tuple, list)) else output
-        self._accumulators[k].update(hidden.detach(), out.detach())  # Eq. 4-5: pairs (h_k, h_{k+1})
+        mask = spread_token_mask(hidden.shape[:-1], self.entropy_max_tokens, hidden.device)
+        self._accumulators[k].update(hidden.detach(), out.detach(), mask)  # Eq. 4-5: pairs (h_k, h_{k+1})
 
     # -- partition (Eq. 7) + block search (Eq. 2-3) -----------------------------------------------
 
@@ -368,11 +376,14 @@ class QVLMModifier(Modifier, QuantizationMixin):
     def _keep(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(self._offload_device)
 
-    def _run_block(self, layer_fns, inputs: list[torch.Tensor], per_layer: bool = False):
-        """``layer_fns`` applied to every batch of ``inputs`` (outputs kept on the offload device)."""
+    def _run_block(self, layer_fns, inputs: list[torch.Tensor], per_layer: bool = False,
+                   batch_indices: list[int] | None = None):
+        """``layer_fns`` applied to every batch of ``inputs`` (outputs kept on the offload device);
+        ``batch_indices``: the calibration batch of each input (default ``0..len(inputs)-1``)."""
         outputs = []
+        ids = list(range(len(inputs))) if batch_indices is None else batch_indices
         for fn in layer_fns:
-            inputs = [self._keep(fn(h, b)) for b, h in enumerate(inputs)]
+            inputs = [self._keep(fn(h, b)) for b, h in zip(ids, inputs)]
             outputs.append(inputs)
         return outputs if per_layer else inputs
 
@@ -456,11 +467,21 @@ class QVLMModifier(Modifier, QuantizationMixin):
         """Searched ranges or min/max for the block (:func:`~qvlm_modifiers.qvlm.guard.guard_decision`),
         both rounded the same way (nearest, or GPTQ with ``gptq_rounding``); leaves the winner
         applied (qparams, and GPTQ's weights) and returns it with the block's quantized-path output."""
+        if self.gptq_rounding:
+            return self._guard_states(block, layer_fns, variables, targets, token_weights, holdout)
+        # round-to-nearest: each state's weights fake-quantized once, not once per batch (exact)
+        with cached_weight_forward(self._linears(block)):
+            return self._guard_states(block, layer_fns, variables, targets, token_weights, holdout)
+
+    def _guard_states(self, block, layer_fns, variables, targets, token_weights, holdout) -> tuple[GuardDecision, list]:
         all_vars = [v for layer_vars in variables for v in layer_vars]
         linears = self._linears(block)
         originals = {id(m): m.weight.data.clone() for m in linears} if self.gptq_rounding else {}
+        num_batches = len(self._q_hidden)
 
-        def evaluate(state: list[int]):
+        def evaluate(state: list[int], batches: list[int] | None = None):
+            """The block in ``state`` on ``batches`` (all: None): outputs and per-batch error terms,
+            ``None`` for the batches not run. GPTQ always runs on every batch (its Hessians)."""
             for var, index in zip(all_vars, state):
                 var.current = index
                 var.set(index)
@@ -472,27 +493,47 @@ class QVLMModifier(Modifier, QuantizationMixin):
                     lambda j, enabled: self._quantized([block[j]], enabled), self._q_hidden,
                     actorder=self.gptq_actorder, keep=self._keep,
                 )
-            else:
-                with self._quantized(block, True):
-                    out = self._run_block(layer_fns, self._q_hidden)
-            return out, batch_squared_errors(out, targets, self.block_objective, token_weights)
+                return out, batch_squared_errors(out, targets, self.block_objective, token_weights)
+            run = list(range(num_batches)) if batches is None else batches
+            with self._quantized(block, True):
+                outs = self._run_block(layer_fns, [self._q_hidden[b] for b in run], batch_indices=run)
+            errs = batch_squared_errors(
+                outs, [targets[b] for b in run], self.block_objective,
+                None if token_weights is None else [token_weights[b] for b in run],
+            )
+            out, err = [None] * num_batches, [None] * num_batches
+            for b, o, e in zip(run, outs, errs):
+                out[b], err[b] = o, e
+            return out, err
 
         searched_state, rtn_state = [v.current for v in all_vars], [0] * len(all_vars)
-        rtn_out, rtn_err = evaluate(rtn_state)
         if searched_state == rtn_state:
+            rtn_out, rtn_err = evaluate(rtn_state)
             decision = guard_decision(rtn_err, rtn_err, holdout)
             decision.winner = "rtn"
             return decision, rtn_out
-        rtn_weights = {id(m): m.weight.data.clone() for m in linears} if self.gptq_rounding else {}
+        if self.gptq_rounding:  # both states GPTQ-rounded on every batch
+            rtn_out, rtn_err = evaluate(rtn_state)
+            rtn_weights = {id(m): m.weight.data.clone() for m in linears}
+        else:  # round-to-nearest: min/max on the held-out rows only (the search beat it on its rows)
+            rtn_out, rtn_err = evaluate(rtn_state, list(holdout) or None)
+            rtn_weights = {}
         out, err = evaluate(searched_state)
         decision = guard_decision(err, rtn_err, holdout)
         if decision.winner == "rtn":
-            for var in all_vars:
-                var.current = 0
-                var.set(0)
-            for m in linears:
-                if id(m) in rtn_weights:
+            if rtn_weights:
+                for var in all_vars:
+                    var.current = 0
+                    var.set(0)
+                for m in linears:
                     m.weight.data.copy_(rtn_weights[id(m)])
+            elif any(o is None for o in rtn_out):  # min/max's outputs on every row, for the next block
+                rtn_out, rtn_err = evaluate(rtn_state)
+                decision = guard_decision(err, rtn_err, holdout)
+            else:
+                for var in all_vars:
+                    var.current = 0
+                    var.set(0)
             out = rtn_out
         return decision, out
 

@@ -185,8 +185,10 @@ def coordinate_descent(
 class BlockSearchResult:
     layerwise: list[DescentResult]
     block: DescentResult | None
-    loss: float  # final block-output MSE (Eq. 3 objective / numel), on ALL batches
-    layerwise_loss: float  # block-output MSE of the layer-wise solution, on ALL batches
+    # final block-output MSE (Eq. 3 objective / numel) on ALL batches; for a one-layer block (no
+    # joint stage, no layer-wise solution to compare with) on the search batches only
+    loss: float
+    layerwise_loss: float  # block-output MSE of the layer-wise solution, on ALL batches (idem)
     search_loss: float = float("nan")  # the searched objective (on the search batches) at the end
     search_batches: int = 0  # number of batches the search objective used
     kept_layerwise: bool = False  # searched on a subset and the joint solution was worse on all batches
@@ -250,10 +252,11 @@ def search_block(
         and ``layerwise_loss`` is then NaN)
     :param keep: where to keep intermediate per-batch tensors (e.g. move to the offload device)
     :param search_batches: evaluate the search objectives on this many batches only (spread
-        evenly, :func:`spread_batch_indices`); ``None`` = all (exact). The reported ``loss`` and
-        ``layerwise_loss`` are always measured on all batches, and if the joint (Eq. 3) solution
-        is worse there than the layer-wise one, the layer-wise one is kept, so the block result
-        is never worse than layer-wise on the full calibration objective
+        evenly, :func:`spread_batch_indices`); ``None`` = all (exact). For a block of several
+        layers the reported ``loss`` and ``layerwise_loss`` are measured on all batches, and if
+        the joint (Eq. 3) solution is worse there than the layer-wise one, the layer-wise one is
+        kept, so the block result is never worse than layer-wise on the full calibration
+        objective; a one-layer block reports its loss on the search batches
     :param reference: use the plain objective (:func:`block_mse_objective`: every candidate
         re-runs the whole block on every batch) instead of :class:`BlockObjective`'s exact
         shortcuts. Same choices and losses, slower: for tests and benchmarks
@@ -320,9 +323,9 @@ def search_block(
     var_layers = [j for j, layer_vars in enumerate(variables) for _ in layer_vars]
     full_objective = make_objective(list(layers), [q_inputs[i] for i in pool], [block_target[i] for i in pool], pool)
     with quantized(True):
-        if len(layers) == 1:
+        if len(layers) == 1:  # nothing to compare on all batches: the loss on the search batches
             result = layerwise_results[0]
-            loss = full_objective() if subset else result.loss
+            loss = result.loss
             return BlockSearchResult(
                 layerwise=layerwise_results, block=None, loss=loss, layerwise_loss=loss,
                 search_loss=result.loss, search_batches=len(indices),

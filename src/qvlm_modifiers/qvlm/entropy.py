@@ -43,6 +43,7 @@ __all__ = [
     "level_probabilities",
     "JointLevelAccumulator",
     "conditional_entropy",
+    "spread_token_mask",
 ]
 
 LevelGrid = Literal["token", "tensor"]
@@ -187,3 +188,21 @@ def conditional_entropy(joint: torch.Tensor) -> float:
     cond = torch.where(p > 0, p / p_a.clamp_min(1e-300), torch.ones_like(p))
     value = -(p * torch.log(cond)).sum().item()
     return max(value, 0.0) if math.isfinite(value) else value
+
+
+def spread_token_mask(
+    token_shape: torch.Size | tuple[int, ...], max_tokens: int | None, device: torch.device | str | None = None
+) -> torch.Tensor | None:
+    """A ``token_shape`` boolean mask keeping at most ``max_tokens`` tokens, evenly spaced over the
+    flattened tokens (first and last kept); ``None`` when all are kept. Thins the pairs one
+    calibration batch adds to :class:`JointLevelAccumulator` (the soft assignment of Eq. 5 costs
+    ``M`` exponentials per element): the joint distribution is estimated from a regular sample of
+    the tokens instead of all of them."""
+    total = math.prod(token_shape)
+    if max_tokens is None or total <= max_tokens:
+        return None
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    keep = torch.zeros(total, dtype=torch.bool, device=device)
+    keep[torch.linspace(0, total - 1, max_tokens, device=device).round().long()] = True
+    return keep.reshape(token_shape)

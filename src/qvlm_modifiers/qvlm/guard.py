@@ -5,10 +5,13 @@ Not in the paper. The block search (Eq. 2-3, :mod:`.block_search`) starts from m
 of its objective *on the rows it searches*. With few rows and many candidates it can still overfit
 them. So the calibration batches are split (:func:`holdout_batch_indices`): the search never sees the
 held-out ones, and after the search the block keeps its searched ranges only if the block objective
-(Eq. 3, or the variant the recipe selects) does not rise against RTN's on the held-out rows *and*
-on all rows (:func:`guard_decision`); otherwise every range of the block reverts to min/max. With
-GPTQ inside (``gptq_rounding``) both sides run GPTQ, so the reference is GPTQ with min/max ranges,
-i.e. llm-compressor's GPTQModifier.
+(Eq. 3, or the variant the recipe selects) does not rise against RTN's on the held-out rows
+(:func:`guard_decision`; on all rows when none are held out); otherwise every range of the block
+reverts to min/max. On the rows it searched, the search is never above RTN already (it starts there
+and moves only on strict improvement), so with round-to-nearest the Modifier runs min/max on the
+held-out rows only, and on every row only where it wins. With GPTQ inside (``gptq_rounding``) both
+sides run GPTQ on every row, so the reference is GPTQ with min/max ranges, i.e. llm-compressor's
+GPTQModifier.
 
 Pure functions on the per-batch error terms of
 :func:`~qvlm_modifiers.qvlm.objective.batch_squared_errors`.
@@ -16,6 +19,7 @@ Pure functions on the per-batch error terms of
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -41,7 +45,8 @@ def holdout_batch_indices(num_batches: int, fraction: float) -> list[int]:
 @dataclass
 class GuardDecision:
     """Which state a block keeps (``winner``) and the objective of both on the held-out rows and
-    on all rows; ``holdout_batches``: how many batches were held out (0: compared on all rows)."""
+    on all rows (NaN where a state was not run on every row); ``holdout_batches``: how many batches
+    were held out (0: compared on all rows)."""
 
     winner: Literal["searched", "rtn"]
     holdout_batches: int
@@ -54,16 +59,26 @@ class GuardDecision:
         return asdict(self)
 
 
-def guard_decision(
-    searched: Sequence[tuple[float, int]], rtn: Sequence[tuple[float, int]], holdout: Sequence[int]
-) -> GuardDecision:
+Terms = Sequence[tuple[float, int] | None]
+
+
+def _loss(errors: Terms, batches: Sequence[int] | None = None) -> float:
+    chosen = [errors[b] for b in batches] if batches is not None else list(errors)
+    if any(term is None for term in chosen):
+        return math.nan
+    return subset_loss(chosen)
+
+
+def guard_decision(searched: Terms, rtn: Terms, holdout: Sequence[int]) -> GuardDecision:
     """Keep the searched ranges iff the objective does not rise against RTN's on the ``holdout``
-    batches (all batches when empty) nor on all batches. ``searched`` / ``rtn``: per batch
-    ``(error sum, count)`` of the block output in each state (both on every calibration batch)."""
+    batches (on all batches when there are none). ``searched`` / ``rtn``: per calibration batch
+    ``(error sum, count)`` of the block output in each state, ``None`` for a batch that state did
+    not run (each must have run the batches compared)."""
     if len(searched) != len(rtn):
-        raise ValueError("both states need the error terms of the same batches")
+        raise ValueError("both states need one entry per calibration batch")
     held = list(holdout) if holdout else None
-    h_s, h_r = subset_loss(searched, held), subset_loss(rtn, held)
-    a_s, a_r = subset_loss(searched), subset_loss(rtn)
-    winner = "searched" if h_s <= h_r and a_s <= a_r else "rtn"
-    return GuardDecision(winner, len(holdout), h_s, h_r, a_s, a_r)
+    h_s, h_r = _loss(searched, held), _loss(rtn, held)
+    if math.isnan(h_s) or math.isnan(h_r):
+        raise ValueError("both states must have run the batches the guard compares")
+    winner = "searched" if h_s <= h_r else "rtn"
+    return GuardDecision(winner, len(holdout), h_s, h_r, _loss(searched), _loss(rtn))
