@@ -199,3 +199,44 @@ def test_modifier_never_worse_than_rtn_on_any_block(saved_vlm, calib_pairs):
     held = holdout_batch_indices(4, 0.25)  # min/max runs on the held-out rows (all rows where it wins)
     ref = torch.cat([rel[b] for b in held]).mean().item()
     assert records[0]["guard"]["holdout_loss_rtn"] == pytest.approx(ref, rel=1e-4)
+
+
+def test_a_block_the_guard_rejects_is_exactly_rtn(saved_vlm, calib_pairs, monkeypatch):
+    """Min/max runs on the held-out rows only; when it wins, the Modifier re-runs it on every row
+    (the next block's inputs) and leaves min/max ranges. Forced here (the guard always picks RTN):
+    the quantized model's output equals textbook min/max int4 in every layer, within float32
+    rounding, and every block reports min/max's objective on all rows."""
+    import qvlm_modifiers.qvlm.base as base
+
+    real = base.guard_decision
+
+    def always_rtn(searched, rtn, holdout):
+        decision = real(searched, rtn, holdout)
+        decision.winner = "rtn"
+        return decision
+
+    monkeypatch.setattr(base, "guard_decision", always_rtn)
+    path = saved_vlm("llava", num_layers=3)
+    processor = AutoProcessor.from_pretrained(path)
+    rows = data.build_calibration_dataset(calib_pairs.select(range(4)), processor,
+                                          AutoModelForImageTextToText.from_pretrained(path), prompt_column="question")
+    rtn_model = AutoModelForImageTextToText.from_pretrained(path)
+    with torch.no_grad():
+        for layer in decoder_layers(rtn_model):
+            for m in layer.modules():
+                if isinstance(m, torch.nn.Linear):
+                    m.weight.copy_(_textbook_rtn(m.weight, 128, symmetric=True))
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    qvlm_modifiers.oneshot(model, processor=processor, dataset=rows, num_calibration_samples=4,
+                           shuffle_calibration_samples=False,
+                           recipe=QVLMModifier(scheme="W4A16", targets=["Linear"], max_block_layers=1))
+    records = model.config.qvlm_blocks["block_losses"]
+    assert len(records) == 3
+    for rec in records:
+        assert rec["guard"]["winner"] == "rtn" and set(rec["choices"].values()) == {"rtn"}
+        assert math.isfinite(rec["guard"]["loss_rtn"]) and rec["loss"] == rec["guard"]["loss_rtn"]
+    batch = data.collate_fn([rows[0]])
+    batch.pop("loss_mask", None)
+    with torch.no_grad():
+        ours, ref = model(**batch).logits, rtn_model(**batch).logits
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
