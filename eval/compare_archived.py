@@ -23,7 +23,7 @@ def runs_by_seed(cells: dict, cell: str) -> dict[int, dict]:
     for cid, rec in cells.items():
         m = re.fullmatch(re.escape(cell) + r"(?:@seed(\d+))?", cid)
         if m:
-            out[int(rec.get("calib_seed", m.group(1) or 0))] = rec
+            out[int(m.group(1) or 0)] = rec  # the plain id is the base seed, 0 in the matrix
     return out
 
 
