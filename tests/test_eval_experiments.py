@@ -534,7 +534,7 @@ def test_comparisons_of_the_matrix_resolve_and_bad_ones_are_named(eval_script):
     # at W4 the shipped mbq_w4 has duo scales: its activation-only twin is mbq_w4_reference
     matched = matched - {("mbq_w4", "mbq_w4_uniform")} | {("mbq_w4_reference", "mbq_w4_uniform")}
     assert pairs == {("mbq_w3", "awq_w3a16"), ("mbq_w4", "awq_w4a16"), ("mbq_w4a8", "smoothquant_w4a8"),
-                     ("qvlm_w4", "rtn_w4a16"), ("qvlm_w6a6", "rtn_w6a6"),
+                     ("qvlm_w4", "rtn_w4a16"), ("qvlm_w6a6", "rtn_w6a6"), ("qvlm_w4a8", "rtn_w4a8"),
                      ("qvlm_w4_gptq", "gptq_w4a16")} | matched
     # the compared cells run at the same seeds on both sides
     seeds = {}
