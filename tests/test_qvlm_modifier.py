@@ -297,7 +297,7 @@ def test_shipped_weight_activation_recipes(name, bits):
     assert act.num_bits == bits and act.dynamic is True and act.strategy == "token"
     assert act.symmetric is (bits == 8)
     assert mod.max_block_layers == 3 and mod.percentile_grid == [1.0, 0.995, 0.99, 0.985, 0.98]
-    assert mod.search_epochs == 10 and mod.quantize_vision_tower is False
+    assert mod.search_epochs == 1 and mod.search_samples == 16 and mod.quantize_vision_tower is False
     w4 = [m for m in qvlm_modifiers.load_recipe("qvlm_w4").modifiers if isinstance(m, QVLMModifier)][0]
     (s4,) = w4.resolved_config.config_groups.values()
     assert s4.weights.group_size == 128 and s4.input_activations is None

@@ -19,7 +19,6 @@ Pure functions on the per-batch error terms of
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -45,15 +44,15 @@ def holdout_batch_indices(num_batches: int, fraction: float) -> list[int]:
 @dataclass
 class GuardDecision:
     """Which state a block keeps (``winner``) and the objective of both on the held-out rows and
-    on all rows (NaN where a state was not run on every row); ``holdout_batches``: how many batches
-    were held out (0: compared on all rows)."""
+    on all rows (``None`` where a state was not run on every row: JSON null in the saved config);
+    ``holdout_batches``: how many batches were held out (0: compared on all rows)."""
 
     winner: Literal["searched", "rtn"]
     holdout_batches: int
     holdout_loss_searched: float
     holdout_loss_rtn: float
-    loss_searched: float
-    loss_rtn: float
+    loss_searched: float | None
+    loss_rtn: float | None
 
     def record(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,10 +61,10 @@ class GuardDecision:
 Terms = Sequence[tuple[float, int] | None]
 
 
-def _loss(errors: Terms, batches: Sequence[int] | None = None) -> float:
+def _loss(errors: Terms, batches: Sequence[int] | None = None) -> float | None:
     chosen = [errors[b] for b in batches] if batches is not None else list(errors)
     if any(term is None for term in chosen):
-        return math.nan
+        return None
     return subset_loss(chosen)
 
 
@@ -78,7 +77,7 @@ def guard_decision(searched: Terms, rtn: Terms, holdout: Sequence[int]) -> Guard
         raise ValueError("both states need one entry per calibration batch")
     held = list(holdout) if holdout else None
     h_s, h_r = _loss(searched, held), _loss(rtn, held)
-    if math.isnan(h_s) or math.isnan(h_r):
+    if h_s is None or h_r is None:
         raise ValueError("both states must have run the batches the guard compares")
     winner = "searched" if h_s <= h_r else "rtn"
     return GuardDecision(winner, len(holdout), h_s, h_r, _loss(searched), _loss(rtn))
