@@ -115,9 +115,8 @@ class QVLMModifier(Modifier, QuantizationMixin):
         strength adds one evaluation per Linear and pass; ``[1.0, 0.5]`` was the former default)
     :param clip_exclude_first_token: the clip search ignores token position 0 (the attention sink)
     :param search_holdout: fraction of the calibration batches the search never sees; a block keeps
-        its searched ranges only if its objective on them (and on all rows) does not rise against
-        min/max's, else it reverts to min/max (:mod:`qvlm_modifiers.qvlm.guard`). 0 = compare on all
-        rows. Needs >= 2 batches to hold any out
+        its searched ranges only if its objective on them does not rise against min/max's, else it
+        reverts to min/max (:mod:`qvlm_modifiers.qvlm.guard`). 0 = compare on all rows. Needs >= 2 batches to hold any out
     :param search_replay: while one Linear's candidates are tried, the Linears before it in its
         layer replay their outputs instead of running again (exact; costs their outputs on the search
         samples in memory, on the execution device; :class:`~qvlm_modifiers.qvlm.objective.LinearOutputReplay`)
@@ -521,19 +520,16 @@ class QVLMModifier(Modifier, QuantizationMixin):
         out, err = evaluate(searched_state)
         decision = guard_decision(err, rtn_err, holdout)
         if decision.winner == "rtn":
-            if rtn_weights:
-                for var in all_vars:
-                    var.current = 0
-                    var.set(0)
-                for m in linears:
-                    m.weight.data.copy_(rtn_weights[id(m)])
-            elif any(o is None for o in rtn_out):  # min/max's outputs on every row, for the next block
+            if any(o is None for o in rtn_out):  # min/max's outputs on every row, for the next block
                 rtn_out, rtn_err = evaluate(rtn_state)
                 decision = guard_decision(err, rtn_err, holdout)
             else:
                 for var in all_vars:
                     var.current = 0
                     var.set(0)
+                for m in linears:
+                    if id(m) in rtn_weights:
+                        m.weight.data.copy_(rtn_weights[id(m)])
             out = rtn_out
         return decision, out
 

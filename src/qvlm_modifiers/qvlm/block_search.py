@@ -314,6 +314,12 @@ def search_block(
             layerwise_results.append(coordinate_descent(objective, layer_vars, epochs, memo=not reference))
             if j < len(layers) - 1:
                 x_q = _run([layer], x_q, keep, indices)
+    if len(layers) == 1:  # nothing to compare on all batches: the loss on the search batches
+        result = layerwise_results[0]
+        return BlockSearchResult(
+            layerwise=layerwise_results, block=None, loss=result.loss, layerwise_loss=result.loss,
+            search_loss=result.loss, search_batches=len(indices),
+        )
     if fp_targets is not None:
         block_target = list(fp_targets[-1])
     else:
@@ -323,13 +329,6 @@ def search_block(
     var_layers = [j for j, layer_vars in enumerate(variables) for _ in layer_vars]
     full_objective = make_objective(list(layers), [q_inputs[i] for i in pool], [block_target[i] for i in pool], pool)
     with quantized(True):
-        if len(layers) == 1:  # nothing to compare on all batches: the loss on the search batches
-            result = layerwise_results[0]
-            loss = result.loss
-            return BlockSearchResult(
-                layerwise=layerwise_results, block=None, loss=loss, layerwise_loss=loss,
-                search_loss=result.loss, search_batches=len(indices),
-            )
         if init != "layerwise":  # from candidate 0 = min/max ("lp_norm": its former name)
             for var in all_vars:
                 var.current = 0
