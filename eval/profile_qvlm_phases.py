@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     from qvlm_modifiers.recipe_check import override_group_size
 
     torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)  # as main_job: the calibration shuffle, so --blocks matches the matrix cell
     cpu, calls = collections.defaultdict(float), collections.Counter()
 
     def wrap(owner, name, label):
