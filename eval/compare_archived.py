@@ -10,26 +10,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 EVAL_DIR = Path(__file__).resolve().parent
 
 
-def runs_by_seed(cells: dict, cell: str) -> dict[int, dict]:
-    """``{calibration seed: record}`` of ``cell``'s runs (``cell`` and ``cell@seed<s>``)."""
-    out = {}
-    for cid, rec in cells.items():
-        m = re.fullmatch(re.escape(cell) + r"(?:@seed(\d+))?", cid)
-        if m:
-            out[int(m.group(1) or 0)] = rec  # the plain id is the base seed, 0 in the matrix
-    return out
-
-
 def main(argv=None) -> int:
     sys.path.insert(0, str(EVAL_DIR.parent))
     from qvlm_eval.paired import compare_runs
+    from qvlm_eval.run_experiments import group_by_cell
+
+    def runs_by_seed(cells: dict, cell: str) -> dict[int, dict]:
+        return {seed: record for seed, (_, record) in group_by_cell(cells).get(cell, {}).items()}
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("current", help="cell of results.json (A)")

@@ -634,3 +634,26 @@ def test_a_run_records_its_seed_and_writes_summary_and_comparisons(eval_script, 
     capsys.readouterr()
     assert run.main(argv) == 0 and len(calls) == 4
     assert capsys.readouterr().out.count("done (key") == 4
+
+
+def test_compare_archived_pairs_an_archive_with_a_current_cell_by_seed(eval_script, tmp_path, capsys):
+    """eval/compare_archived.py: the archived cell's runs (seeds 0, 1) against the current cell's (0, 1,
+    2) are paired on the common seeds with the matrix's statistics; an unknown cell is an error."""
+    compare = eval_script("compare_archived")
+    hits_new, hits_old = [1, 1, 0, 1], [1, 0, 0, 1]
+    current = {"q": _with_rows(_fake_cell("Q-VLM", "W4A16", 0.75, 0.2), [0.1, 0.2, 0.3], hits_new),
+               "q@seed1": _with_rows(_fake_cell("Q-VLM", "W4A16", 0.75, 0.2), [0.1, 0.3, 0.3], hits_new, seed=1),
+               "q@seed2": _with_rows(_fake_cell("Q-VLM", "W4A16", 0.75, 0.2), [0.1, 0.3, 0.3], hits_new, seed=2)}
+    archived = {"q_old": _with_rows(_fake_cell("Q-VLM old", "W4A16", 0.5, 0.3), [0.2, 0.3, 0.4], hits_old),
+                "q_old@seed1": _with_rows(_fake_cell("Q-VLM old", "W4A16", 0.5, 0.3), [0.2, 0.4, 0.4], hits_old, seed=1)}
+    folder = tmp_path / "m"
+    (folder / "archive").mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"cells": current}))
+    (folder / "archive" / "old.json").write_text(json.dumps({"cells": archived}))
+    assert compare.main(["q", "archive/old.json", "q_old", "--model", "m", "--results-root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{"):])
+    assert result["status"] == "ok" and result["seeds"] == [0, 1] and result["unpaired_seeds"] == {"q": [2]}
+    assert result["kl"]["mean_diff"] == pytest.approx(-0.1)  # every row 0.1 lower at both seeds
+    assert [(m["b"], m["c"]) for m in result["hits"]["mcnemar"]] == [(1, 0), (1, 0)]
+    assert compare.main(["nope", "archive/old.json", "q_old", "--model", "m", "--results-root", str(tmp_path)]) == 2
