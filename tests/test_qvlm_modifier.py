@@ -201,6 +201,31 @@ def test_running_mean_partition_and_quant_input_target(deep_llava, calib_pairs):
     _assert_weights_on_grid(model)
 
 
+@pytest.mark.parametrize("max_tokens", [None, 5])
+def test_entropy_max_tokens_reaches_the_dependency_hook(deep_llava, calib_pairs, monkeypatch, max_tokens):
+    """The recipe key ``entropy_max_tokens`` thins the (h_k, h_k+1) pairs that the calibration
+    hook feeds into Eq. 4-5: with 5, every update of every layer link counts 5 tokens of each
+    row's hidden size; with None, every token of the batch."""
+    from qvlm_modifiers.qvlm import entropy
+
+    seen: list[tuple[int, int]] = []  # (tokens counted by this update, tokens in the batch)
+    original = entropy.JointLevelAccumulator.update
+
+    def spy(self, h_k, h_k1, token_mask=None):
+        before = self.count
+        original(self, h_k, h_k1, token_mask)
+        seen.append(((self.count - before) // h_k.shape[-1], h_k.shape[:-1].numel()))
+
+    monkeypatch.setattr(entropy.JointLevelAccumulator, "update", spy)
+    model, processor, rows = _rows(deep_llava, calib_pairs, n=2)
+    recipe = QVLMModifier(scheme="W4A16", targets=["Linear"], search_epochs=1, entropy_max_tokens=max_tokens)
+    _oneshot(model, processor, rows, recipe)
+    n_links = len(decoder_layers(model)) - 1
+    assert len(seen) == n_links * len(rows)  # one update per row (batch of 1) per layer link
+    for counted, tokens in seen:
+        assert tokens > 5 and counted == (tokens if max_tokens is None else 5)
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_w4a4_save_reloads_exactly_with_partition_metadata(family, saved_vlm, calib_pairs, tmp_path):
     model, processor, rows = _rows(saved_vlm(family), calib_pairs)
