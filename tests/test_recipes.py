@@ -346,3 +346,23 @@ def test_unsupported_bits(tmp_path, weights, acts, expected):
     with pytest.raises(RecipeError, match=expected):
         qvlm_modifiers.load_recipe(_write(tmp_path, text))
 
+
+
+@pytest.mark.parametrize("dynamic,strategy", [(True, "token"), (False, "tensor")])
+@pytest.mark.parametrize("modifier,accepted", [("QVLMModifier", True), ("QuantizationModifier", False)])
+def test_simulated_activation_widths_only_for_the_modifier_that_simulates_them(tmp_path, dynamic, strategy, modifier, accepted):
+    """W6A6 (the paper's setting) runs as fake-quant simulation: QVLMModifier declares 4/6-bit input
+    activations, dynamic per token or static per tensor (the range its search chooses); a Modifier
+    that does not declare them is refused with the supported widths."""
+    text = (
+        f"quant_stage:\n  quant_modifiers:\n    {modifier}:\n      config_groups:\n"
+        "        group_0:\n          targets: [Linear]\n"
+        "          weights: {num_bits: 6, type: int, symmetric: false, strategy: channel}\n"
+        f"          input_activations: {{num_bits: 6, type: int, symmetric: false, strategy: {strategy}, "
+        f"dynamic: {str(dynamic).lower()}}}\n"
+    )
+    if accepted:
+        qvlm_modifiers.load_recipe(_write(tmp_path, text))
+    else:
+        with pytest.raises(RecipeError, match="6-bit input activations are not supported"):
+            qvlm_modifiers.load_recipe(_write(tmp_path, text))

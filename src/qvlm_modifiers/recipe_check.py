@@ -109,9 +109,9 @@ def _check_bits(location: str, modifier: Any) -> None:
                 )
         for kind, args in (("input", scheme.input_activations), ("output", scheme.output_activations)):
             # a Modifier may declare extra activation widths it can only simulate (fake-quant),
-            # e.g. QVLMModifier's paper settings W4A4/W6A6 with dynamic per-token activations
+            # e.g. QVLMModifier's paper settings W4A4/W6A6 (dynamic per-token or static per-tensor)
             simulated = getattr(type(modifier), "simulated_activation_bits", ())
-            if args is not None and args.dynamic is True and args.num_bits in simulated:
+            if args is not None and kind == "input" and args.num_bits in simulated:
                 continue
             if args is not None and args.num_bits not in SUPPORTED_ACTIVATION_BITS:
                 raise RecipeError(

@@ -170,7 +170,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
 
     requires_calibration_data: bool = True
     # the paper's W4A4 / W6A6 run as fake-quant simulation (no integer A4/A6 GEMM in vLLM);
-    # qvlm_modifiers.recipe_check accepts these dynamic activation widths for this Modifier
+    # qvlm_modifiers.recipe_check accepts these input-activation widths for this Modifier
     simulated_activation_bits: ClassVar[tuple[int, ...]] = (4, 6)
 
     max_block_layers: int = Field(default=3, ge=1)
