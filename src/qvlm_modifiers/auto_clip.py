@@ -84,7 +84,8 @@ def group_input_gram(x: torch.Tensor, token_weights: torch.Tensor | None = None)
     ``x`` is ``(tokens, G, S)``."""
     if token_weights is None:
         return torch.einsum("tgs,tgu->gsu", x, x) / x.shape[0]
-    return torch.einsum("tgs,tgu,t->gsu", x, x, token_weights)
+    xg = x.transpose(0, 1)  # (G, tokens, S): one batched matmul (the 3-operand einsum is ~9x slower)
+    return torch.bmm((xg * token_weights[None, :, None]).transpose(1, 2), xg)
 
 
 def group_output_error_gram(gram: torch.Tensor, weight: torch.Tensor, dequantized: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,9 @@ use the same clipping.
 Departures from ``auto_clip``: tokens are sampled per modality (``n`` per modality, strided) and
 reweighted by ``count / n`` so the sample estimates the full-calibration sum (AWQ strides over all
 tokens, which on VLM data would keep almost only vision tokens); the quantizer is the follow-up
-scheme's own (what gets deployed), passed in as ``fake_quant``.
+scheme's own (what gets deployed), passed in as ``fake_quant``; the error of every candidate is
+computed from each group's token-weighted input second moment (``error="gram"``, the same objective
+up to float rounding, 4-10x less CPU than summing over the tokens per candidate; as Q-VLM's).
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def search_clip(
     group_size: int,
     fake_quant: FakeQuant,
     ratios: list[float],
-    rows_per_chunk: int = 256,
+    rows_per_chunk: int = 4096,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (output row, input group) clipping threshold minimizing the token-weighted output error.
 
@@ -115,7 +117,7 @@ def search_clip(
     grouped = weight.float().reshape(out_f, n_groups, group_size)
     ratio, idx = search_group_clip(
         grouped, inputs.reshape(-1, n_groups, group_size), ratios, clamp_then_quantize,
-        token_weights=token_weights, rows_per_chunk=rows_per_chunk,
+        token_weights=token_weights, rows_per_chunk=rows_per_chunk, error="gram",
     )
     return grouped.abs().amax(dim=-1) * ratio, idx
 
