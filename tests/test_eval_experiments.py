@@ -531,8 +531,9 @@ def test_comparisons_of_the_matrix_resolve_and_bad_ones_are_named(eval_script):
     pairs = {(p["a"], p["b"]) for p in run.resolve_comparisons(config, runs)}
     matched = {(f"mbq_{b}{v}", f"mbq_{b}{u}") for b in ("w3", "w4")
                for v, u in (("", "_uniform"), ("_duo", "_duo_uniform"), ("_clip", "_uniform_clip"))}
-    # at W4 the shipped mbq_w4 has duo scales: its activation-only twin is mbq_w4_reference
-    matched = matched - {("mbq_w4", "mbq_w4_uniform")} | {("mbq_w4_reference", "mbq_w4_uniform")}
+    # the shipped mbq_w3 / mbq_w4 have duo scales: their activation-only twins are mbq_w*_reference
+    matched = (matched - {("mbq_w3", "mbq_w3_uniform"), ("mbq_w4", "mbq_w4_uniform")}
+               | {("mbq_w3_reference", "mbq_w3_uniform"), ("mbq_w4_reference", "mbq_w4_uniform")})
     assert pairs == {("mbq_w3", "awq_w3a16"), ("mbq_w4", "awq_w4a16"), ("mbq_w4a8", "smoothquant_w4a8"),
                      ("qvlm_w4", "rtn_w4a16"), ("qvlm_w6a6", "rtn_w6a6"), ("qvlm_w4a8", "rtn_w4a8"),
                      ("qvlm_w4_gptq", "gptq_w4a16")} | matched
