@@ -18,8 +18,9 @@ Departures from ``auto_clip``: tokens are sampled per modality (``n`` per modali
 reweighted by ``count / n`` so the sample estimates the full-calibration sum (AWQ strides over all
 tokens, which on VLM data would keep almost only vision tokens); the quantizer is the follow-up
 scheme's own (what gets deployed), passed in as ``fake_quant``; the error of every candidate is
-computed from each group's token-weighted input second moment (``error="gram"``, the same objective
-up to float rounding, 4-10x less CPU than summing over the tokens per candidate; as Q-VLM's).
+computed from each group's token-weighted input second moment, built once per group instead of a
+sum over the tokens per candidate (``error="gram"``: the same objective up to float rounding; as
+Q-VLM's).
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ def search_clip(
     :param fake_quant: quantize-dequantize of a ``(rows, group_size)`` tensor, each row from its
         own min/max (the follow-up scheme's quantizer)
     :param ratios: candidate ``m / max|W[c, G]|``; the first minimum wins (AWQ's ``err < best``)
+    :param rows_per_chunk: output rows per step; each step holds ``rows * in`` floats per candidate
+        (the Gram form does not scale with the tokens)
     :return: ``(max_val, ratio_index)``, both ``(out, in // group_size)``
     """
     out_f, in_f = weight.shape
