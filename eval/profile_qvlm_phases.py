@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     wrap(block_search, "coordinate_descent", "  coordinate descent")
     wrap(range_variables, "auto_clip_ranges", "AWQ clip candidates")
     wrap(base.QVLMModifier, "_guard", "guard (held-out rows, winner's outputs)")
+    wrap(base, "gptq_quantize_states", "  GPTQ inside (gptq_rounding, both states)")
     wrap(base.QVLMModifier, "_run_block", "block passes (FP targets + guard)")
     wrap(base.QVLMModifier, "_dependency_hook", "entropy hook (Eq. 4-5)")
     wrap(base.QVLMModifier, "_capture_call_hook", "capture hook")

@@ -15,7 +15,9 @@ from qvlm_modifiers import data
 from qvlm_modifiers.families import decoder_layers
 from qvlm_modifiers.qvlm import QVLMModifier
 from qvlm_modifiers.qvlm.cached_forward import quantization_enabled
-from qvlm_modifiers.qvlm.gptq_rounding import gptq_quantize_layers
+from qvlm_modifiers.qvlm.block_search import RangeVariable
+from qvlm_modifiers.qvlm.gptq_rounding import GPTQ_PERCDAMP, gptq_quantize_layers, gptq_quantize_states
+from qvlm_modifiers.upstream import gptq_internals
 from qvlm_modifiers.qvlm.ranges import flatten_for_ranges, minmax_range, range_qparams
 
 GROUP = 8
@@ -81,6 +83,148 @@ def test_gptq_matches_plain_gptq_with_act_order(actorder):
     assert (diff > 0.5).float().mean() <= 0.01
     # the act-order matters here, and the implementation follows the requested one
     assert ((lin.weight - other).abs() / steps > 0.5).float().mean() > 0.1
+
+
+def _toy_block(seed=0):
+    """Two layers ``h + b(relu(a(h)))`` whose four Linears share one shape (so GPTQ batches them),
+    heavy-tailed weights (Student-t, 2 dof: outliers, so that some clipped range can win)."""
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for _ in range(2):
+        pair = []
+        for _ in range(2):
+            lin = torch.nn.Linear(32, 32, bias=False)
+            with torch.no_grad():
+                lin.weight.copy_(torch.randn(32, 32, generator=g) / torch.randn(32, 32, generator=g).abs().clamp_min(0.2) / 8)
+            initialize_module_for_quantization(lin, QuantizationScheme(targets=["Linear"], weights=W4G))
+            pair.append(lin)
+        layers.append(pair)
+    channel_scale = torch.exp(torch.randn(32, generator=g))
+    inputs = [torch.randn(1, 48, 32, generator=g) * channel_scale for _ in range(3)]
+    return layers, inputs
+
+
+SHRINKS = (1.0, 0.97, 0.93)  # candidate weight ranges: min/max, then two shrunk ranges
+
+
+def _weight_variable(lin, name):
+    """A weight range variable of ``lin`` with the candidates of SHRINKS (min/max first)."""
+    low, high = minmax_range(flatten_for_ranges(lin.weight.detach(), "weight", W4G))
+    candidates = []
+    for shrink in SHRINKS:
+        scale, zp = range_qparams(low * shrink, high * shrink, W4G)
+        candidates.append({"scale": scale.reshape(lin.weight_scale.shape), "zero_point": zp.reshape(lin.weight_zero_point.shape)})
+
+    def apply(setting, _m=lin):
+        _m.weight_scale.data.copy_(setting["scale"])
+        _m.weight_zero_point.data.copy_(setting["zero_point"])
+
+    return RangeVariable(name=f"{name}.weight", candidates=candidates, labels=[f"x{s}" for s in SHRINKS],
+                         apply=apply, module=lin)
+
+
+def _count_calls(monkeypatch):
+    """Patch the GPTQ internals so that each quantize_weight call records its batch size."""
+    import qvlm_modifiers.qvlm.gptq_rounding as gptq_rounding
+
+    calls, internals = [], gptq_rounding.gptq_internals()
+
+    def counted(**kw):
+        calls.append(kw["weights"].shape[0])
+        return internals[0](**kw)
+
+    monkeypatch.setattr(gptq_rounding, "gptq_internals", lambda: (counted, *internals[1:]))
+    return calls
+
+
+def _toy_setup(seed=0):
+    layers, inputs = _toy_block(seed)
+    linears = [m for pair in layers for m in pair]
+    fp = {id(m): m.weight.detach().clone() for m in linears}
+    variables = [[_weight_variable(m, f"{j}.{i}") for i, m in enumerate(pair)] for j, pair in enumerate(layers)]
+    fns = [lambda h, b, p=pair: h + p[1](torch.relu(p[0](h))) for pair in layers]
+    return layers, inputs, linears, fp, variables, fns, lambda j, on: quantization_enabled(layers[j], on)
+
+
+@torch.no_grad()
+def test_states_in_lockstep_match_each_state_run_alone(monkeypatch):
+    """gptq_quantize_states runs two range states (min/max, shrunk ranges) of a two-layer block in one
+    pass, batching the same-shape (state, Linear) pairs into one quantize_weight call. Each state must
+    get what GPTQ gives it alone, one Linear per call (GPTQModifier on a CPU): the batch items are
+    independent, so the same float32 operations per item; measured bit-identical, 1e-6 is float noise
+    far below one step (>= 1e-2 here), so a changed rounding would fail it."""
+    layers, inputs, linears, fp, variables, fns, quantized = _toy_setup()
+    states = [[[(v, [c]) for v in layer_vars] for layer_vars in variables] for c in (0, 1)]
+    calls = _count_calls(monkeypatch)
+    both = gptq_quantize_states(layers, fns, quantized, inputs, states)
+    monkeypatch.undo()
+    assert calls == [4, 4]  # per layer: 2 states x 2 Linears in one call
+    for s in range(2):
+        for m in linears:
+            m.weight.data.copy_(fp[id(m)])
+        alone = gptq_quantize_states(layers, fns, quantized, inputs, [states[s]], max_batch=1)
+        assert both.choices[s] == alone.choices[0] == {v.name: s for lv in variables for v in lv}
+        for m, v in zip(linears, [v for lv in variables for v in lv]):
+            w = both.weights[s][id(m)]
+            torch.testing.assert_close(w, alone.weights[0][id(m)], rtol=0, atol=1e-6)
+            c = v.candidates[s]  # on the grid of the state's own range
+            torch.testing.assert_close(fake_quantize(w, c["scale"], c["zero_point"], W4G), w, rtol=0, atol=1e-6)
+        for o, r in zip(both.outputs[s], alone.outputs[0]):
+            torch.testing.assert_close(o, r, rtol=0, atol=1e-5)
+    # the two states differ (the test would pass trivially otherwise)
+    assert not torch.allclose(both.weights[0][id(linears[0])], both.weights[1][id(linears[0])])
+
+
+@torch.no_grad()
+def test_gptq_chooses_each_weight_range_by_its_own_error():
+    """A state listing several candidates per weight: each Linear keeps the candidate whose GPTQ result
+    has the lowest Hessian-weighted error tr((W - Q) H (W - Q)^T) on its inputs (H = 2 X X^T / n,
+    dampened as GPTQ does), computed here in plain float64 from each candidate's GPTQ weights, layer by
+    layer on the quantized path of the choices before it; the chosen weights are that candidate's."""
+    layers, inputs, linears, fp, variables, fns, quantized = _toy_setup(seed=2)  # a seed where a clip wins once
+    state = [[(v, range(len(SHRINKS))) for v in layer_vars] for layer_vars in variables]
+    chosen = gptq_quantize_states(layers, fns, quantized, inputs, [state])
+    x = list(inputs)
+    picks = []
+    for m in linears:  # the run left GPTQ's weights in place
+        m.weight.data.copy_(fp[id(m)])
+    for j, pair in enumerate(layers):
+        seen = {id(m): [] for m in pair}
+        handles = [m.register_forward_pre_hook(lambda mod, a: seen[id(mod)].append(a[0].detach().clone()))
+                   for m in pair]
+        with quantization_enabled(pair, False):
+            for b, h in enumerate(x):
+                fns[j](h, b)
+        for handle in handles:
+            handle.remove()
+        for m, v in zip(pair, variables[j]):
+            _, accumulate_hessian, make_empty_hessian = gptq_internals()
+            h32, n = make_empty_hessian(m), torch.zeros(())  # GPTQ's own float32 Hessian, as the Modifier takes it
+            for a in seen[id(m)]:
+                h32, n = accumulate_hessian(a, m, h32, n)
+            h32 = h32 / n
+            xs = [a.reshape(-1, 32).double() for a in seen[id(m)]]
+            h = sum(2 * a.T @ a for a in xs) / len(xs)  # the error's, in float64
+            h += GPTQ_PERCDAMP * torch.diag(h).mean() * torch.eye(32, dtype=h.dtype)
+            errors, results = [], []
+            for c in range(len(SHRINKS)):  # each candidate alone: GPTQ (one Linear per call), then its error
+                v.set(c)
+                q, _, _ = gptq_internals()[0](
+                    weights=fp[id(m)][None].clone(), hessians=h32[None].clone(),
+                    scale=m.weight_scale.data[None], zero_point=m.weight_zero_point.data[None], global_scale=None,
+                    quant_args=W4G.model_copy(update={"actorder": "weight"}), blocksize=128, percdamp=GPTQ_PERCDAMP)
+                d = (fp[id(m)] - q[0]).double()
+                errors.append(float(torch.trace(d @ h @ d.T)))
+                results.append(q[0])
+            best = min(range(len(SHRINKS)), key=lambda c: errors[c])
+            picks.append(best)
+            assert chosen.choices[0][v.name] == best, (v.name, errors)
+            torch.testing.assert_close(chosen.weights[0][id(m)], results[best], rtol=0, atol=1e-6, msg=lambda msg: f"{v.name} {errors} {msg}")
+            v.set(best)
+            m.weight.data.copy_(results[best])
+        with quantization_enabled(pair, True):
+            x = [fns[j](h, b) for b, h in enumerate(x)]
+    assert len(set(picks)) > 1 or picks[0] != 0  # the choice is not always min/max here
 
 
 def _run(path, rows_pairs, recipe, n=4):

@@ -34,7 +34,7 @@ from qvlm_modifiers.qvlm.cached_forward import (
 from qvlm_modifiers.qvlm.capture import LayerCall, layer_runner, record_layer_call, split_hidden
 from qvlm_modifiers.qvlm.entropy import JointLevelAccumulator, spread_token_mask
 from qvlm_modifiers.qvlm.clip_search import CLIP_MAX_TOKENS, clip_ratio_grid, clip_input_tokens
-from qvlm_modifiers.qvlm.gptq_rounding import gptq_quantize_layers
+from qvlm_modifiers.qvlm.gptq_rounding import gptq_quantize_states
 from qvlm_modifiers.qvlm.guard import GuardDecision, guard_decision, holdout_batch_indices
 from qvlm_modifiers.qvlm.metadata import METADATA_ATTRIBUTE, block_record, partition_metadata, write_metadata
 from qvlm_modifiers.qvlm.objective import (
@@ -154,6 +154,13 @@ class QVLMModifier(Modifier, QuantizationMixin):
         (:mod:`qvlm_modifiers.qvlm.gptq_rounding`, GPTQModifier's order and inputs), run with the
         searched ranges and with min/max; the guard keeps the better (so the reference is
         GPTQModifier's result). Off by default
+    :param gptq_weight_ranges: with ``gptq_rounding``, who chooses each weight's range among its
+        candidates: ``"search"`` the block search (Eq. 2-3, round-to-nearest inside; GPTQ then runs
+        in the ranges it chose), ``"gptq"`` GPTQ itself, in the loop: each Linear keeps the candidate
+        with the lowest GPTQ error on its inputs (:func:`~qvlm_modifiers.qvlm.gptq_rounding.gptq_quantize_states`),
+        and the block search is left to the static activation ranges (skipped when there are none).
+        Ranges tuned for round-to-nearest clip what GPTQ would compensate: on the default model the
+        guard rejected the searched ranges in 19-20 of 22 blocks (``qvlm_w4_gptq``)
     :param gptq_actorder: GPTQ's act-order ``"static"`` (GPTQModifier's default); false = natural
         column order
     :param optimize_vision_encoder: visual-encoder optimization (Eq. 8-10,
@@ -188,6 +195,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
     quantize_vision_tower: bool = False
     gptq_rounding: bool = False
     gptq_actorder: bool = True
+    gptq_weight_ranges: Literal["search", "gptq"] = "search"
     weight_candidates: Literal["auto", "clip", "percentile", "minmax"] = "auto"
     clip_grid: int = Field(default=20, ge=1)
     clip_max_shrink: float = Field(default=0.5, ge=0.0, lt=1.0)
@@ -430,7 +438,13 @@ class QVLMModifier(Modifier, QuantizationMixin):
             ]
             token_weights = self._token_weights()
             started, started_cpu = time.perf_counter(), time.process_time()
-            result = self._search(block, layer_fns, variables, per_layer if fp_path else None, token_weights, train=train)
+            searched = variables
+            if self.gptq_rounding and self.gptq_weight_ranges == "gptq":  # GPTQ picks the weight ranges
+                searched = [[v for v in layer_vars if not v.name.endswith(".weight")] for layer_vars in variables]
+            if any(searched):
+                result = self._search(block, layer_fns, searched, per_layer if fp_path else None, token_weights, train=train)
+            else:
+                result = BlockSearchResult(layerwise=[], block=None, loss=float("nan"), layerwise_loss=float("nan"))
             search_s, search_cpu_s = time.perf_counter() - started, time.process_time() - started_cpu
             if fp_path:
                 targets = fp_out
@@ -467,32 +481,59 @@ class QVLMModifier(Modifier, QuantizationMixin):
         both rounded the same way (nearest, or GPTQ with ``gptq_rounding``); leaves the winner
         applied (qparams, and GPTQ's weights) and returns it with the block's quantized-path output."""
         if self.gptq_rounding:
-            return self._guard_states(block, layer_fns, variables, targets, token_weights, holdout)
+            return self._guard_gptq(block, layer_fns, variables, targets, token_weights, holdout)
         # round-to-nearest: each state's weights fake-quantized once, not once per batch (exact)
         with cached_weight_forward(self._linears(block)):
             return self._guard_states(block, layer_fns, variables, targets, token_weights, holdout)
 
+    def _guard_gptq(self, block, layer_fns, variables, targets, token_weights, holdout) -> tuple[GuardDecision, list]:
+        """The guard with GPTQ inside: the block's ranges (searched, and with
+        ``gptq_weight_ranges: gptq`` each weight's range chosen by GPTQ's error among its
+        candidates) against min/max, both GPTQ-rounded on every batch in one lockstep pass
+        (:func:`~qvlm_modifiers.qvlm.gptq_rounding.gptq_quantize_states`); the min/max state is
+        GPTQModifier's result."""
+        choose = self.gptq_weight_ranges == "gptq"
+        searched = [
+            [(v, range(len(v.candidates)) if choose and v.name.endswith(".weight") else [v.current]) for v in layer_vars]
+            for layer_vars in variables
+        ]
+        rtn = [[(v, [0]) for v in layer_vars] for layer_vars in variables]
+        only_rtn = all(list(c) == [0] for layer in searched for _, c in layer)
+        states = [rtn] if only_rtn else [searched, rtn]
+        result = gptq_quantize_states(
+            [[m for _, m in self._layer_linears[k]] for k in block], layer_fns,
+            lambda j, enabled: self._quantized([block[j]], enabled), self._q_hidden, states,
+            actorder=self.gptq_actorder, keep=self._keep,
+        )
+        errs = [batch_squared_errors(out, targets, self.block_objective, token_weights) for out in result.outputs[-1:]]
+        if only_rtn or result.choices[0] == result.choices[-1]:  # nothing else chosen: min/max + GPTQ
+            decision = guard_decision(errs[-1], errs[-1], holdout)
+            decision.winner = "rtn"
+            kept = len(states) - 1
+        else:
+            errs.insert(0, batch_squared_errors(result.outputs[0], targets, self.block_objective, token_weights))
+            decision = guard_decision(errs[0], errs[1], holdout)
+            kept = 0 if decision.winner == "searched" else 1
+        for layer_vars in variables:
+            for v in layer_vars:
+                v.current = result.choices[kept].get(v.name, 0)
+                v.set(v.current)
+        for m in self._linears(block):
+            if id(m) in result.weights[kept]:
+                m.weight.data.copy_(result.weights[kept][id(m)])
+        return decision, result.outputs[kept]
+
     def _guard_states(self, block, layer_fns, variables, targets, token_weights, holdout) -> tuple[GuardDecision, list]:
+        """The guard with round-to-nearest (weights cached by :func:`cached_weight_forward`)."""
         all_vars = [v for layer_vars in variables for v in layer_vars]
-        linears = self._linears(block)
-        originals = {id(m): m.weight.data.clone() for m in linears} if self.gptq_rounding else {}
         num_batches = len(self._q_hidden)
 
         def evaluate(state: list[int], batches: list[int] | None = None):
             """The block in ``state`` on ``batches`` (all: None): outputs and per-batch error terms,
-            ``None`` for the batches not run. GPTQ always runs on every batch (its Hessians)."""
+            ``None`` for the batches not run."""
             for var, index in zip(all_vars, state):
                 var.current = index
                 var.set(index)
-            if self.gptq_rounding:
-                for m in linears:
-                    m.weight.data.copy_(originals[id(m)])
-                out = gptq_quantize_layers(
-                    [[m for _, m in self._layer_linears[k]] for k in block], layer_fns,
-                    lambda j, enabled: self._quantized([block[j]], enabled), self._q_hidden,
-                    actorder=self.gptq_actorder, keep=self._keep,
-                )
-                return out, batch_squared_errors(out, targets, self.block_objective, token_weights)
             run = list(range(num_batches)) if batches is None else batches
             with self._quantized(block, True):
                 outs = self._run_block(layer_fns, [self._q_hidden[b] for b in run], batch_indices=run)
@@ -511,12 +552,8 @@ class QVLMModifier(Modifier, QuantizationMixin):
             decision = guard_decision(rtn_err, rtn_err, holdout)
             decision.winner = "rtn"
             return decision, rtn_out
-        if self.gptq_rounding:  # both states GPTQ-rounded on every batch
-            rtn_out, rtn_err = evaluate(rtn_state)
-            rtn_weights = {id(m): m.weight.data.clone() for m in linears}
-        else:  # round-to-nearest: min/max on the held-out rows only (the search beat it on its rows)
-            rtn_out, rtn_err = evaluate(rtn_state, list(holdout) or None)
-            rtn_weights = {}
+        # min/max on the held-out rows only (the search beat it on its rows)
+        rtn_out, rtn_err = evaluate(rtn_state, list(holdout) or None)
         out, err = evaluate(searched_state)
         decision = guard_decision(err, rtn_err, holdout)
         if decision.winner == "rtn":
@@ -527,9 +564,6 @@ class QVLMModifier(Modifier, QuantizationMixin):
                 for var in all_vars:
                     var.current = 0
                     var.set(0)
-                for m in linears:
-                    if id(m) in rtn_weights:
-                        m.weight.data.copy_(rtn_weights[id(m)])
             out = rtn_out
         return decision, out
 

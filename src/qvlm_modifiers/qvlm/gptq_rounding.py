@@ -16,22 +16,24 @@ weights (``tests/test_qvlm_gptq_rounding.py``):
   Hessian diagonal, groups (qparams) kept in the original column order;
 * GPTQModifier's ``block_size`` 128 and ``dampening_frac`` 0.01.
 
-The Modifier runs it once with the searched ranges and once with min/max and keeps the better on
-held-out calibration rows (:mod:`.guard`).
+The Modifier runs it with the searched ranges and with min/max and keeps the better on held-out
+calibration rows (:mod:`.guard`); :func:`gptq_quantize_states` runs both states in one pass.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from compressed_tensors.quantization import ActivationOrdering
 
+from qvlm_modifiers.qvlm.block_search import RangeVariable
 from qvlm_modifiers.qvlm.objective import LayerFn
 from qvlm_modifiers.upstream import gptq_internals
 
-__all__ = ["GPTQ_BLOCKSIZE", "GPTQ_PERCDAMP", "gptq_quantize_layers"]
+__all__ = ["GPTQ_BLOCKSIZE", "GPTQ_PERCDAMP", "gptq_quantize_layers", "gptq_quantize_states", "GPTQStatesResult", "StateSettings"]
 
 # llm-compressor's GPTQModifier defaults (block_size, dampening_frac)
 GPTQ_BLOCKSIZE = 128
@@ -61,44 +63,182 @@ def gptq_quantize_layers(
     :param actorder: act-order ``"static"`` (GPTQModifier's default); ``False``: natural order
     :returns: per batch, the block output on the quantized path after GPTQ
     """
-    if len(layer_linears) != len(layers):
-        raise ValueError("one list of Linears per layer is required")
+    result = gptq_quantize_states(
+        layer_linears, layers, quantized, q_inputs, [[[] for _ in layers]],
+        actorder=actorder, keep=keep, blocksize=blocksize, percdamp=percdamp,
+    )
+    return result.outputs[0]
+
+
+# per layer of the block: (range variable, candidate indices); one index = that candidate, several =
+# a weight variable whose candidate GPTQ chooses (the lowest GPTQ error of its Linear)
+StateSettings = Sequence[Sequence[tuple[RangeVariable, Sequence[int]]]]
+
+
+@dataclass
+class GPTQStatesResult:
+    """Per state: the block output per batch on the quantized path (``outputs``), the GPTQ weight of
+    each Linear (``weights``, ``id(module)`` -> tensor) and the candidate each variable ended on
+    (``choices``, variable name -> index)."""
+
+    outputs: list[list[torch.Tensor]]
+    weights: list[dict[int, torch.Tensor]]
+    choices: list[dict[str, int]]
+
+
+@torch.no_grad()
+def gptq_quantize_states(
+    layer_linears: Sequence[Sequence[torch.nn.Module]],
+    layers: Sequence[LayerFn],
+    quantized: Callable[[int, bool], contextlib.AbstractContextManager],
+    q_inputs: Sequence[torch.Tensor],
+    states: Sequence[StateSettings],
+    actorder: bool = True,
+    keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    blocksize: int = GPTQ_BLOCKSIZE,
+    percdamp: float = GPTQ_PERCDAMP,
+    max_batch: int = 16,
+) -> GPTQStatesResult:
+    """:func:`gptq_quantize_layers` for several range states of the block at once (the guard's
+    searched ranges and min/max), each state exactly as if run alone, and with GPTQ in the loop of
+    the weight-range choice.
+
+    The states advance layer by layer in lockstep. At layer ``j``, each state's Hessians are taken
+    from its own quantized-path input; then every (state, Linear, candidate range) of the layer goes
+    through GPTQ, those with the same weight shape and quantization args in *one* batched
+    ``quantize_weight`` call (at most ``max_batch`` items). ``quantize_weight`` treats batch items
+    independently (own Hessian, scale, zero-point), so batching changes no number; on a CPU, where
+    GPTQModifier runs one Linear per call and the column loop's per-call overhead dominates, it is
+    what keeps GPTQ inside Q-VLM near one GPTQModifier's cost (issue #24's budget). Where a state
+    lists several candidates for a Linear's weight, the Linear keeps the one with the lowest GPTQ
+    error (``quantize_weight``'s loss: the Hessian-weighted error ``||(W - Q) X||^2`` its column
+    updates leave, on this layer's inputs; ties keep the earlier candidate, min/max first), and that
+    state's layer then runs with it.
+
+    :param states: per state, per layer, the range variables to set (:data:`StateSettings`); a
+        weight-quantized Linear without a variable keeps its current qparams
+    :returns: :class:`GPTQStatesResult`. The Linears are left holding the last state's weights and
+        qparams; the caller applies the state it keeps
+    """
+    if any(len(state) != len(layers) for state in states) or len(layer_linears) != len(layers):
+        raise ValueError("one list of Linears and, per state, one list of settings per layer are required")
+    if not states:
+        raise ValueError("at least one state is required")
     quantize_weight, accumulate_hessian, make_empty_hessian = gptq_internals()
-    x = list(q_inputs)
+    # a state's *path* names its quantized-path input: the choices made so far. States on the same path
+    # share their Hessians, their GPTQ runs and their layer outputs (e.g. at a block's first layer, or
+    # while the searched state keeps min/max), which are then computed once.
+    paths: list[tuple] = [() for _ in states]
+    inputs: dict[tuple, list[torch.Tensor]] = {(): list(q_inputs)}
+    result = GPTQStatesResult(outputs=[], weights=[{} for _ in states], choices=[{} for _ in states])
+    order = ActivationOrdering.WEIGHT if actorder else None
     for j, (layer, linears) in enumerate(zip(layers, layer_linears)):
         linears = [m for m in linears if m.quantization_scheme.weights is not None]
-        hessians = {id(m): make_empty_hessian(m) for m in linears}
-        counts = {id(m): torch.zeros(()) for m in linears}
-
-        def hook(module, args, _h=hessians, _n=counts):
-            _h[id(module)], _n[id(module)] = accumulate_hessian(args[0].detach(), module, _h[id(module)], _n[id(module)])
-
-        handles = [m.register_forward_pre_hook(hook) for m in linears]
-        try:
-            with quantized(j, False):
-                for b, h in enumerate(x):
-                    layer(h, b)
-        finally:
-            for handle in handles:
-                handle.remove()
-        for m in linears:
-            order = ActivationOrdering.WEIGHT if actorder else None
-            args = m.quantization_scheme.weights.model_copy(update={"actorder": order})
-            zp = getattr(m, "weight_zero_point", None)
-            zp = zp.data if zp is not None else torch.zeros_like(m.weight_scale.data)
-            hessian = hessians[id(m)] / counts[id(m)].to(hessians[id(m)].device).clamp_min(1)
-            quantized_weight, _, _ = quantize_weight(
-                weights=m.weight.data[None].float().clone(),
-                hessians=hessian[None],
-                scale=m.weight_scale.data[None],
-                zero_point=zp[None],
+        originals = {id(m): m.weight.data.clone() for m in linears}  # still full precision here
+        items = {}  # (path, Linear, candidate) -> (module, normalized Hessian, scale, zero-point)
+        hessians: dict[tuple, dict[int, torch.Tensor]] = {}
+        for s, state in enumerate(states):
+            weight_vars = _apply_settings(state[j])
+            if paths[s] not in hessians:
+                hessians[paths[s]] = _layer_hessians(layer, linears, inputs[paths[s]], quantized(j, False),
+                                                     accumulate_hessian, make_empty_hessian)
+            for m in linears:
+                var, candidates = weight_vars.get(id(m), (None, [None]))
+                for c in candidates:
+                    if (paths[s], id(m), c) in items:
+                        continue
+                    if var is not None:
+                        var.set(c)
+                    zp = getattr(m, "weight_zero_point", None)
+                    zp = zp.data.clone() if zp is not None else torch.zeros_like(m.weight_scale.data)
+                    items[(paths[s], id(m), c)] = (m, hessians[paths[s]][id(m)], m.weight_scale.data.clone(), zp)
+        del hessians
+        gptq: dict[tuple, tuple[torch.Tensor, float]] = {}
+        for batch in _batches(list(items.items()), max_batch):
+            args = batch[0][1][0].quantization_scheme.weights.model_copy(update={"actorder": order})
+            quantized_weights, losses, _ = quantize_weight(
+                weights=torch.stack([originals[id(m)].float() for _, (m, *_) in batch]),
+                hessians=torch.stack([item[1] for _, item in batch]),
+                scale=torch.stack([item[2] for _, item in batch]),
+                zero_point=torch.stack([item[3] for _, item in batch]),
                 global_scale=None,
                 quant_args=args,
                 blocksize=blocksize,
                 percdamp=percdamp,
             )
-            m.weight.data.copy_(quantized_weight[0].to(m.weight.dtype))
-        del hessians
-        with quantized(j, True):
-            x = [keep(layer(h, b)) for b, h in enumerate(x)]
-    return x
+            for (key, (m, *_)), q, loss in zip(batch, quantized_weights, losses):
+                gptq[key] = (q.to(m.weight.dtype), float(loss))
+        del items
+        outputs: dict[tuple, list[torch.Tensor]] = {}
+        for s, state in enumerate(states):
+            weight_vars = _apply_settings(state[j])
+            for m in linears:
+                var, candidates = weight_vars.get(id(m), (None, [None]))
+                best = min(candidates, key=lambda c: gptq[(paths[s], id(m), c)][1])  # first of equals: min/max
+                if var is not None:
+                    var.current = best
+                    var.set(best)
+                weight = gptq[(paths[s], id(m), best)][0]
+                m.weight.data.copy_(weight)
+                result.weights[s][id(m)] = weight
+            for var, _ in state[j]:
+                result.choices[s][var.name] = var.current
+            path = paths[s] + (tuple(sorted((var.name, var.current) for var, _ in state[j])),)
+            if path not in outputs:
+                with quantized(j, True):
+                    outputs[path] = [keep(layer(h, b)) for b, h in enumerate(inputs[paths[s]])]
+            paths[s] = path
+        inputs = outputs
+    result.outputs = [inputs[path] for path in paths]
+    return result
+
+
+def _apply_settings(settings: Sequence[tuple[RangeVariable, Sequence[int]]]) -> dict[int, tuple]:
+    """Set each variable of one layer to its candidate (the first listed where GPTQ chooses among
+    several); returns the weight variables by ``id`` of their Linear, with their candidates."""
+    weight_vars = {}
+    for var, candidates in settings:
+        candidates = list(candidates)
+        if not candidates:
+            raise ValueError(f"no candidate given for {var.name}")
+        is_weight = var.name.endswith(".weight")
+        if len(candidates) > 1 and not is_weight:
+            raise ValueError(f"GPTQ can only choose among weight ranges, not among those of {var.name}")
+        var.current = candidates[0]
+        var.set(candidates[0])
+        if is_weight and var.module is not None:
+            weight_vars[id(var.module)] = (var, candidates)
+    return weight_vars
+
+
+def _layer_hessians(layer, linears, inputs, full_precision, accumulate_hessian, make_empty_hessian) -> dict[int, torch.Tensor]:
+    """GPTQ's normalized Hessians ``2 X X^T / n`` of each Linear's inputs when ``layer`` runs in
+    full precision on ``inputs`` (GPTQModifier calibrates under ``DisableQuantization``)."""
+    hessians = {id(m): make_empty_hessian(m) for m in linears}
+    counts = {id(m): torch.zeros(()) for m in linears}
+
+    def hook(module, args):
+        hessians[id(module)], counts[id(module)] = accumulate_hessian(
+            args[0].detach(), module, hessians[id(module)], counts[id(module)])
+
+    handles = [m.register_forward_pre_hook(hook) for m in linears]
+    try:
+        with full_precision:
+            for b, h in enumerate(inputs):
+                layer(h, b)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {key: h / counts[key].to(h.device).clamp_min(1) for key, h in hessians.items()}
+
+
+def _batches(items: list, max_batch: int) -> list[list]:
+    """``items`` grouped as GPTQModifier's ``assign_batches`` groups modules: same weight shape,
+    dtype, device and quantization args, at most ``max_batch`` per group, first-seen order."""
+    groups: dict[tuple, list] = {}
+    for item in items:
+        m = item[1][0]
+        key = (tuple(m.weight.shape), str(m.weight.dtype), str(m.weight.device),
+               m.quantization_scheme.weights.model_dump_json())
+        groups.setdefault(key, []).append(item)
+    return [group[i:i + max_batch] for group in groups.values() for i in range(0, len(group), max_batch)]
