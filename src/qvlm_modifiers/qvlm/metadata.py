@@ -121,9 +121,12 @@ def partition_metadata(
 
 def _rounded(value):
     """Floats to 8 significant digits for ``config.json`` (block losses can be ~1e-6: 8 decimal
-    places would keep 2 digits), inside dicts too."""
+    places would keep 2 digits), inside dicts too; NaN (a loss no search computed, e.g. with GPTQ
+    choosing the weight ranges) becomes ``None`` (JSON null, equal to itself after a reload)."""
     if isinstance(value, dict):
         return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return float(f"{value:.8g}") if isinstance(value, float) else value
 
 
