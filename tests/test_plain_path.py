@@ -215,9 +215,9 @@ def test_upstream_reload_of_plain_checkpoint(saved_vlm, tmp_path):
 def test_qvlm_token_weights_on_plain_rows(saved_vlm, tmp_path):
     """Q-VLM's modality-weighted objective (vision_token_weight != 1) also runs on plain rows: the
     derived labels give the same result as explicit loss_mask rows."""
-    text, n = re.subn(r"(?m)^(\s+)search_epochs: .*$", r"\1search_epochs: 1\n\1vision_token_weight: 0.25",
+    text, n = re.subn(r"(?m)^(\s+)quantize_vision_tower: .*$", r"\1quantize_vision_tower: false\n\1vision_token_weight: 0.25",
                       qvlm_modifiers.recipe_path("qvlm_w4").read_text())
-    assert n == 1, "recipes/qvlm_w4.yaml has no search_epochs line: update this test"
+    assert n == 1, "recipes/qvlm_w4.yaml has no quantize_vision_tower line: update this test"
     recipe = tmp_path / "qvlm_weighted.yaml"
     recipe.write_text(text)
     path = saved_vlm("idefics3", checkpoint_like=True)

@@ -80,7 +80,8 @@ class QVLMModifier(Modifier, QuantizationMixin):
       streams ``(h_k, h_{k+1})`` into the layer's Eq. 4-5 accumulator
     - on_sequential_epoch_end (decoder layer k calibrated): ``D(k, k+1)`` decides whether layer k+1
       joins k's block (Eq. 7, online greedy). A closed block gets its ranges searched (Eq. 2 then
-      Eq. 3, from min/max) on the cached inputs of the rows not held out, kept only if they do not
+      Eq. 3, from min/max; with ``gptq_weight_ranges: gptq`` the weight ranges are GPTQ's choice
+      instead) on the cached inputs of the rows not held out, kept only if they do not
       raise the objective against min/max on the held-out rows (:mod:`.guard`; with GPTQ inside on
       both sides), written as qparams, its weights fake-quantized so that the next blocks see them
       (as GPTQ does). Quantized Linears outside the decoder get lp-norm ranges
@@ -152,8 +153,8 @@ class QVLMModifier(Modifier, QuantizationMixin):
         per-token activations as the paper's vision side). The projector always stays in FP
     :param gptq_rounding: GPTQ chooses the integers inside the ranges
         (:mod:`qvlm_modifiers.qvlm.gptq_rounding`, GPTQModifier's order and inputs), run with the
-        searched ranges and with min/max; the guard keeps the better (so the reference is
-        GPTQModifier's result). Off by default
+        block's chosen ranges and with min/max in one pass; the guard keeps the better (so the
+        reference is GPTQModifier's result). Off by default; on in the shipped ``qvlm_w4``
     :param gptq_weight_ranges: with ``gptq_rounding``, who chooses each weight's range among its
         candidates: ``"search"`` the block search (Eq. 2-3, round-to-nearest inside; GPTQ then runs
         in the ranges it chose), ``"gptq"`` GPTQ itself, in the loop: each Linear keeps the candidate
