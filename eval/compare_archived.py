@@ -3,7 +3,7 @@ cell runs any more) with a current cell of results.json, by calibration seed: th
 as the matrix's `comparisons` (qvlm_eval.paired.compare_runs: paired bootstrap of the per-row KL,
 per-question hits, McNemar per seed). Differences are A - B (A = the current cell).
 
-    python eval/compare_archived.py qvlm_w4 archive/qvlm_w4_s32.json qvlm_w4_s32 [--model smolvlm-tiny-v2]
+    python eval/compare_archived.py qvlm_w4_rtn archive/qvlm_w4_s32.json qvlm_w4_s32 [--model smolvlm-tiny-v2]
 """
 
 from __future__ import annotations
