@@ -288,3 +288,26 @@ def test_searched_ranges_with_gptq_never_worse_than_gptq(saved_vlm, calib_pairs)
     for name, m in linears.items():  # GPTQ's integers on the grid of the kept scale / zero-point
         requant = fake_quantize(m.weight, m.weight_scale, m.weight_zero_point, m.quantization_scheme.weights)
         torch.testing.assert_close(requant, m.weight, rtol=0, atol=1e-6, msg=name)
+
+
+def test_gptq_in_the_loop_never_worse_than_gptq_on_the_guard(saved_vlm, calib_pairs):
+    """``gptq_weight_ranges: gptq`` (the shipped qvlm_w4): per block, the GPTQ-chosen ranges are kept only
+    if their held-out objective is not above min/max + GPTQ's (GPTQModifier's result), else the block holds
+    min/max; no round-to-nearest weight search runs; every weight on the grid of its kept qparams."""
+    path = saved_vlm("llava", num_layers=4)
+    model, linears = _run(path, calib_pairs, QVLMModifier(
+        scheme="W4A16", targets=["Linear"], gptq_rounding=True, gptq_weight_ranges="gptq", entropy_threshold=-1.0))
+    records = model.config.qvlm_blocks["block_losses"]
+    assert records and all(r["gptq"] and r["evaluations"] == 0 for r in records)  # GPTQ chose, no search ran
+    # on this model and these rows block [0, 1, 2] keeps GPTQ's choice and block [3] reverts: both paths run
+    assert [(r["layers"], r["guard"]["winner"]) for r in records] == [([0, 1, 2], "searched"), ([3], "rtn")]
+    for rec in records:
+        guard = rec["guard"]
+        if guard["winner"] == "searched":
+            assert guard["holdout_loss_searched"] <= guard["holdout_loss_rtn"]
+            assert any(label != "rtn" for label in rec["choices"].values())
+        else:
+            assert set(rec["choices"].values()) == {"rtn"} and rec["loss"] == guard["loss_rtn"]
+    for name, m in linears.items():
+        requant = fake_quantize(m.weight, m.weight_scale, m.weight_zero_point, m.quantization_scheme.weights)
+        torch.testing.assert_close(requant, m.weight, rtol=0, atol=1e-6, msg=name)
