@@ -102,11 +102,11 @@ def run_mode(model_dir: Path, calib, overrides: dict, recipe: str, group_size: i
 
     import qvlm_modifiers
     from qvlm_eval import metrics
+    from qvlm_eval.bench_recipe_cost import resolve
     from qvlm_modifiers.data import collate_fn
     from qvlm_modifiers.recipe_check import override_group_size
 
-    source = Path(recipe) if Path(recipe).is_file() else qvlm_modifiers.recipe_path(recipe)  # a YAML path or a shipped name
-    text, _ = override_group_size(source.read_text(), group_size)
+    text, _ = override_group_size(resolve(recipe).read_text(), group_size)
     import yaml
 
     config = yaml.safe_load(text)
@@ -142,8 +142,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=3, help="decoder layers of the default model kept")
     parser.add_argument("--samples", type=int, default=128, help="calibration samples")
-    parser.add_argument("--recipe", default=str(Path(__file__).resolve().parent / "recipes" / "qvlm_w4_rtn.yaml"),
-                        help="a YAML path or a shipped recipe name (default: the nearest-rounding search, qvlm_w4_rtn)")
+    parser.add_argument("--recipe", default="qvlm_w4_rtn",
+                        help="a shipped or eval/recipes name or a YAML path (default: the nearest-rounding search)")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--entropy-threshold", type=float, default=-1.0,
                         help="h0; -1 = full max_block_layers blocks (use nan to keep the recipe's)")

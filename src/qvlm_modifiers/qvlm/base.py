@@ -499,22 +499,20 @@ class QVLMModifier(Modifier, QuantizationMixin):
             for layer_vars in variables
         ]
         rtn = [[(v, [0]) for v in layer_vars] for layer_vars in variables]
-        only_rtn = all(list(c) == [0] for layer in searched for _, c in layer)
-        states = [rtn] if only_rtn else [searched, rtn]
+        # two states always: where they agree (e.g. nothing to choose) they share every GPTQ run and output
         result = gptq_quantize_states(
             [[m for _, m in self._layer_linears[k]] for k in block], layer_fns,
-            lambda j, enabled: self._quantized([block[j]], enabled), self._q_hidden, states,
+            lambda j, enabled: self._quantized([block[j]], enabled), self._q_hidden, [searched, rtn],
             actorder=self.gptq_actorder, keep=self._keep,
         )
-        errs = [batch_squared_errors(out, targets, self.block_objective, token_weights) for out in result.outputs[-1:]]
-        if only_rtn or result.choices[0] == result.choices[-1]:  # nothing else chosen: min/max + GPTQ
-            decision = guard_decision(errs[-1], errs[-1], holdout)
+        rtn_err = batch_squared_errors(result.outputs[1], targets, self.block_objective, token_weights)
+        if result.choices[0] == result.choices[1]:  # nothing else chosen: min/max + GPTQ
+            decision = guard_decision(rtn_err, rtn_err, holdout)
             decision.winner = "rtn"
-            kept = len(states) - 1
         else:
-            errs.insert(0, batch_squared_errors(result.outputs[0], targets, self.block_objective, token_weights))
-            decision = guard_decision(errs[0], errs[1], holdout)
-            kept = 0 if decision.winner == "searched" else 1
+            err = batch_squared_errors(result.outputs[0], targets, self.block_objective, token_weights)
+            decision = guard_decision(err, rtn_err, holdout)
+        kept = 0 if decision.winner == "searched" else 1
         for layer_vars in variables:
             for v in layer_vars:
                 v.current = result.choices[kept].get(v.name, 0)
