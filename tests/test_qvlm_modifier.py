@@ -306,6 +306,8 @@ def test_recipe_errors(saved_vlm, calib_pairs):
         _oneshot(model, processor, rows, QVLMModifier(scheme="W4A16", optimize_vision_encoder=True))
     with pytest.raises(RecipeError, match="scheme"):
         _oneshot(model, processor, rows, QVLMModifier())
+    with pytest.raises(RecipeError, match="gptq_rounding: true"):  # GPTQ's range choice without GPTQ
+        _oneshot(model, processor, rows, QVLMModifier(scheme="W4A16", gptq_weight_ranges="gptq"))
     with pytest.raises(ValueError, match="percentile_grid"):
         QVLMModifier(scheme="W4A16", percentile_grid=[1.2])
 

@@ -258,6 +258,12 @@ class QVLMModifier(Modifier, QuantizationMixin):
                 "quantize_vision_tower is false. Set quantize_vision_tower: true in the recipe, or "
                 "drop optimize_vision_encoder."
             )
+        if self.gptq_weight_ranges == "gptq" and not self.gptq_rounding:
+            raise RecipeError(
+                "QVLMModifier: gptq_weight_ranges=gptq lets GPTQ choose the weight ranges, but "
+                "gptq_rounding is false, so no GPTQ runs. Set gptq_rounding: true in the recipe, or "
+                "drop gptq_weight_ranges."
+            )
         if not QuantizationMixin.has_config(self):
             raise RecipeError(
                 "QVLMModifier needs a quantization scheme: set `scheme` (e.g. W4A16) or "
