@@ -171,6 +171,17 @@ def test_states_in_lockstep_match_each_state_run_alone(monkeypatch):
             torch.testing.assert_close(fake_quantize(w, c["scale"], c["zero_point"], W4G), w, rtol=0, atol=1e-6)
         for o, r in zip(both.outputs[s], alone.outputs[0]):
             torch.testing.assert_close(o, r, rtol=0, atol=1e-5)
+        # the outputs are the block's plain quantized forward with the state's weights and ranges
+        # (compressed-tensors fake-quantizing each weight on every call): the weight cache of the
+        # output passes changes no bit
+        for m, v in zip(linears, [v for lv in variables for v in lv]):
+            m.weight.data.copy_(both.weights[s][id(m)])
+            v.set(s)
+        hidden = inputs
+        for j, fn in enumerate(fns):
+            with quantized(j, True):
+                hidden = [fn(h, b) for b, h in enumerate(hidden)]
+        assert all(torch.equal(o, r) for o, r in zip(both.outputs[s], hidden))
     # the two states differ (the test would pass trivially otherwise)
     assert not torch.allclose(both.weights[0][id(linears[0])], both.weights[1][id(linears[0])])
 
@@ -198,7 +209,7 @@ def test_gptq_chooses_each_weight_range_by_its_own_error():
         for handle in handles:
             handle.remove()
         for m, v in zip(pair, variables[j]):
-            _, accumulate_hessian, make_empty_hessian = gptq_internals()
+            _, accumulate_hessian, make_empty_hessian, _ = gptq_internals()
             h32, n = make_empty_hessian(m), torch.zeros(())  # GPTQ's own float32 Hessian, as the Modifier takes it
             for a in seen[id(m)]:
                 h32, n = accumulate_hessian(a, m, h32, n)

@@ -30,6 +30,7 @@ import torch
 from compressed_tensors.quantization import ActivationOrdering
 
 from qvlm_modifiers.qvlm.block_search import RangeVariable
+from qvlm_modifiers.qvlm.cached_forward import WEIGHT_KEY_ATTR, cached_weight_forward
 from qvlm_modifiers.qvlm.objective import LayerFn
 from qvlm_modifiers.upstream import gptq_internals
 
@@ -124,7 +125,7 @@ def gptq_quantize_states(
         raise ValueError("one list of Linears and, per state, one list of settings per layer are required")
     if not states:
         raise ValueError("at least one state is required")
-    quantize_weight, accumulate_hessian, make_empty_hessian = gptq_internals()
+    quantize_weight, accumulate_hessian, make_empty_hessian, batch_key = gptq_internals()
     # a state's *path* names its quantized-path input: the choices made so far. States on the same path
     # share their Hessians, their GPTQ runs and their layer outputs (e.g. at a block's first layer, or
     # while the searched state keeps min/max), which are then computed once.
@@ -154,7 +155,7 @@ def gptq_quantize_states(
                     items[(paths[s], id(m), c)] = (m, hessians[paths[s]][id(m)], m.weight_scale.data.clone(), zp)
         del hessians
         gptq: dict[tuple, tuple[torch.Tensor, float]] = {}
-        for batch in _batches(list(items.items()), max_batch):
+        for batch in _batches(list(items.items()), max_batch, batch_key):
             args = batch[0][1][0].quantization_scheme.weights.model_copy(update={"actorder": order})
             quantized_weights, losses, _ = quantize_weight(
                 weights=torch.stack([originals[id(m)].float() for _, (m, *_) in batch]),
@@ -185,7 +186,11 @@ def gptq_quantize_states(
                 result.choices[s][var.name] = var.current
             path = paths[s] + (tuple(sorted((var.name, var.current) for var, _ in state[j])),)
             if path not in outputs:
-                with quantized(j, True):
+                # each GPTQ weight fake-quantized once for all batches, not once per forward call
+                # (bit-identical, :func:`cached_weight_forward`); the key is valid inside this `with`
+                with quantized(j, True), cached_weight_forward(linears):
+                    for m in linears:
+                        m.__dict__[WEIGHT_KEY_ATTR] = ("gptq", path)
                     outputs[path] = [keep(layer(h, b)) for b, h in enumerate(inputs[paths[s]])]
             paths[s] = path
         inputs = outputs
@@ -201,7 +206,7 @@ def _apply_settings(settings: Sequence[tuple[RangeVariable, Sequence[int]]]) -> 
         candidates = list(candidates)
         if not candidates:
             raise ValueError(f"no candidate given for {var.name}")
-        is_weight = var.name.endswith(".weight")
+        is_weight = var.is_weight
         if len(candidates) > 1 and not is_weight:
             raise ValueError(f"GPTQ can only choose among weight ranges, not among those of {var.name}")
         var.current = candidates[0]
@@ -232,13 +237,12 @@ def _layer_hessians(layer, linears, inputs, full_precision, accumulate_hessian, 
     return {key: h / counts[key].to(h.device).clamp_min(1) for key, h in hessians.items()}
 
 
-def _batches(items: list, max_batch: int) -> list[list]:
-    """``items`` grouped as GPTQModifier's ``assign_batches`` groups modules: same weight shape,
-    dtype, device and quantization args, at most ``max_batch`` per group, first-seen order."""
-    groups: dict[tuple, list] = {}
-    for item in items:
-        m = item[1][0]
-        key = (tuple(m.weight.shape), str(m.weight.dtype), str(m.weight.device),
-               m.quantization_scheme.weights.model_dump_json())
-        groups.setdefault(key, []).append(item)
+def _batches(items: list, max_batch: int, batch_key: Callable) -> list[list]:
+    """``items`` (``(key, (module, ...))``) grouped as GPTQModifier's ``assign_batches`` groups
+    modules: by llm-compressor's ``batch_key`` (same weight shape, dtype, device and quantization
+    args; ``None``: alone), at most ``max_batch`` per group, first-seen order."""
+    groups: dict[object, list] = {}
+    for n, item in enumerate(items):
+        key = batch_key(item[1][0])
+        groups.setdefault(("alone", n) if key is None else key, []).append(item)
     return [group[i:i + max_batch] for group in groups.values() for i in range(0, len(group), max_batch)]
