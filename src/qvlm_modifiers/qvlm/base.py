@@ -447,7 +447,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
             started, started_cpu = time.perf_counter(), time.process_time()
             searched = variables
             if self.gptq_rounding and self.gptq_weight_ranges == "gptq":  # GPTQ picks the weight ranges
-                searched = [[v for v in layer_vars if not v.name.endswith(".weight")] for layer_vars in variables]
+                searched = [[v for v in layer_vars if not v.is_weight] for layer_vars in variables]
             if any(searched):
                 result = self._search(block, layer_fns, searched, per_layer if fp_path else None, token_weights, train=train)
             else:
@@ -501,7 +501,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
         GPTQModifier's result."""
         choose = self.gptq_weight_ranges == "gptq"
         searched = [
-            [(v, range(len(v.candidates)) if choose and v.name.endswith(".weight") else [v.current]) for v in layer_vars]
+            [(v, range(len(v.candidates)) if choose and v.is_weight else [v.current]) for v in layer_vars]
             for layer_vars in variables
         ]
         rtn = [[(v, [0]) for v in layer_vars] for layer_vars in variables]

@@ -80,6 +80,11 @@ class RangeVariable:
     def label(self) -> str:
         return self.labels[self.current]
 
+    @property
+    def is_weight(self) -> bool:
+        """A weight's range (named ``<module>.weight``), not an activation's."""
+        return self.name.endswith(".weight")
+
 
 @dataclass
 class DescentResult:

@@ -105,6 +105,7 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("compressed_tensors.utils", "patch_attr"),
     ("llmcompressor.modifiers.gptq.helpers", "make_empty_hessian"),
     ("llmcompressor.modifiers.gptq.helpers", "accumulate_hessian"),
+    ("llmcompressor.modifiers.gptq.helpers", "batch_key"),
     ("llmcompressor.modifiers.gptq.gptq_quantize", "quantize_weight"),
 )
 

@@ -5,8 +5,9 @@ AWQ's private distributed sum, GPTQ's private helpers. Applied through
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from functools import wraps
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from llmcompressor.pipelines.cache import IntermediatesCache
@@ -127,17 +128,28 @@ def allreduce_data_sum(tensors):
 
 
 # =========================================================================== 7b. GPTQ internals (Q-VLM's GPTQ rounding)
-def gptq_internals():
+class GPTQInternals(NamedTuple):
+    """llm-compressor GPTQ's private helpers (:func:`gptq_internals`)."""
+
+    quantize_weight: Callable
+    accumulate_hessian: Callable
+    make_empty_hessian: Callable
+    batch_key: Callable
+
+
+def gptq_internals() -> GPTQInternals:
     """llm-compressor GPTQ's private helpers, for GPTQ rounding inside Q-VLM's ranges
-    (:mod:`qvlm_modifiers.qvlm.gptq_rounding`): ``(quantize_weight, accumulate_hessian, make_empty_hessian)``.
+    (:mod:`qvlm_modifiers.qvlm.gptq_rounding`).
 
     Depends on ``llmcompressor.modifiers.gptq.helpers.make_empty_hessian(module)`` (a zero
     ``(in_features, in_features)`` float32 Hessian), ``accumulate_hessian(inp, module, H, n)``
     (adds ``2 X X^T`` of one input batch to ``H`` and its sample count to ``n``, returns
-    ``(H, n)``; the caller divides) and ``gptq_quantize.quantize_weight(weights, hessians, scale,
-    zero_point, global_scale, quant_args, blocksize, percdamp)`` on tensors with a leading batch
-    dimension (returns the dequantized GPTQ weights, the losses and RTN-fallback flags)."""
+    ``(H, n)``; the caller divides), ``batch_key(module)`` (what GPTQModifier's batches share:
+    weight shape, dtype, execution device, weight quantization args; ``None``: run alone) and
+    ``gptq_quantize.quantize_weight(weights, hessians, scale, zero_point, global_scale, quant_args,
+    blocksize, percdamp)`` on tensors with a leading batch dimension (returns the dequantized GPTQ
+    weights, the losses and RTN-fallback flags)."""
     from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
-    from llmcompressor.modifiers.gptq.helpers import accumulate_hessian, make_empty_hessian
+    from llmcompressor.modifiers.gptq.helpers import accumulate_hessian, batch_key, make_empty_hessian
 
-    return quantize_weight, accumulate_hessian, make_empty_hessian
+    return GPTQInternals(quantize_weight, accumulate_hessian, make_empty_hessian, batch_key)
