@@ -8,8 +8,8 @@ and of the joint block search started from it.
 
 Builds the zoo's tiny LLaVA with ``--layers`` decoder layers, calibrates ``QVLMModifier`` on
 ``--rows`` synthetic pairs for a few schemes, with ``gptq_rounding`` off and on, and prints per
-block (with ``gptq_rounding``) the block objective of GPTQ inside the searched ranges vs GPTQ inside
-min/max ranges and which one the held-out guard kept, plus the held-out logit MSE against the FP
+block (with ``gptq_rounding``) the block objective on the guard's held-out rows of GPTQ inside the
+searched ranges vs GPTQ inside min/max ranges and which one the guard kept, plus the held-out logit MSE against the FP
 model with and without GPTQ rounding (``--rows`` other pairs).
 Random-weight tiny models only: a plumbing-level indication, not evidence for a real model. (Lived in
 the package as ``qvlm_modifiers.qvlm.measure_gptq``; it builds the test zoo's models, so it is an
@@ -98,7 +98,7 @@ def main(argv=None) -> None:
         for i, rec in enumerate(records):
             tail = f"| {held_mse[False]:.3e} / {held_mse[True]:.3e}" if i == 0 else ""
             guard = rec["guard"]  # the held-out guard (issue #24): searched ranges vs min/max, GPTQ in both
-            print(f"{name:14s} {str(rec['layers']):10s} {guard['loss_searched']:14.4e} {guard['loss_rtn']:13.4e}  "
+            print(f"{name:14s} {str(rec['layers']):10s} {guard['holdout_loss_searched']:14.4e} {guard['holdout_loss_rtn']:13.4e}  "
                   f"{guard['winner']:8s} {tail}")
 
 

@@ -187,6 +187,29 @@ def test_states_in_lockstep_match_each_state_run_alone(monkeypatch):
 
 
 @torch.no_grad()
+def test_last_layer_on_some_batches_then_completed_matches_the_full_run():
+    """``last_layer_batches`` (the guard's held-out rows): the block's last layer runs both states on
+    those batches only (``None`` elsewhere), the same GPTQ weights and choices as the full run, and
+    ``complete(s)`` then gives state ``s`` exactly the full run's outputs on every batch, whichever
+    state the Linears held last."""
+    layers, inputs, linears, fp, variables, fns, quantized = _toy_setup()
+    states = [[[(v, [c]) for v in layer_vars] for layer_vars in variables] for c in (0, 1)]
+    full = gptq_quantize_states(layers, fns, quantized, inputs, states)
+    for m in linears:
+        m.weight.data.copy_(fp[id(m)])
+    part = gptq_quantize_states(layers, fns, quantized, inputs, states, last_layer_batches=[2])
+    assert part.choices == full.choices
+    for s in range(2):
+        assert all(torch.equal(part.weights[s][k], full.weights[s][k]) for k in full.weights[s])
+        assert [o is None for o in part.outputs[s]] == [True, True, False]
+        assert torch.equal(part.outputs[s][2], full.outputs[s][2])
+    for s in (0, 1):  # state 1's weights are in the Linears after the pass: complete state 0 first
+        out = part.complete(s)
+        assert len(out) == 3 and all(torch.equal(o, r) for o, r in zip(out, full.outputs[s]))
+    assert not torch.equal(full.outputs[0][0], full.outputs[1][0])  # the states differ
+
+
+@torch.no_grad()
 def test_gptq_chooses_each_weight_range_by_its_own_error():
     """A state listing several candidates per weight: each Linear keeps the candidate whose GPTQ result
     has the lowest Hessian-weighted error tr((W - Q) H (W - Q)^T) on its inputs (H = 2 X X^T / n,
@@ -275,7 +298,7 @@ def test_gptq_rounding_without_search_reproduces_gptqmodifier(saved_vlm, calib_p
 
 def test_searched_ranges_with_gptq_never_worse_than_gptq(saved_vlm, calib_pairs):
     """With the search on and GPTQ inside, each block keeps the better of (searched ranges + GPTQ)
-    and (min/max + GPTQ = GPTQModifier) on the held-out rows and on all rows."""
+    and (min/max + GPTQ = GPTQModifier) on the held-out rows; only the kept state runs every row."""
     path = saved_vlm("llava", num_layers=4)
     model, linears = _run(path, calib_pairs, QVLMModifier(
         scheme="W4A16", targets=["Linear"], gptq_rounding=True, entropy_threshold=-1.0, search_epochs=2))
@@ -291,10 +314,11 @@ def test_searched_ranges_with_gptq_never_worse_than_gptq(saved_vlm, calib_pairs)
     for rec in records:
         guard = rec["guard"]
         assert guard["holdout_batches"] == 1 and rec["gptq"]
-        assert rec["loss"] <= guard["loss_rtn"]
         if guard["winner"] == "searched":
-            assert guard["holdout_loss_searched"] <= guard["holdout_loss_rtn"] and guard["loss_searched"] <= guard["loss_rtn"]
+            assert guard["holdout_loss_searched"] <= guard["holdout_loss_rtn"]
+            assert rec["loss"] == guard["loss_searched"] and guard["loss_rtn"] is None  # min/max not run on every row
         else:
+            assert guard["holdout_loss_searched"] > guard["holdout_loss_rtn"] and guard["loss_searched"] is None
             assert rec["loss"] == guard["loss_rtn"] and set(rec["choices"].values()) == {"rtn"}
     for name, m in linears.items():  # GPTQ's integers on the grid of the kept scale / zero-point
         requant = fake_quantize(m.weight, m.weight_scale, m.weight_zero_point, m.quantization_scheme.weights)
@@ -322,3 +346,57 @@ def test_gptq_in_the_loop_never_worse_than_gptq_on_the_guard(saved_vlm, calib_pa
     for name, m in linears.items():
         requant = fake_quantize(m.weight, m.weight_scale, m.weight_zero_point, m.quantization_scheme.weights)
         torch.testing.assert_close(requant, m.weight, rtol=0, atol=1e-6, msg=name)
+
+
+def test_first_layer_hessians_come_from_the_pipeline_pass_and_change_nothing(saved_vlm, calib_pairs, monkeypatch):
+    """With ``gptq_rounding`` a block's first-layer Hessians are taken in llm-compressor's own
+    calibration pass (:class:`PipelineHessians`, after checking its inputs equal the block's
+    quantized-path input): no Hessian pass of our own for those layers, and bit-identical weights
+    to a run that computes every Hessian itself (``take`` refused)."""
+    import qvlm_modifiers.qvlm.gptq_rounding as gptq_rounding
+    from qvlm_modifiers.qvlm.gptq_rounding import PipelineHessians
+
+    path = saved_vlm("llava", num_layers=4)
+    passes, inner = [], gptq_rounding._layer_hessians
+    monkeypatch.setattr(gptq_rounding, "_layer_hessians", lambda *a, **k: passes.append(1) or inner(*a, **k))
+    recipe = dict(scheme="W4A16", targets=["Linear"], gptq_rounding=True, gptq_weight_ranges="gptq",
+                  max_block_layers=1, entropy_threshold=-1.0)
+    _, reused = _run(path, calib_pairs, QVLMModifier(**recipe))
+    # one-layer blocks: every layer opens a block; min/max and the GPTQ choice share the block input
+    assert passes == []
+    monkeypatch.setattr(PipelineHessians, "take", lambda self, k, n: None)
+    _, computed = _run(path, calib_pairs, QVLMModifier(**recipe))
+    assert len(passes) == 4
+    assert reused.keys() == computed.keys() and len(reused) == 28
+    for name, m in reused.items():
+        assert torch.equal(m.weight, computed[name].weight), name
+        assert torch.equal(m.weight_scale, computed[name].weight_scale), name
+
+
+@torch.no_grad()
+def test_pipeline_hessians_refused_when_an_input_differs_or_a_batch_is_missing():
+    """PipelineHessians returns GPTQ's normalized Hessian only when every batch's pipeline input
+    equalled the quantized-path input (else ``None``: the caller computes it); matches
+    ``2 X X^T / n`` in float64 to float32 precision."""
+    from qvlm_modifiers.qvlm.gptq_rounding import PipelineHessians
+
+    lin, inputs = _linear()
+    for broken in (None, "differs", "missing"):
+        ph = PipelineHessians()
+        handle = lin.register_forward_pre_hook(ph.hook)
+        for b, x in enumerate(inputs):
+            if broken == "missing" and b == 2:
+                break
+            expected = x + 1e-3 if broken == "differs" and b == 1 else x
+            ph.observe(0, b, x, expected, [lin])
+            lin(x)
+        ph.observe(1, 0, inputs[0], None, [])  # a later layer of the same block: keeps what was taken
+        lin(inputs[0])
+        handle.remove()
+        got = ph.take(0, len(inputs))
+        if broken:
+            assert got is None, broken
+        else:
+            x = torch.cat([i.reshape(-1, 32) for i in inputs]).double()
+            torch.testing.assert_close(got[id(lin)].double(), 2 * x.T @ x / len(inputs), rtol=1e-5, atol=1e-4)
+            assert ph.take(0, len(inputs)) is None  # taken once

@@ -34,7 +34,7 @@ from qvlm_modifiers.qvlm.cached_forward import (
 from qvlm_modifiers.qvlm.capture import LayerCall, layer_runner, record_layer_call, split_hidden
 from qvlm_modifiers.qvlm.entropy import JointLevelAccumulator, spread_token_mask
 from qvlm_modifiers.qvlm.clip_search import CLIP_MAX_TOKENS, clip_ratio_grid, clip_input_tokens
-from qvlm_modifiers.qvlm.gptq_rounding import gptq_quantize_states
+from qvlm_modifiers.qvlm.gptq_rounding import PipelineHessians, gptq_quantize_states
 from qvlm_modifiers.qvlm.guard import GuardDecision, guard_decision, holdout_batch_indices
 from qvlm_modifiers.qvlm.metadata import METADATA_ATTRIBUTE, block_record, partition_metadata, write_metadata
 from qvlm_modifiers.qvlm.objective import (
@@ -226,6 +226,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
     _offload_device: torch.device = PrivateAttr(default=torch.device("cpu"))
     _veo_history: list[dict[str, float]] | None = PrivateAttr(default=None)
     _derived_masks: DerivedLossMasks | None = PrivateAttr(default=None)
+    _pipeline_hessians: PipelineHessians | None = PrivateAttr(default=None)  # with gptq_rounding
 
     @field_validator("percentile_grid")
     @classmethod
@@ -304,6 +305,11 @@ class QVLMModifier(Modifier, QuantizationMixin):
             self._templates[i] = []
             self.register_hook(layer, self._capture_call_hook, "forward_pre", with_kwargs=True)
             self.register_hook(layer, self._dependency_hook, "forward", with_kwargs=True)
+        if self.gptq_rounding:  # a block's first-layer Hessians from the pipeline's own pass
+            self._pipeline_hessians = PipelineHessians()
+            for k in range(len(self._layers)):
+                for _, m in self._layer_linears[k]:
+                    self.register_hook(m, self._pipeline_hessians.hook, "forward_pre")
         self._q_hidden, self._fp_hidden = [], None
         if self._derived_masks is not None:
             self._derived_masks.attach(state.model, state)
@@ -328,6 +334,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
             write_metadata(state.model, self._metadata())
         self._templates.clear()
         self._q_hidden = self._fp_hidden = None
+        self._pipeline_hessians = None
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         if not self.ended_:
@@ -352,6 +359,11 @@ class QVLMModifier(Modifier, QuantizationMixin):
         hidden = record_layer_call(self._templates, k, args, kwargs, self._offload_device)
         if k == 0:  # later blocks' inputs are the Modifier's own quantized / FP streams
             self._q_hidden.append(hidden.detach().to(self._offload_device))
+        if self._pipeline_hessians is not None:
+            b = len(self._templates[k]) - 1
+            opens = self._partitioner.current == [k] and b < len(self._q_hidden)
+            self._pipeline_hessians.observe(k, b, hidden.detach(), self._q_hidden[b] if opens else None,
+                                            [m for _, m in self._layer_linears[k]])
 
     def _dependency_hook(self, module, args, kwargs, output):
         k = self._layer_index[id(module)]
@@ -496,9 +508,10 @@ class QVLMModifier(Modifier, QuantizationMixin):
     def _guard_gptq(self, block, layer_fns, variables, targets, token_weights, holdout) -> tuple[GuardDecision, list]:
         """The guard with GPTQ inside: the block's ranges (searched, and with
         ``gptq_weight_ranges: gptq`` each weight's range chosen by GPTQ's error among its
-        candidates) against min/max, both GPTQ-rounded on every batch in one lockstep pass
+        candidates) against min/max, both GPTQ-rounded in one lockstep pass
         (:func:`~qvlm_modifiers.qvlm.gptq_rounding.gptq_quantize_states`); the min/max state is
-        GPTQModifier's result."""
+        GPTQModifier's result. Both are compared on the held-out rows; only the kept one runs the
+        block's last layer on the other rows too (the other's all-row loss is then ``None``)."""
         choose = self.gptq_weight_ranges == "gptq"
         searched = [
             [(v, range(len(v.candidates)) if choose and v.is_weight else [v.current]) for v in layer_vars]
@@ -506,19 +519,27 @@ class QVLMModifier(Modifier, QuantizationMixin):
         ]
         rtn = [[(v, [0]) for v in layer_vars] for layer_vars in variables]
         # two states always: where they agree (e.g. nothing to choose) they share every GPTQ run and output
+        # the block's last layer runs both states on the held-out rows only, then the kept one on the rest
         result = gptq_quantize_states(
             [[m for _, m in self._layer_linears[k]] for k in block], layer_fns,
             lambda j, enabled: self._quantized([block[j]], enabled), self._q_hidden, [searched, rtn],
-            actorder=self.gptq_actorder, keep=self._keep,
+            actorder=self.gptq_actorder, keep=self._keep, last_layer_batches=list(holdout) or None,
+            first_layer_hessians=(self._pipeline_hessians.take(block[0], len(self._q_hidden))
+                                  if self._pipeline_hessians is not None else None),
         )
-        rtn_err = batch_squared_errors(result.outputs[1], targets, self.block_objective, token_weights)
-        if result.choices[0] == result.choices[1]:  # nothing else chosen: min/max + GPTQ
-            decision = guard_decision(rtn_err, rtn_err, holdout)
-            decision.winner = "rtn"
-        else:
-            err = batch_squared_errors(result.outputs[0], targets, self.block_objective, token_weights)
-            decision = guard_decision(err, rtn_err, holdout)
-        kept = 0 if decision.winner == "searched" else 1
+
+        def errors(outs: list) -> list:  # per-batch error terms, None where a state did not run
+            run = [b for b, o in enumerate(outs) if o is not None]
+            terms = batch_squared_errors([outs[b] for b in run], [targets[b] for b in run], self.block_objective,
+                                         None if token_weights is None else [token_weights[b] for b in run])
+            full = [None] * len(outs)
+            for b, term in zip(run, terms):
+                full[b] = term
+            return full
+
+        same = result.choices[0] == result.choices[1]  # nothing else chosen: min/max + GPTQ
+        err, rtn_err = errors(result.outputs[0]), errors(result.outputs[1])
+        kept = 1 if same else (0 if guard_decision(err, rtn_err, holdout).winner == "searched" else 1)
         for layer_vars in variables:
             for v in layer_vars:
                 v.current = result.choices[kept].get(v.name, 0)
@@ -526,7 +547,15 @@ class QVLMModifier(Modifier, QuantizationMixin):
         for m in self._linears(block):
             if id(m) in result.weights[kept]:
                 m.weight.data.copy_(result.weights[kept][id(m)])
-        return decision, result.outputs[kept]
+        out = result.complete(kept)
+        if kept == 0:
+            err = errors(out)
+        else:
+            rtn_err = errors(out)
+        decision = guard_decision(rtn_err if same else err, rtn_err, holdout)  # the kept state's loss on every row
+        if same:
+            decision.winner = "rtn"
+        return decision, out
 
     def _guard_states(self, block, layer_fns, variables, targets, token_weights, holdout) -> tuple[GuardDecision, list]:
         """The guard with round-to-nearest (weights cached by :func:`cached_weight_forward`)."""

@@ -23,8 +23,8 @@ calibration rows (:mod:`.guard`); :func:`gptq_quantize_states` runs both states 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from compressed_tensors.quantization import ActivationOrdering
@@ -34,7 +34,10 @@ from qvlm_modifiers.qvlm.cached_forward import WEIGHT_KEY_ATTR, cached_weight_fo
 from qvlm_modifiers.qvlm.objective import LayerFn
 from qvlm_modifiers.upstream import gptq_internals
 
-__all__ = ["GPTQ_BLOCKSIZE", "GPTQ_PERCDAMP", "gptq_quantize_layers", "gptq_quantize_states", "GPTQStatesResult", "StateSettings"]
+__all__ = [
+    "GPTQ_BLOCKSIZE", "GPTQ_PERCDAMP", "gptq_quantize_layers", "gptq_quantize_states", "GPTQStatesResult",
+    "StateSettings", "PipelineHessians",
+]
 
 # llm-compressor's GPTQModifier defaults (block_size, dampening_frac)
 GPTQ_BLOCKSIZE = 128
@@ -82,9 +85,12 @@ class GPTQStatesResult:
     each Linear (``weights``, ``id(module)`` -> tensor) and the candidate each variable ended on
     (``choices``, variable name -> index)."""
 
-    outputs: list[list[torch.Tensor]]
+    outputs: list[list[torch.Tensor | None]]
     weights: list[dict[int, torch.Tensor]]
     choices: list[dict[str, int]]
+    complete: Callable[[int], list[torch.Tensor]] = field(default=lambda s: [], repr=False)
+    """``complete(s)``: state ``s``'s outputs on every batch (runs the batches that
+    ``last_layer_batches`` left out; the block's last layer is set to state ``s`` for it)."""
 
 
 @torch.no_grad()
@@ -99,6 +105,8 @@ def gptq_quantize_states(
     blocksize: int = GPTQ_BLOCKSIZE,
     percdamp: float = GPTQ_PERCDAMP,
     max_batch: int = 16,
+    last_layer_batches: Sequence[int] | None = None,
+    first_layer_hessians: Mapping[int, torch.Tensor] | None = None,
 ) -> GPTQStatesResult:
     """:func:`gptq_quantize_layers` for several range states of the block at once (the guard's
     searched ranges and min/max), each state exactly as if run alone, and with GPTQ in the loop of
@@ -118,6 +126,12 @@ def gptq_quantize_states(
 
     :param states: per state, per layer, the range variables to set (:data:`StateSettings`); a
         weight-quantized Linear without a variable keeps its current qparams
+    :param last_layer_batches: at the block's last layer, run each state only on these batches
+        (e.g. the guard's held-out rows; ``None`` entries in ``outputs`` elsewhere): the states are
+        compared there, and only the kept one needs every row (``result.complete(s)``)
+    :param first_layer_hessians: the normalized Hessians (``id(module)`` -> tensor) of the first
+        layer's Linears on ``q_inputs`` in full precision, when the caller already has them
+        (:class:`PipelineHessians`); computed here otherwise
     :returns: :class:`GPTQStatesResult`. The Linears are left holding the last state's weights and
         qparams; the caller applies the state it keeps
     """
@@ -133,6 +147,18 @@ def gptq_quantize_states(
     inputs: dict[tuple, list[torch.Tensor]] = {(): list(q_inputs)}
     result = GPTQStatesResult(outputs=[], weights=[{} for _ in states], choices=[{} for _ in states])
     order = ActivationOrdering.WEIGHT if actorder else None
+    num_batches = len(q_inputs)
+
+    def run(j: int, linears: list, tag: tuple, hidden: Sequence[torch.Tensor], batches) -> dict[int, torch.Tensor]:
+        """Layer ``j`` fake-quantized on ``batches`` of ``hidden``, each GPTQ weight fake-quantized
+        once for all of them (bit-identical to once per forward call, :func:`cached_weight_forward`;
+        ``tag`` keys the cache inside this call only)."""
+        with quantized(j, True), cached_weight_forward(linears):
+            for m in linears:
+                m.__dict__[WEIGHT_KEY_ATTR] = ("gptq", tag)
+            return {b: keep(layers[j](hidden[b], b)) for b in batches}
+
+    last_inputs: list[Sequence[torch.Tensor]] = [q_inputs for _ in states]
     for j, (layer, linears) in enumerate(zip(layers, layer_linears)):
         linears = [m for m in linears if m.quantization_scheme.weights is not None]
         originals = {id(m): m.weight.data.clone() for m in linears}  # still full precision here
@@ -140,6 +166,8 @@ def gptq_quantize_states(
         hessians: dict[tuple, dict[int, torch.Tensor]] = {}
         for s, state in enumerate(states):
             weight_vars = _apply_settings(state[j])
+            if j == 0 and first_layer_hessians is not None and all(id(m) in first_layer_hessians for m in linears):
+                hessians[()] = {id(m): first_layer_hessians[id(m)] for m in linears}
             if paths[s] not in hessians:
                 hessians[paths[s]] = _layer_hessians(layer, linears, inputs[paths[s]], quantized(j, False),
                                                      accumulate_hessian, make_empty_hessian)
@@ -185,17 +213,94 @@ def gptq_quantize_states(
             for var, _ in state[j]:
                 result.choices[s][var.name] = var.current
             path = paths[s] + (tuple(sorted((var.name, var.current) for var, _ in state[j])),)
+            batches = range(num_batches)
+            if j == len(layers) - 1:
+                last_inputs[s] = inputs[paths[s]]
+                if last_layer_batches is not None:
+                    batches = sorted(set(last_layer_batches))
             if path not in outputs:
-                # each GPTQ weight fake-quantized once for all batches, not once per forward call
-                # (bit-identical, :func:`cached_weight_forward`); the key is valid inside this `with`
-                with quantized(j, True), cached_weight_forward(linears):
-                    for m in linears:
-                        m.__dict__[WEIGHT_KEY_ATTR] = ("gptq", path)
-                    outputs[path] = [keep(layer(h, b)) for b, h in enumerate(inputs[paths[s]])]
+                done = run(j, linears, path, inputs[paths[s]], batches)
+                outputs[path] = [done.get(b) for b in range(num_batches)]
             paths[s] = path
         inputs = outputs
-    result.outputs = [inputs[path] for path in paths]
+    result.outputs = [inputs[path] for path in paths]  # states on one path share one list
+
+    def complete(s: int) -> list[torch.Tensor]:
+        out = result.outputs[s]
+        missing = [b for b, o in enumerate(out) if o is None]
+        if missing:
+            j = len(layers) - 1
+            for var, _ in states[s][j]:
+                var.current = result.choices[s][var.name]
+                var.set(var.current)
+            linears = [m for m in layer_linears[j] if m.quantization_scheme.weights is not None]
+            for m in linears:
+                m.weight.data.copy_(result.weights[s][id(m)])
+            done = run(j, linears, ("complete", s), last_inputs[s], missing)
+            for b in missing:
+                out[b] = done[b]
+        return out
+
+    result.complete = complete
     return result
+
+
+class PipelineHessians:
+    """GPTQ's Hessians of a block's first decoder layer, taken during llm-compressor's own
+    calibration pass instead of a pass of our own.
+
+    The sequential pipeline runs each decoder layer in full precision on its propagated inputs
+    (``DisableQuantization``) before the Modifier sees it, which is where GPTQModifier takes its
+    Hessians. For the first layer of a block these are the Hessians :func:`gptq_quantize_states`
+    needs -- *if* the pipeline's input is the block's quantized-path input. So each batch's input
+    is compared (``torch.equal``) with the Modifier's own quantized-path input; one mismatch (e.g.
+    static activation quantization, which the pipeline's pass does not apply) and :meth:`take`
+    returns ``None``, so the Hessians are computed as before. Either way the result is the same.
+
+    Wiring: :meth:`observe` from the decoder layer's forward pre-hook, :meth:`hook` as the forward
+    pre-hook of the layer's quantized Linears.
+    """
+
+    def __init__(self):
+        internals = gptq_internals()
+        self._accumulate, self._empty = internals.accumulate_hessian, internals.make_empty_hessian
+        self.layer: int | None = None
+        self.batches = 0
+        self.valid = False
+        self._members: set[int] = set()
+        self._active = False
+        self._sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def observe(self, k: int, batch_index: int, hidden: torch.Tensor, expected: torch.Tensor | None,
+                linears: Sequence[torch.nn.Module]) -> None:
+        """Decoder layer ``k`` is about to run calibration batch ``batch_index`` on ``hidden``;
+        ``expected``: its quantized-path input when ``k`` opens a block, else ``None`` (nothing
+        is taken, what was taken for the open block is kept)."""
+        if expected is None:
+            self._active = False
+            return
+        if batch_index == 0:
+            self.layer, self.batches, self.valid, self._sums = k, 0, True, {}
+            self._members = {id(m) for m in linears}
+        same = self.layer == k and hidden.shape == expected.shape and torch.equal(hidden.to(expected.device), expected)
+        self.valid = self.valid and same and batch_index == self.batches
+        self._active = self.valid
+        if self._active:
+            self.batches += 1
+
+    def hook(self, module: torch.nn.Module, args: tuple) -> None:
+        if self._active and id(module) in self._members:
+            h, n = self._sums.get(id(module)) or (self._empty(module), torch.zeros(()))
+            self._sums[id(module)] = self._accumulate(args[0].detach(), module, h, n)
+
+    def take(self, k: int, num_batches: int) -> dict[int, torch.Tensor] | None:
+        """The normalized Hessians of layer ``k``'s Linears if every one of ``num_batches`` batches
+        matched, else ``None``; forgets them either way."""
+        ok = self.valid and self.layer == k and self.batches == num_batches and set(self._sums) == self._members
+        sums, self._sums, self.valid, self._active = self._sums, {}, False, False
+        if not ok:
+            return None
+        return {key: h / n.to(h.device).clamp_min(1) for key, (h, n) in sums.items()}
 
 
 def _apply_settings(settings: Sequence[tuple[RangeVariable, Sequence[int]]]) -> dict[int, tuple]:

@@ -10,8 +10,9 @@ held-out ones, and after the search the block keeps its searched ranges only if 
 reverts to min/max. On the rows it searched, the search is never above RTN already (it starts there
 and moves only on strict improvement), so with round-to-nearest the Modifier runs min/max on the
 held-out rows only, and on every row only where it wins. With GPTQ inside (``gptq_rounding``) both
-sides run GPTQ on every row, so the reference is GPTQ with min/max ranges, i.e. llm-compressor's
-GPTQModifier.
+sides run GPTQ (Hessians from every row), so the reference is GPTQ with min/max ranges, i.e.
+llm-compressor's GPTQModifier; their block outputs are compared on the held-out rows, and only the
+kept side's last layer runs on the other rows.
 
 Pure functions on the per-batch error terms of
 :func:`~qvlm_modifiers.qvlm.objective.batch_squared_errors`.
