@@ -88,9 +88,26 @@ class GPTQStatesResult:
     outputs: list[list[torch.Tensor | None]]
     weights: list[dict[int, torch.Tensor]]
     choices: list[dict[str, int]]
-    complete: Callable[[int], list[torch.Tensor]] = field(default=lambda s: [], repr=False)
-    """``complete(s)``: state ``s``'s outputs on every batch (runs the batches that
-    ``last_layer_batches`` left out; the block's last layer is set to state ``s`` for it)."""
+    # what complete() needs: (run, last layer index, per state its last-layer settings, the last
+    # layer's quantized Linears, per state the last layer's inputs)
+    _last: tuple | None = field(default=None, repr=False)
+
+    def complete(self, s: int) -> list[torch.Tensor]:
+        """State ``s``'s outputs on every batch: runs the batches that ``last_layer_batches`` left
+        out, with the block's last layer set to state ``s``."""
+        out = self.outputs[s]
+        missing = [b for b, o in enumerate(out) if o is None]
+        if missing:
+            run, j, settings, linears, inputs = self._last
+            for var, _ in settings[s]:
+                var.current = self.choices[s][var.name]
+                var.set(var.current)
+            for m in linears:
+                m.weight.data.copy_(self.weights[s][id(m)])
+            done = run(j, linears, ("complete", s), inputs[s], missing)
+            for b in missing:
+                out[b] = done[b]
+        return out
 
 
 @torch.no_grad()
@@ -225,23 +242,9 @@ def gptq_quantize_states(
         inputs = outputs
     result.outputs = [inputs[path] for path in paths]  # states on one path share one list
 
-    def complete(s: int) -> list[torch.Tensor]:
-        out = result.outputs[s]
-        missing = [b for b, o in enumerate(out) if o is None]
-        if missing:
-            j = len(layers) - 1
-            for var, _ in states[s][j]:
-                var.current = result.choices[s][var.name]
-                var.set(var.current)
-            linears = [m for m in layer_linears[j] if m.quantization_scheme.weights is not None]
-            for m in linears:
-                m.weight.data.copy_(result.weights[s][id(m)])
-            done = run(j, linears, ("complete", s), last_inputs[s], missing)
-            for b in missing:
-                out[b] = done[b]
-        return out
-
-    result.complete = complete
+    j = len(layers) - 1
+    result._last = (run, j, [state[j] for state in states],
+                    [m for m in layer_linears[j] if m.quantization_scheme.weights is not None], last_inputs)
     return result
 
 
