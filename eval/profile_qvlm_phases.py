@@ -69,6 +69,31 @@ def main(argv=None) -> int:
     wrap(base.QVLMModifier, "_run_block", "block passes (FP targets + guard)")
     wrap(base.QVLMModifier, "_dependency_hook", "entropy hook (Eq. 4-5)")
     wrap(base.QVLMModifier, "_capture_call_hook", "capture hook")
+    # inside GPTQ (gptq_rounding): Hessian passes of our own, llm-compressor's GPTQ and Hessian helpers
+    import qvlm_modifiers.qvlm.gptq_rounding as gptq_rounding
+
+    wrap(gptq_rounding, "_layer_hessians", "    Hessian passes of our own")
+    internals = gptq_rounding.gptq_internals
+
+    def timed_internals():
+        found = internals()
+        timed = {}
+        for name, label in (("quantize_weight", "    quantize_weight (llm-compressor GPTQ)"),
+                            ("accumulate_hessian", "accumulate_hessian (ours and in the pipeline)")):
+            holder = type("holder", (), {name: staticmethod(getattr(found, name))})
+            wrap(holder, name, label)
+            timed[name] = getattr(holder, name)
+        return found._replace(**timed)
+
+    gptq_rounding.gptq_internals = timed_internals
+    runner = base.layer_runner
+
+    def timed_runner(layer, calls):
+        holder = type("holder", (), {"run": staticmethod(runner(layer, calls))})
+        wrap(holder, "run", "decoder-layer calls of the Modifier's own passes")
+        return holder.run
+
+    base.layer_runner = timed_runner
 
     text, _ = override_group_size(Path(args.recipe).read_text(), args.group_size)
     model, processor = metrics.load_model_and_processor(str(main_job.DEFAULT_MODEL_DIR), dtype=torch.float32)
