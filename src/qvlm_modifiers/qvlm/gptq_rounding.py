@@ -134,8 +134,8 @@ def gptq_quantize_states(
     through GPTQ, those with the same weight shape and quantization args in *one* batched
     ``quantize_weight`` call (at most ``max_batch`` items). ``quantize_weight`` treats batch items
     independently (own Hessian, scale, zero-point), so batching changes no number; on a CPU, where
-    GPTQModifier runs one Linear per call and the column loop's per-call overhead dominates, it is
-    what keeps GPTQ inside Q-VLM near one GPTQModifier's cost (issue #24's budget). Where a state
+    GPTQModifier runs one Linear per call, it saves part of the column loop's per-call overhead
+    (four 576 x 576 items: 0.44 s of CPU in one call against 4 x 0.145 s). Where a state
     lists several candidates for a Linear's weight, the Linear keeps the one with the lowest GPTQ
     error (``quantize_weight``'s loss: the Hessian-weighted error ``||(W - Q) X||^2`` its column
     updates leave, on this layer's inputs; ties keep the earlier candidate, min/max first), and that
