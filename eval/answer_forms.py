@@ -44,9 +44,7 @@ def main(argv=None) -> int:
     import qvlm_modifiers  # noqa: F401  (packed loader)
     from qvlm_eval.metrics import generate_answers, load_model_and_processor, load_vqa_dataset
 
-    torch.set_num_threads(args.threads)
-    rows = load_vqa_dataset("easy-vqa", "test", num_samples=args.questions, seed=args.seed)
-    references = [r["answer"] for r in rows]
+    paths = {}  # every name resolved before any model loads, so a typo fails at once
     for name in args.checkpoints:
         path = EVAL_DIR / ".models" / args.model if name == "fp" else Path(name)
         if name != "fp" and not path.exists():
@@ -54,6 +52,11 @@ def main(argv=None) -> int:
         if not path.exists():
             parser.error(f"no checkpoint {name!r}: give a matrix cell id with a folder under "
                          f"{EVAL_DIR / 'results' / args.model / 'quantized'}, a folder, or 'fp'")
+        paths[name] = path
+    torch.set_num_threads(args.threads)
+    rows = load_vqa_dataset("easy-vqa", "test", num_samples=args.questions, seed=args.seed)
+    references = [r["answer"] for r in rows]
+    for name, path in paths.items():
         model, processor = load_model_and_processor(path)
         predictions = generate_answers(model, processor, [r["image"] for r in rows], [r["question"] for r in rows])
         c = classify(predictions, references)
