@@ -539,7 +539,7 @@ def test_comparisons_of_the_matrix_resolve_and_bad_ones_are_named(eval_script):
                      ("qvlm_w4_gptq", "gptq_w4a16"), ("qvlm_w4", "gptq_w4a16"), ("qvlm_w3_gptqchoice", "gptq_w3a16"),
                      ("qvlm_w4_rtn", "rtn_w4a16"), ("qvlm_w4", "qvlm_w4_gptq_blocks1"),
                      ("qvlm_w4", "qvlm_w4_gptq_blocks3"), ("mbq_w3_duo_clip", "mbq_w3_duo_uniform_clip"),
-                     ("mbq_w3_duo_clip", "mbq_w3"), ("mbq_w4_duo_clip", "mbq_w4"),
+                     ("mbq_w3_duo_clip", "mbq_w3"), ("mbq_w4", "mbq_w4_noclip"),
                      ("mbq_w4_duo_clip", "mbq_w4_duo_uniform_clip")} | matched
     # the compared cells run at the same seeds on both sides
     seeds = {}
