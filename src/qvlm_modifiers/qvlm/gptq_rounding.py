@@ -293,8 +293,9 @@ class PipelineHessians:
 
     def hook(self, module: torch.nn.Module, args: tuple) -> None:
         if self._active and id(module) in self._members:
-            h, n = self._sums.get(id(module)) or (self._empty(module), torch.zeros(()))
-            self._sums[id(module)] = self._accumulate(args[0].detach(), module, h, n)
+            if id(module) not in self._sums:
+                self._sums[id(module)] = (self._empty(module), torch.zeros(()))
+            _add_batch(self._sums, module, args[0], self._accumulate)
 
     def take(self, k: int, num_batches: int) -> dict[int, torch.Tensor] | None:
         """The normalized Hessians of layer ``k``'s Linears if every one of ``num_batches`` batches
@@ -303,7 +304,7 @@ class PipelineHessians:
         sums, self._sums, self.valid, self._active = self._sums, {}, False, False
         if not ok:
             return None
-        return {key: h / n.to(h.device).clamp_min(1) for key, (h, n) in sums.items()}
+        return _normalized(sums)
 
 
 def _apply_settings(settings: Sequence[tuple[RangeVariable, Sequence[int]]]) -> dict[int, tuple]:
@@ -327,14 +328,9 @@ def _apply_settings(settings: Sequence[tuple[RangeVariable, Sequence[int]]]) -> 
 def _layer_hessians(layer, linears, inputs, full_precision, accumulate_hessian, make_empty_hessian) -> dict[int, torch.Tensor]:
     """GPTQ's normalized Hessians ``2 X X^T / n`` of each Linear's inputs when ``layer`` runs in
     full precision on ``inputs`` (GPTQModifier calibrates under ``DisableQuantization``)."""
-    hessians = {id(m): make_empty_hessian(m) for m in linears}
-    counts = {id(m): torch.zeros(()) for m in linears}
-
-    def hook(module, args):
-        hessians[id(module)], counts[id(module)] = accumulate_hessian(
-            args[0].detach(), module, hessians[id(module)], counts[id(module)])
-
-    handles = [m.register_forward_pre_hook(hook) for m in linears]
+    sums = {id(m): (make_empty_hessian(m), torch.zeros(())) for m in linears}
+    handles = [m.register_forward_pre_hook(lambda module, args: _add_batch(sums, module, args[0], accumulate_hessian))
+               for m in linears]
     try:
         with full_precision:
             for b, h in enumerate(inputs):
@@ -342,7 +338,20 @@ def _layer_hessians(layer, linears, inputs, full_precision, accumulate_hessian, 
     finally:
         for handle in handles:
             handle.remove()
-    return {key: h / counts[key].to(h.device).clamp_min(1) for key, h in hessians.items()}
+    return _normalized(sums)
+
+
+def _add_batch(sums: dict[int, tuple[torch.Tensor, torch.Tensor]], module: torch.nn.Module, x: torch.Tensor,
+               accumulate_hessian: Callable) -> None:
+    """Add one batch of ``module``'s inputs ``x`` to its running ``(H, n)`` in ``sums`` (keyed by
+    ``id(module)``), with llm-compressor's ``accumulate_hessian`` (GPTQModifier's own update)."""
+    h, n = sums[id(module)]
+    sums[id(module)] = accumulate_hessian(x.detach(), module, h, n)
+
+
+def _normalized(sums: Mapping[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[int, torch.Tensor]:
+    """The Hessians GPTQ quantizes with, ``H / n`` (``n`` >= 1), from running ``(H, n)`` sums."""
+    return {key: h / n.to(h.device).clamp_min(1) for key, (h, n) in sums.items()}
 
 
 def _batches(items: list, max_batch: int, batch_key: Callable) -> list[list]:
