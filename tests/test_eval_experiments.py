@@ -537,7 +537,7 @@ def test_comparisons_of_the_matrix_resolve_and_bad_ones_are_named(eval_script):
     assert pairs == {("mbq_w3", "awq_w3a16"), ("mbq_w4", "awq_w4a16"), ("mbq_w4a8", "smoothquant_w4a8"),
                      ("qvlm_w4", "rtn_w4a16"), ("qvlm_w6a6", "rtn_w6a6"), ("qvlm_w4a8", "rtn_w4a8"),
                      ("qvlm_w4_gptq", "gptq_w4a16"), ("qvlm_w4", "gptq_w4a16"), ("qvlm_w3_gptqchoice", "gptq_w3a16"),
-                     ("mbq_gptq_w3", "gptq_w3a16"),
+                     ("mbq_gptq_w3", "gptq_w3a16"), ("mbq_gptq_w4a8", "gptq_w4a8"),
                      ("qvlm_w4_rtn", "rtn_w4a16"), ("qvlm_w4", "qvlm_w4_gptq_blocks1"),
                      ("qvlm_w4", "qvlm_w4_gptq_blocks3"), ("mbq_w3_duo_clip", "mbq_w3_duo_uniform_clip"),
                      ("mbq_w3_duo_clip", "mbq_w3"), ("mbq_w4", "mbq_w4_noclip"),
