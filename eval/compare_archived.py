@@ -4,6 +4,11 @@ as the matrix's `comparisons` (qvlm_eval.paired.compare_runs: paired bootstrap o
 per-question hits, McNemar per seed). Differences are A - B (A = the current cell).
 
     python eval/compare_archived.py qvlm_w4_rtn archive/qvlm_w4_s32.json qvlm_w4_s32 [--model smolvlm-tiny-v2]
+
+The file may be ``results.json`` itself: two current cells that no `comparisons` entry of experiments.yaml
+pairs (ablations, one-seed cells against a 3-seed one: only the common seeds are paired):
+
+    python eval/compare_archived.py qvlm_w4_mse results.json qvlm_w4_rtn
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("current", help="cell of results.json (A)")
-    parser.add_argument("archive", help="archive file, relative to the model's results folder")
+    parser.add_argument("archive", help="archive file, relative to the model's results folder (or results.json)")
     parser.add_argument("archived", help="cell id in the archive (B)")
     parser.add_argument("--model", default="smolvlm-tiny-v2")
     parser.add_argument("--results-root", default=str(EVAL_DIR / "results"))

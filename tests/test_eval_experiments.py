@@ -663,3 +663,8 @@ def test_compare_archived_pairs_an_archive_with_a_current_cell_by_seed(eval_scri
     assert result["kl"]["mean_diff"] == pytest.approx(-0.1)  # every row 0.1 lower at both seeds
     assert [(m["b"], m["c"]) for m in result["hits"]["mcnemar"]] == [(1, 0), (1, 0)]
     assert compare.main(["nope", "archive/old.json", "q_old", "--model", "m", "--results-root", str(tmp_path)]) == 2
+    # two current cells: results.json as the file, only the common seeds paired
+    assert compare.main(["q", "results.json", "q", "--model", "m", "--results-root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{"):])
+    assert result["seeds"] == [0, 1, 2] and result["kl"]["mean_diff"] == 0.0
