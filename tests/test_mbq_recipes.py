@@ -31,6 +31,18 @@ def test_recipes_are_shipped_and_valid():
         load_recipe(recipe_path(name))  # known Modifiers, known fields, supported bit widths
 
 
+def test_shipped_weight_only_mbq_recipes_carry_the_chosen_search():
+    """The test bed's choices (README, issue #23): duo scales in both; the clip search in mbq_w4
+    (lower KL and more hits at W4 over 3 seeds), not in mbq_w3 (it cost 17 points there)."""
+    import yaml
+
+    def mbq_fields(name):
+        return yaml.safe_load(recipe_path(name).read_text())["quant_stage"]["quant_modifiers"]["MBQModifier"]
+
+    assert {k: mbq_fields("mbq_w4")[k] for k in ("duo_scaling", "clip_search")} == {"duo_scaling": True, "clip_search": True}
+    assert {k: mbq_fields("mbq_w3")[k] for k in ("duo_scaling", "clip_search")} == {"duo_scaling": True, "clip_search": False}
+
+
 @pytest.mark.parametrize("recipe", sorted(MBQ_RECIPES))
 @pytest.mark.parametrize("family", zoo.FAMILY_NAMES)
 def test_recipe_oneshot_save_reload(family, recipe, saved_vlm, calib_pairs, tmp_path):
