@@ -538,6 +538,7 @@ def test_comparisons_of_the_matrix_resolve_and_bad_ones_are_named(eval_script):
                      ("qvlm_w4", "rtn_w4a16"), ("qvlm_w6a6", "rtn_w6a6"), ("qvlm_w4a8", "rtn_w4a8"),
                      ("qvlm_w4_gptq", "gptq_w4a16"), ("qvlm_w4", "gptq_w4a16"), ("qvlm_w3_gptqchoice", "gptq_w3a16"),
                      ("mbq_gptq_w3", "gptq_w3a16"), ("mbq_gptq_w4a8", "gptq_w4a8"),
+                     ("mbq_gptq_w3", "mbq_gptq_w3_uniform"), ("mbq_gptq_w4a8", "mbq_gptq_w4a8_uniform"),
                      ("qvlm_w4_rtn", "rtn_w4a16"), ("qvlm_w4", "qvlm_w4_gptq_blocks1"),
                      ("qvlm_w4", "qvlm_w4_gptq_blocks3"), ("mbq_w3_duo_clip", "mbq_w3_duo_uniform_clip"),
                      ("mbq_w3_duo_clip", "mbq_w3"), ("mbq_w4", "mbq_w4_noclip"),
@@ -551,6 +552,34 @@ def test_comparisons_of_the_matrix_resolve_and_bad_ones_are_named(eval_script):
         run.resolve_comparisons({"comparisons": [{"a": "MBQ", "b": "Nope", "schemes": ["W3A16"]}]}, runs)
     with pytest.raises(ValueError, match="not a cell of the matrix"):
         run.resolve_comparisons({"comparisons": [{"a": "mbq_w3", "b": "nope"}]}, runs)
+
+
+def test_matched_mbq_comparisons_differ_only_in_the_modality_weighting(eval_script):
+    """Each "matched" MBQ comparison (MBQ against its uniform-weight twin) is read in the README as the
+    effect of the modality weighting alone: the two recipes must be the same but for MBQModifier's
+    vision_weight and text_tokens (uniform: 1.0 and all_text), GPTQ stage and everything else included."""
+    run = eval_script("run_experiments")
+    config = yaml.safe_load((Path(run.__file__).resolve().parent / "experiments.yaml").read_text())
+    pairs = [(p["a"], p["b"]) for p in run.resolve_comparisons(config, run.parse_cells(config))]
+    twins = [(a, b) for a, b in pairs if b.startswith("mbq_") and "uniform" in b]
+    assert {("mbq_gptq_w3", "mbq_gptq_w3_uniform"), ("mbq_gptq_w4a8", "mbq_gptq_w4a8_uniform")} <= set(twins)
+    assert len(twins) >= 10
+
+    from qvlm_modifiers.mbq import MBQModifier
+
+    def stages(cell):  # the recipe with MBQModifier's defaults written out, and its two weighting fields
+        recipe = yaml.safe_load(Path(run.resolve_recipe(cell)).read_text())
+        mbq = recipe["quant_stage"]["quant_modifiers"]["MBQModifier"]
+        for name, field in MBQModifier.model_fields.items():
+            if not field.is_required():
+                mbq.setdefault(name, field.get_default(call_default_factory=True))
+        return recipe, {k: mbq.pop(k) for k in ("vision_weight", "text_tokens")}
+
+    for a, b in twins:
+        (recipe_a, weighting_a), (recipe_b, weighting_b) = stages(a), stages(b)
+        assert recipe_a == recipe_b, (a, b)
+        assert weighting_b == {"vision_weight": 1.0, "text_tokens": "all_text"}, b
+        assert weighting_a == {"vision_weight": None, "text_tokens": "answer"}, a
 
 
 def test_budget_counts_pending_runs_and_estimates_their_time(eval_script, tmp_path, capsys, monkeypatch):

@@ -21,6 +21,7 @@ MBQ_RECIPES = {
     "mbq_w4a8": (4, "channel", True, 8),
     "mbq_w8a8": (8, "channel", True, 8),
     "mbq_gptq_w3": (3, "group", False, None),
+    "mbq_gptq_w4a8": (4, "channel", True, 8),
 }
 
 
