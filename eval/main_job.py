@@ -94,6 +94,8 @@ def fp_cache_key(model_dir: Path, args) -> str:
     settings = [args.vqa_questions, args.kl_rows, args.ppl_tokens, args.batch_size, args.seed]
     if args.kl_caption_rows:  # appended only when used, so that v1 caches keep their keys
         settings.append(args.kl_caption_rows)
+    if args.device != "cpu":  # GPU numbers are not bit-equal to CPU ones; CPU caches keep their keys
+        settings.append(args.device)
     digest.update(json.dumps(settings).encode())
     digest.update(Path(metrics_module.__file__).read_bytes())
     return digest.hexdigest()[:16]
@@ -117,6 +119,25 @@ def save_fp_cache(cache_dir: Path, key: str, fp: dict, logprobs) -> None:
     (cache_dir / f"fp_{key}.json").write_text(json.dumps(fp, default=str))
 
 
+def resolve_device(name: str) -> torch.device:
+    """``--device``: ``cpu``, ``cuda`` / ``cuda:N``, or ``auto`` (CUDA when torch sees a GPU). A clear
+    error, before anything is computed or written, when CUDA is asked for and torch cannot use it."""
+    from qvlm_modifiers.errors import QVLMError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise QVLMError(f"--device {name!r} is not a device ({err}); pass cpu, cuda, cuda:N or auto") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise QVLMError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA device; "
+                        "pass --device cpu, or install a CUDA build of torch on a GPU machine")
+    if device.type not in ("cpu", "cuda"):
+        raise QVLMError(f"--device {name}: only cpu and cuda are supported; pass one of cpu, cuda, cuda:N, auto")
+    return device
+
+
 def load_dense(path):
     """Reload with the packed kernels off (transformers decompresses to dense weights)."""
     import os
@@ -136,20 +157,25 @@ def load_dense(path):
             os.environ[ENV_KERNELS] = before
 
 
-def reload_check(path, in_memory, processor, rows):
-    """Reload with the Auto class; compare logits with the in-memory model on a few image rows."""
+def reload_check(path, in_memory, processor, rows, device=None):
+    """Reload with the Auto class (onto ``device``: the evaluation device); compare logits with the
+    in-memory model on a few image rows."""
     from transformers import AutoModelForImageTextToText
 
     from qvlm_eval.metrics import build_prompt
 
     reloaded, info = AutoModelForImageTextToText.from_pretrained(str(path), output_loading_info=True)
     reloaded.eval()
+    if device is not None:
+        reloaded.to(device)
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     worst = 0.0
     with torch.no_grad():
         for row in rows:
             prompt = build_prompt(processor, row["question"]) + row["answer"]
             batch = processor(text=[prompt], images=[[row["image"].convert("RGB")]], return_tensors="pt")
+            if device is not None:
+                batch = batch.to(device)
             a = in_memory(**batch).logits.float()
             b = reloaded(**batch).logits.float()
             worst = max(worst, (a - b).abs().max().item())
@@ -188,9 +214,12 @@ def main(argv=None) -> int:
                              "(for models whose widths are not multiples of the recipe's group, e.g. SmolLM2's 576)")
     parser.add_argument("--fp-cache", help="folder caching the full-precision metrics (keyed by model files, "
                                            "settings and metrics code) so that a matrix evaluates FP once")
+    parser.add_argument("--device", default="cpu",
+                        help="where the model is quantized and evaluated: cpu (default; the matrix's numbers), cuda, "
+                             "cuda:N, or auto (cuda when available). GPU numbers are keyed apart from CPU ones")
     parser.add_argument("--packed-eval", choices=["auto", "always"], default="auto",
-                        help="auto: on CPU evaluate a dense reload (the packed reference path is slow there); "
-                             "always: evaluate the packed reload itself")
+                        help="auto: on CPU evaluate a dense reload (the packed reference path is slow there), on "
+                             "CUDA the packed reload (our kernels); always: evaluate the packed reload itself")
     parser.add_argument("--reload-tolerance", type=float, default=1e-3,
                         help="max |logit difference| allowed between the reloaded and in-memory quantized model")
     args = parser.parse_args(argv)
@@ -204,6 +233,8 @@ def main(argv=None) -> int:
     from qvlm_modifiers.errors import QVLMError
 
     try:
+        device = resolve_device(args.device)
+        args.device = str(device)  # recorded (and in the FP cache key) as resolved, e.g. "cuda"
         from qvlm_eval import default_model as dm
 
         bed = dm.testbed(args.testbed)
@@ -229,6 +260,9 @@ def main(argv=None) -> int:
                 print(f"[main_job] {recipe_name}: {changed} weight scheme(s) at group {args.group_size}", flush=True)
 
         fp_model, processor = metrics.load_model_and_processor(model_dir, dtype=torch.float32)
+        # On CUDA the whole job runs there: llm-compressor's sequential pipeline onloads to the GPU anyway,
+        # and a model that already lives there stays there (compressed-tensors offloads to its device).
+        fp_model.to(device)
         vqa_rows = metrics.load_vqa_dataset("easy-vqa", split="test", num_samples=args.vqa_questions, seed=args.seed)
         kl_rows = metrics.assistant_turn_rows(args.kl_rows, args.kl_caption_rows, seed=args.seed + 1)
         text = metrics.load_text_corpus("lee")
@@ -260,9 +294,10 @@ def main(argv=None) -> int:
 
         mbq_diagnostics = take_run_diagnostics()  # MBQ recipes: per-mapping exponents and losses
         print(f"[main_job] saved {out_dir}; reloading with AutoModelForImageTextToText", flush=True)
-        reloaded, reload = reload_check(out_dir, q_model, processor, [kl_rows[i] for i in range(min(4, len(kl_rows)))])
+        reloaded, reload = reload_check(out_dir, q_model, processor, [kl_rows[i] for i in range(min(4, len(kl_rows)))],
+                                        device=device)
         del q_model
-        if not torch.cuda.is_available() and args.packed_eval == "auto":
+        if device.type == "cpu" and args.packed_eval == "auto":
             # The reload check above went through our packed loader (weights stay packed; on CPU its
             # reference path unpacks every Linear on every forward, ~5x slower). Evaluate a dense reload of
             # the same checkpoint instead: same numbers (the check compared the logits), minutes faster.

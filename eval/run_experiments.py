@@ -164,7 +164,24 @@ def default_model_path(model: dict) -> str:
 
 
 #: settings passed to main_job only when set (so cells of configurations without them keep their keys)
-_OPTIONAL_SETTINGS = {"kl_caption_rows": "--kl-caption-rows", "calib_caption_fraction": "--calib-caption-fraction"}
+_OPTIONAL_SETTINGS = {"kl_caption_rows": "--kl-caption-rows", "calib_caption_fraction": "--calib-caption-fraction",
+                      "device": "--device"}
+
+
+def job_device(name: str) -> str:
+    """``--device`` as it goes into the keys: ``auto`` resolved here (so that a key never says "auto"),
+    ``cuda`` / ``cuda:N`` / ``cpu`` as given."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def results_folder(model_name: str, device: str) -> str:
+    """A model's results folder: ``<model>`` for the CPU matrix, ``<model>-cuda`` (``-cuda1``...) for
+    runs on a GPU, which are cached and reported apart (their numbers are not bit-equal to CPU ones)."""
+    return model_name if device == "cpu" else f"{model_name}-{device.replace(':', '')}"
 
 
 def job_arguments(cell: dict, path: str, settings: dict, group_size: int | None, out_dir: Path,
@@ -846,6 +863,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+",
                         help="run every cell at these calibration seeds (replaces the seeds of experiments.yaml)")
     parser.add_argument("--vqa-questions", type=int)
+    parser.add_argument("--device", default="cpu",
+                        help="run the jobs on this device (main_job.py --device: cuda, cuda:N, auto). Not cpu: the "
+                             "device joins each run's settings and so its key, and GPU runs are cached apart from "
+                             "the CPU matrix")
     parser.add_argument("--force", action="store_true", help="rerun cells that are already done")
     parser.add_argument("--rerun-stale", action="store_true",
                         help="recompute cells that results.json holds from other code (default: refuse)")
@@ -866,6 +887,16 @@ def main(argv=None) -> int:
     settings = dict(config.get("settings", {}))
     if args.vqa_questions:
         settings["vqa_questions"] = args.vqa_questions
+    device = job_device(args.device)
+    if device.startswith("cuda") and not (args.report or args.list or args.budget):
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"error: --device {args.device}: this torch ({torch.__version__}) sees no CUDA device; run on a GPU "
+                  "machine with a CUDA build of torch, or leave --device out for the CPU matrix", file=sys.stderr)
+            return 2
+    if device != "cpu":  # only then, so that CPU runs keep their keys
+        settings["device"] = device
     try:
         all_runs = parse_cells(config, args.seeds)
         pairs = resolve_comparisons(config, all_runs)
@@ -901,7 +932,7 @@ def main(argv=None) -> int:
         # (the report reads results.json only: no need to hash the model's files)
         fingerprint = model_fingerprint(path) if Path(path).is_dir() and not args.report else None
         group_size = model.get("group_size")
-        out_dir = Path(args.results_root) / name
+        out_dir = Path(args.results_root) / results_folder(name, device)
         out_dir.mkdir(parents=True, exist_ok=True)
         results_file = out_dir / "results.json"
         results = json.loads(results_file.read_text()) if results_file.exists() else {"cells": {}}

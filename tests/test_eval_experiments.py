@@ -121,6 +121,28 @@ def test_cell_key_covers_the_job_arguments_but_not_where_outputs_go(eval_script,
                                               "--group-size", "16"]
 
 
+def test_a_gpu_run_is_keyed_and_stored_apart_from_the_cpu_matrix(eval_script, tmp_path, capsys):
+    """--device cuda: the device reaches main_job and the key, results go to <model>-cuda; CPU keys unchanged."""
+    import torch
+
+    run = eval_script("run_experiments")
+    cell = {"id": "w8a8", "recipe": "w8a8", "calib_seed": None}
+    settings = {"vqa_questions": 4, "calib_samples": 2}
+    cpu = run.plan_cell(cell, "/m", "f", settings, 16, tmp_path)
+    gpu = run.plan_cell(cell, "/m", "f", {**settings, "device": "cuda"}, 16, tmp_path)
+    assert "--device" not in cpu["argv"] and gpu["key"] != cpu["key"]
+    assert run.keyed_arguments(gpu["argv"])[-4:] == ["--device", "cuda", "--group-size", "16"]
+    assert run.results_folder("m", "cpu") == "m" and run.results_folder("m", "cuda:1") == "m-cuda1"
+    assert run.job_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        config = tmp_path / "experiments.yaml"
+        config.write_text(yaml.safe_dump({"models": [{"name": "m", "path": str(tmp_path)}],
+                                          "cells": [{"recipe": "w8a8"}], "settings": {}}))
+        assert run.main(["--config", str(config), "--device", "cuda", "--results-root", str(tmp_path / "r")]) == 2
+        assert "sees no CUDA device" in capsys.readouterr().err
+        assert not (tmp_path / "r").exists()
+
+
 def test_a_default_model_entry_names_its_test_bed_folder(eval_script):
     run = eval_script("run_experiments")
     from qvlm_eval import default_model as dm
@@ -538,6 +560,7 @@ def test_comparisons_of_the_matrix_resolve_and_bad_ones_are_named(eval_script):
                      ("qvlm_w4", "rtn_w4a16"), ("qvlm_w6a6", "rtn_w6a6"), ("qvlm_w4a8", "rtn_w4a8"),
                      ("qvlm_w4_gptq", "gptq_w4a16"), ("qvlm_w4", "gptq_w4a16"), ("qvlm_w3_gptqchoice", "gptq_w3a16"),
                      ("mbq_gptq_w3", "gptq_w3a16"), ("mbq_gptq_w4a8", "gptq_w4a8"),
+                     ("mbq_gptq_w4a8", "smoothquant_gptq_w4a8"),
                      ("mbq_gptq_w3", "mbq_gptq_w3_uniform"), ("mbq_gptq_w4a8", "mbq_gptq_w4a8_uniform"),
                      ("qvlm_w4_rtn", "rtn_w4a16"), ("qvlm_w4", "qvlm_w4_gptq_blocks1"),
                      ("qvlm_w4", "qvlm_w4_gptq_blocks3"), ("mbq_w3_duo_clip", "mbq_w3_duo_uniform_clip"),
