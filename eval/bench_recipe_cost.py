@@ -50,6 +50,14 @@ def run_child(args) -> dict:
     from qvlm_modifiers.recipe_check import override_group_size
 
     torch.set_num_threads(args.threads)
+    heap_fixed = False
+    if args.malloc_tuning:  # as `qvlm quantize` does: before the model is loaded (qvlm_modifiers.heap)
+        from qvlm_modifiers.heap import fix_malloc_mmap_threshold
+
+        heap_fixed = fix_malloc_mmap_threshold()
+        if not heap_fixed:
+            raise SystemExit("--malloc-tuning: the glibc heap setting could not be applied (not glibc, or "
+                             "QVLM_MALLOC_TUNING=0 / a MALLOC_* variable set); unset those or drop the flag")
     text = Path(args.child).read_text()
     if args.group_size:
         text, _ = override_group_size(text, args.group_size)
@@ -61,6 +69,7 @@ def run_child(args) -> dict:
     with cost_bench.measure() as result:
         qvlm_modifiers.oneshot(model=model, processor=processor, dataset=rows, recipe=str(recipe),
                                num_calibration_samples=len(rows))
+    result["malloc_tuning"] = heap_fixed
     return result
 
 
@@ -68,7 +77,8 @@ def child_command(recipe: Path, args, out: Path) -> list[str]:
     """The command line of one measuring child: this script with ``--child`` and the parent's settings."""
     return [sys.executable, __file__, "--child", str(recipe), "--child-out", str(out), "--model", args.model,
             "--samples", str(args.samples), "--seed", str(args.seed), "--caption-fraction", str(args.caption_fraction),
-            "--threads", str(args.threads), "--group-size", str(args.group_size or 0)]
+            "--threads", str(args.threads), "--group-size", str(args.group_size or 0)] + (
+                ["--malloc-tuning"] if args.malloc_tuning else [])
 
 
 def _spawn(recipe: Path, args, out_dir: Path) -> dict:
@@ -89,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--group-size", type=int, default=None, help="run group schemes at this group size")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--malloc-tuning", action="store_true",
+                        help="fix glibc's mmap threshold in every child before it loads the model "
+                             "(qvlm_modifiers.heap, what `qvlm quantize` does on CPU): peak RSS then tracks live "
+                             "memory instead of heap fragmentation that grows with every calibrated layer")
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -124,7 +138,8 @@ def main(argv=None) -> int:
     base = recipes[0].stem
     summary = {name: summarize(rs) for name, rs in runs.items()}
     print(f"model: {args.model}  samples: {args.samples} (caption share {args.caption_fraction})  "
-          f"group size: {args.group_size or 'recipe'}  repeats: {args.repeats}  threads: {args.threads}")
+          f"group size: {args.group_size or 'recipe'}  repeats: {args.repeats}  threads: {args.threads}  "
+          f"glibc heap: {'fixed mmap threshold (--malloc-tuning)' if args.malloc_tuning else 'default'}")
     b = summary[base]
     for name, s in summary.items():
         rss = f"+{s['peak_rss_delta_mib']:.0f} MiB" if s["peak_rss_delta_mib"] is not None else "n/a"

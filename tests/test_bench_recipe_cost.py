@@ -38,3 +38,6 @@ def test_the_child_command_parses_as_a_child(tmp_path):
     child = bench.build_parser().parse_args(cmd[2:])
     assert child.child == str(tmp_path / "qvlm_w4.yaml") and child.recipes == []
     assert (child.model, child.samples, child.group_size, child.child_out) == ("m", 8, 64, str(tmp_path / "out.json"))
+    assert child.malloc_tuning is False
+    tuned = bench.build_parser().parse_args(["gptq_w4a16_g64", "qvlm_w4", "--model", "m", "--malloc-tuning"])
+    assert bench.build_parser().parse_args(bench.child_command(tmp_path / "x.yaml", tuned, tmp_path / "o.json")[2:]).malloc_tuning
