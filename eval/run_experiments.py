@@ -168,16 +168,6 @@ _OPTIONAL_SETTINGS = {"kl_caption_rows": "--kl-caption-rows", "calib_caption_fra
                       "device": "--device"}
 
 
-def job_device(name: str) -> str:
-    """``--device`` as it goes into the keys: ``auto`` resolved here (so that a key never says "auto"),
-    ``cuda`` / ``cuda:N`` / ``cpu`` as given."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def results_folder(model_name: str, device: str) -> str:
     """A model's results folder: ``<model>`` for the CPU matrix, ``<model>-cuda`` (``-cuda1``...) for
     runs on a GPU, which are cached and reported apart (their numbers are not bit-equal to CPU ones)."""
@@ -887,14 +877,16 @@ def main(argv=None) -> int:
     settings = dict(config.get("settings", {}))
     if args.vqa_questions:
         settings["vqa_questions"] = args.vqa_questions
-    device = job_device(args.device)
-    if device.startswith("cuda") and not (args.report or args.list or args.budget):
-        import torch
+    # main_job's own check: "auto" resolved (a key never says "auto"), a bad name or CUDA without a GPU refused
+    # before anything runs; a report or listing of a GPU matrix needs no GPU
+    from qvlm_modifiers.errors import QVLMError
 
-        if not torch.cuda.is_available():
-            print(f"error: --device {args.device}: this torch ({torch.__version__}) sees no CUDA device; run on a GPU "
-                  "machine with a CUDA build of torch, or leave --device out for the CPU matrix", file=sys.stderr)
-            return 2
+    reading = args.report or args.list or args.budget
+    try:
+        device = args.device if reading and args.device != "auto" else str(main_job.resolve_device(args.device))
+    except QVLMError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if device != "cpu":  # only then, so that CPU runs keep their keys
         settings["device"] = device
     try:

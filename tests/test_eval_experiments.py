@@ -133,11 +133,15 @@ def test_a_gpu_run_is_keyed_and_stored_apart_from_the_cpu_matrix(eval_script, tm
     assert "--device" not in cpu["argv"] and gpu["key"] != cpu["key"]
     assert run.keyed_arguments(gpu["argv"])[-4:] == ["--device", "cuda", "--group-size", "16"]
     assert run.results_folder("m", "cpu") == "m" and run.results_folder("m", "cuda:1") == "m-cuda1"
-    assert run.job_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    config = tmp_path / "experiments.yaml"
+    config.write_text(yaml.safe_dump({"models": [{"name": "m", "path": str(tmp_path)}],
+                                      "cells": [{"recipe": "w8a8"}], "settings": {}}))
+    # "auto" is resolved before it reaches a key or a folder name; a name that is no device is refused
+    assert run.main(["--config", str(config), "--device", "auto", "--list", "--results-root", str(tmp_path / "l")]) == 0
+    assert [d.name for d in (tmp_path / "l").iterdir()] == ["m-cuda" if torch.cuda.is_available() else "m"]
+    assert run.main(["--config", str(config), "--device", "gpu0", "--results-root", str(tmp_path / "r")]) == 2
+    assert "not a device" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        config = tmp_path / "experiments.yaml"
-        config.write_text(yaml.safe_dump({"models": [{"name": "m", "path": str(tmp_path)}],
-                                          "cells": [{"recipe": "w8a8"}], "settings": {}}))
         assert run.main(["--config", str(config), "--device", "cuda", "--results-root", str(tmp_path / "r")]) == 2
         assert "sees no CUDA device" in capsys.readouterr().err
         assert not (tmp_path / "r").exists()
