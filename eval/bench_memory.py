@@ -51,6 +51,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from qvlm_eval import cost_bench
 from qvlm_modifiers.resources import proc_status_kib, reset_peak_rss
 
 HEAD_DIM = 64
@@ -162,12 +163,7 @@ def measure(model_dir: Path, pairs_dir: Path, recipe: str, num_samples: int, off
         # with depth) would be counted as working memory.
         # default (no --mmap): copy every weight into anonymous memory instead (the mapping is then
         # released), as a model converted to another dtype at load is.
-        with torch.no_grad():
-            for p in model.parameters():
-                if materialize:
-                    p.data = p.data.clone()
-                else:
-                    p.sum()
+        cost_bench.page_in(model.parameters(), copy=materialize)
     gc.collect()
     rss_after_load = proc_status_kib("VmRSS") * 1024
     anon_after_load, file_after_load = proc_status_kib("RssAnon") * 1024, proc_status_kib("RssFile") * 1024

@@ -62,12 +62,8 @@ def run_child(args) -> dict:
     if args.group_size:
         text, _ = override_group_size(text, args.group_size)
     model, processor = metrics.load_model_and_processor(args.model, dtype=torch.float32)
-    # safetensors maps the weights from the file: until a forward reads them they are not resident, and
-    # the first pass that does (MBQ's sensitivity pass, or the pipeline layer by layer) would be counted
-    # as working memory. Read every weight once, so the peak above the loaded model is the method's own.
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            tensor.sum()
+    # the peak above the loaded model is the method's own, not the page-in of mapped weights
+    cost_bench.page_in([*model.parameters(), *model.buffers()])
     pairs = main_job.calibration_pairs(args.samples, args.seed, caption_fraction=args.caption_fraction)
     rows = build_calibration_dataset(pairs, processor, model, prompt_column="question", text_column="text")
     recipe = Path(args.child_out).with_suffix(".yaml")

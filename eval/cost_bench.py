@@ -62,6 +62,22 @@ def measure(device: str = "cpu") -> Iterator[dict]:
         result["device"] = "cpu"
 
 
+def page_in(tensors, copy: bool = False) -> None:
+    """Make memory-mapped weights resident before a baseline is taken. transformers 5 maps the
+    safetensors files, so a weight is paged in when first read; without this the first pass that
+    reads it (MBQ's sensitivity pass up front, a pipeline layer by layer) is charged for it as working
+    memory. ``copy=False`` reads each tensor once (file pages stay mapped); ``copy=True`` replaces
+    each one's data by an anonymous copy (as a dtype conversion at load does)."""
+    import torch
+
+    with torch.no_grad():
+        for tensor in tensors:
+            if copy:
+                tensor.data = tensor.data.clone()
+            else:
+                tensor.sum()
+
+
 def spawn(cmd: Sequence[str], out: Path, label: str) -> dict:
     """Run ``cmd`` (a child that writes its measurement dict as JSON to ``out``) and return that dict;
     a failed child exits this process with its label and the tail of its output."""

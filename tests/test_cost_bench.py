@@ -57,3 +57,18 @@ def test_spawn_returns_the_childs_json_and_names_a_failed_child(tmp_path, capsys
         cost_bench.spawn([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], tmp_path / "x.json", "awq")
     assert "boom" in capsys.readouterr().err
     json.loads(out.read_text())
+
+
+def test_page_in_reads_in_place_or_copies_to_fresh_storage():
+    import torch
+
+    from qvlm_eval import cost_bench
+
+    layer = torch.nn.Linear(8, 4)
+    before = layer.weight.data_ptr()
+    cost_bench.page_in(layer.parameters())
+    assert layer.weight.data_ptr() == before  # read once, storage kept
+    values = layer.weight.detach().clone()
+    cost_bench.page_in(layer.parameters(), copy=True)
+    assert layer.weight.data_ptr() != before and torch.equal(layer.weight, values)
+    assert isinstance(layer.weight, torch.nn.Parameter)
