@@ -19,6 +19,8 @@ idea, with the paper's equation numbers (design note: ``/work/shared/design/qvlm
 * :mod:`.range_variables` -- the searched ranges of one Linear, written back as qparams;
 * :mod:`.cached_forward` -- the search's forwards (quantization on/off, cached weight QDQ);
 * :mod:`.gptq_rounding` -- optional GPTQ inside the ranges, GPTQModifier's order and act-order (not in the paper);
+* :mod:`.stream` -- ``realign_stream``: each closed block's quantized-path output handed to the
+  sequential pipeline (Eq. 1's ``X_q`` for the later layers; not in the paper);
 * :mod:`.metadata` -- the partition record written to ``config.json`` (``qvlm_blocks``);
 
 ``from qvlm_modifiers.qvlm import QVLMModifier`` (the Modifier, :mod:`.base`) and

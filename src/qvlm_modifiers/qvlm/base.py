@@ -36,7 +36,13 @@ from qvlm_modifiers.qvlm.entropy import JointLevelAccumulator, spread_token_mask
 from qvlm_modifiers.qvlm.clip_search import CLIP_MAX_TOKENS, clip_ratio_grid, clip_input_tokens
 from qvlm_modifiers.qvlm.gptq_rounding import PipelineHessians, gptq_quantize_states
 from qvlm_modifiers.qvlm.guard import GuardDecision, guard_decision, holdout_batch_indices
-from qvlm_modifiers.qvlm.metadata import METADATA_ATTRIBUTE, block_record, partition_metadata, write_metadata
+from qvlm_modifiers.qvlm.metadata import (
+    METADATA_ATTRIBUTE,
+    block_record,
+    guard_fields,
+    partition_metadata,
+    write_metadata,
+)
 from qvlm_modifiers.qvlm.objective import (
     BlockObjectiveKind,
     LinearOutputReplay,
@@ -54,6 +60,7 @@ from qvlm_modifiers.qvlm.range_variables import (
 )
 from qvlm_modifiers.qvlm.ranges import DEFAULT_PERCENTILES, DEFAULT_SHRINK_FACTORS
 from qvlm_modifiers.qvlm.scheme import check_scheme, entropy_levels, ignored_outside_lm
+from qvlm_modifiers.qvlm.stream import BlockHandover
 from qvlm_modifiers.qvlm.visual import optimize_vision_encoder as run_veo
 
 __all__ = ["QVLMModifier", "METADATA_ATTRIBUTE"]
@@ -85,6 +92,8 @@ class QVLMModifier(Modifier, QuantizationMixin):
       raise the objective against min/max on the held-out rows (:mod:`.guard`; with GPTQ inside on
       both sides), written as qparams, its weights fake-quantized so that the next blocks see them
       (as GPTQ does). Quantized Linears outside the decoder get lp-norm ranges
+    - with ``realign_stream``, the pipeline's propagation pass of a closed block's last layer
+      carries the block's quantized-path output on (:mod:`.stream`)
     - on_calibration_end: freeze quantization, remove hooks, write ``model.config.qvlm_blocks``
       (:mod:`.metadata`)
 
@@ -164,6 +173,15 @@ class QVLMModifier(Modifier, QuantizationMixin):
         guard rejected the searched ranges in 19-20 of 22 blocks (``qvlm_w4_gptq``)
     :param gptq_actorder: GPTQ's act-order ``"static"`` (GPTQModifier's default); false = natural
         column order
+    :param realign_stream: hand each closed block's quantized-path output to llm-compressor's
+        pipeline (:mod:`.stream`). The pipeline propagates each decoder layer as it is when the
+        layer's epoch ends, which inside a multi-layer block is full precision; so without this,
+        from the first multi-layer block on, the activations the later layers are calibrated on
+        (the entropy of Eq. 4, GPTQ's Hessians) are not the quantized model's (Eq. 1's ``X_q``).
+        With it they are, GPTQ's Hessians of every block's first layer come from the pipeline's
+        pass, and one-layer blocks take their output rows from the pipeline's propagation (checked
+        bit for bit) instead of a pass of their own. Off by default (the partition of the runs
+        before it); on in the shipped ``qvlm_w4``
     :param optimize_vision_encoder: visual-encoder optimization (Eq. 8-10,
         :mod:`qvlm_modifiers.qvlm.visual`): before the sequential pass, learn the quantized vision
         tower's weight ranges by gradient descent. Needs ``quantize_vision_tower: true``
@@ -197,6 +215,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
     gptq_rounding: bool = False
     gptq_actorder: bool = True
     gptq_weight_ranges: Literal["search", "gptq"] = "search"
+    realign_stream: bool = False
     weight_candidates: Literal["auto", "clip", "percentile", "minmax"] = "auto"
     clip_grid: int = Field(default=20, ge=1)
     clip_max_shrink: float = Field(default=0.5, ge=0.0, lt=1.0)
@@ -227,6 +246,11 @@ class QVLMModifier(Modifier, QuantizationMixin):
     _veo_history: list[dict[str, float]] | None = PrivateAttr(default=None)
     _derived_masks: DerivedLossMasks | None = PrivateAttr(default=None)
     _pipeline_hessians: PipelineHessians | None = PrivateAttr(default=None)  # with gptq_rounding
+    # with realign_stream: per block-closing decoder layer, (its handover, its block record, decide)
+    _handovers: dict[int, tuple] = PrivateAttr(default_factory=dict)
+    _handover_busy: bool = PrivateAttr(default=False)  # our own runs of a handing-over layer
+    _rows_from_pipeline: bool = PrivateAttr(default=True)  # off after a handover mismatch
+    _stream_hooks: list = PrivateAttr(default_factory=list)
 
     @field_validator("percentile_grid")
     @classmethod
@@ -310,6 +334,9 @@ class QVLMModifier(Modifier, QuantizationMixin):
             for k in range(len(self._layers)):
                 for _, m in self._layer_linears[k]:
                     self.register_hook(m, self._pipeline_hessians.hook, "forward_pre")
+        if self.realign_stream:
+            # plain torch hooks: the pipeline's propagation pass runs with HooksMixin hooks disabled
+            self._stream_hooks = [layer.register_forward_hook(self._handover_hook) for layer in self._layers]
         self._q_hidden, self._fp_hidden = [], None
         if self._derived_masks is not None:
             self._derived_masks.attach(state.model, state)
@@ -321,6 +348,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
             self._finish_layer(k)
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
+        self._settle_handovers()
         if self._partitioner is not None and self._partitioner.current and self._templates.get(self._partitioner.current[0]):
             self._close_block(self._partitioner.finish()[-1])
         # anything quantized that no subgraph handed us (e.g. a non-ignored lm_head)
@@ -328,6 +356,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
         self._quantize_outside_decoder([m for _, m in matched if id(m) not in self._done])
         QuantizationMixin.end_calibration(self, state.model)
         self.remove_hooks()
+        self._remove_stream_hooks()
         if self._derived_masks is not None:
             self._derived_masks.detach()
         if self._partitioner is not None:
@@ -337,6 +366,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
         self._pipeline_hessians = None
 
     def on_finalize(self, state: State, **kwargs) -> bool:
+        self._remove_stream_hooks()
         if not self.ended_:
             self.on_end(state, None)
         return True
@@ -373,6 +403,48 @@ class QVLMModifier(Modifier, QuantizationMixin):
         out = output[0] if isinstance(output, (tuple, list)) else output
         mask = spread_token_mask(hidden.shape[:-1], self.entropy_max_tokens, hidden.device)
         self._accumulators[k].update(hidden.detach(), out.detach(), mask)  # Eq. 4-5: pairs (h_k, h_{k+1})
+
+    def _handover_hook(self, module, args, output):
+        """The pipeline's propagation pass of a closed block's last layer: hand it the block's
+        quantized-path output, or take the rows it computes for us (:mod:`.stream`)."""
+        armed = self._handovers.get(self._layer_index[id(module)])
+        if armed is None or self._handover_busy or armed[0].done:
+            return None
+        self._handover_busy = True
+        try:
+            return armed[0](output)
+        finally:
+            self._handover_busy = False
+
+    def _settle_handovers(self) -> None:
+        """Before anything reads the last blocks' outputs: compute the rows the pipeline did not
+        hand over (or all it did, after a mismatch) and write each block's all-row loss."""
+        for k, (handover, record, decide) in list(self._handovers.items()):
+            if record is not None:
+                if handover.mismatch and self._rows_from_pipeline:
+                    logger.warning(
+                        f"Q-VLM: the pipeline's propagation of decoder layer {k} differs from the block's "
+                        "quantized-path output (e.g. activation quantization, which the pipeline's pass "
+                        "disables); the Modifier computes every block output itself from here on"
+                    )
+                    self._rows_from_pipeline = False
+                self._handover_busy = True  # our own runs of the layer, not the pipeline's
+                try:
+                    with HooksMixin.disable_hooks():  # nor a calibration pass
+                        handover.complete(retake=handover.mismatch)
+                finally:
+                    self._handover_busy = False
+                if decide is not None:
+                    record.update(guard_fields(decide(handover.rows)))
+                self._handovers[k] = (handover, None, None)
+            if handover.done:  # propagated: nothing left to hand over
+                del self._handovers[k]
+
+    def _remove_stream_hooks(self) -> None:
+        for handle in self._stream_hooks:
+            handle.remove()
+        self._stream_hooks = []
+        self._handovers.clear()
 
     # -- partition (Eq. 7) + block search (Eq. 2-3) -----------------------------------------------
 
@@ -417,6 +489,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
     def _close_block(self, block: list[int]) -> None:
         """Search, guard, write and propagate the ranges of one closed block (Eq. 2 then Eq. 3,
         then :mod:`.guard` against min/max on held-out rows, GPTQ inside with ``gptq_rounding``)."""
+        self._settle_handovers()
         if block[0] == 0:
             self._fp_hidden = list(self._q_hidden)
         if not self._q_hidden or not self._templates.get(block[0]):
@@ -470,14 +543,18 @@ class QVLMModifier(Modifier, QuantizationMixin):
             else:  # the FP block on the quantized-path input (GPTQ-style target)
                 with self._quantized(block, False):
                     targets = self._run_block(layer_fns, self._q_hidden)
-            decision, q_out = self._guard(block, layer_fns, variables, targets, token_weights, holdout)
+            decision, q_out, settle = self._guard(block, layer_fns, variables, targets, token_weights, holdout)
             for m in linears:
                 m.__dict__.pop(WEIGHT_KEY_ATTR, None)  # stamped by the guard's candidate switches
                 commit_qparams(m)
         self._q_hidden = q_out
         self._fp_hidden = fp_out if fp_path else q_out
         choices = {v.name: v.label for layer_vars in variables for v in layer_vars}
-        self._block_losses.append(block_record(block, result, choices, decision, self.gptq_rounding, search_s, search_cpu_s))
+        record = block_record(block, result, choices, decision, self.gptq_rounding, search_s, search_cpu_s)
+        self._block_losses.append(record)
+        if self.realign_stream and block[-1] + 1 < len(self._layers):
+            complete, decide = settle if settle is not None else ((lambda: None), None)
+            self._handovers[block[-1]] = (BlockHandover(q_out, complete, self._keep), record, decide)
         logger.info(
             f"Q-VLM block {block}: guard keeps {decision.winner} (held-out objective searched "
             f"{decision.holdout_loss_searched:.6g} vs min/max {decision.holdout_loss_rtn:.6g} on "
@@ -495,15 +572,17 @@ class QVLMModifier(Modifier, QuantizationMixin):
             return "minmax"
         return weight_candidate_mode(args, self.weight_candidates)
 
-    def _guard(self, block, layer_fns, variables, targets, token_weights, holdout) -> tuple[GuardDecision, list]:
+    def _guard(self, block, layer_fns, variables, targets, token_weights, holdout) -> tuple[GuardDecision, list, tuple | None]:
         """Searched ranges or min/max for the block (:func:`~qvlm_modifiers.qvlm.guard.guard_decision`),
         both rounded the same way (nearest, or GPTQ with ``gptq_rounding``); leaves the winner
-        applied (qparams, and GPTQ's weights) and returns it with the block's quantized-path output."""
+        applied (qparams, and GPTQ's weights) and returns it with the block's quantized-path output
+        and, where rows of that output are left to the pipeline (``None``), ``(complete, decide)``:
+        compute them, and the decision with every row's loss."""
         if self.gptq_rounding:
             return self._guard_gptq(block, layer_fns, variables, targets, token_weights, holdout)
         # round-to-nearest: each state's weights fake-quantized once, not once per batch (exact)
         with cached_weight_forward(self._linears(block)):
-            return self._guard_states(block, layer_fns, variables, targets, token_weights, holdout)
+            return (*self._guard_states(block, layer_fns, variables, targets, token_weights, holdout), None)
 
     def _guard_gptq(self, block, layer_fns, variables, targets, token_weights, holdout) -> tuple[GuardDecision, list]:
         """The guard with GPTQ inside: the block's ranges (searched, and with
@@ -511,7 +590,9 @@ class QVLMModifier(Modifier, QuantizationMixin):
         candidates) against min/max, both GPTQ-rounded in one lockstep pass
         (:func:`~qvlm_modifiers.qvlm.gptq_rounding.gptq_quantize_states`); the min/max state is
         GPTQModifier's result. Both are compared on the held-out rows; only the kept one runs the
-        block's last layer on the other rows too (the other's all-row loss is then ``None``)."""
+        block's last layer on the other rows too (the other's all-row loss is then ``None``), and
+        with ``realign_stream`` a one-layer block leaves those rows but batch 0 to the pipeline's
+        propagation pass (:mod:`.stream`)."""
         choose = self.gptq_weight_ranges == "gptq"
         searched = [
             [(v, range(len(v.candidates)) if choose and v.is_weight else [v.current]) for v in layer_vars]
@@ -547,15 +628,19 @@ class QVLMModifier(Modifier, QuantizationMixin):
         for m in self._linears(block):
             if id(m) in result.weights[kept]:
                 m.weight.data.copy_(result.weights[kept][id(m)])
-        out = result.complete(kept)
-        if kept == 0:
-            err = errors(out)
-        else:
-            rtn_err = errors(out)
-        decision = guard_decision(rtn_err if same else err, rtn_err, holdout)  # the kept state's loss on every row
-        if same:
-            decision.winner = "rtn"
-        return decision, out
+        lazy = (self.realign_stream and self._rows_from_pipeline and len(block) == 1 and bool(holdout)
+                and block[-1] + 1 < len(self._layers))
+        out = result.complete(kept, [0] if lazy else None)  # lazy: batch 0 checks the pipeline's rows
+
+        def decide(rows: list) -> GuardDecision:  # the kept state's loss on every row (None while rows are missing)
+            kept_err = errors(rows)
+            searched_err, min_max_err = (kept_err, rtn_err) if kept == 0 else (err, kept_err)
+            decision = guard_decision(min_max_err if same else searched_err, min_max_err, holdout)
+            if same:
+                decision.winner = "rtn"
+            return decision
+
+        return decide(out), out, ((lambda: result.complete(kept)), decide) if lazy else None
 
     def _guard_states(self, block, layer_fns, variables, targets, token_weights, holdout) -> tuple[GuardDecision, list]:
         """The guard with round-to-nearest (weights cached by :func:`cached_weight_forward`)."""

@@ -92,11 +92,13 @@ class GPTQStatesResult:
     # layer's quantized Linears, per state the last layer's inputs)
     _last: tuple | None = field(default=None, repr=False)
 
-    def complete(self, s: int) -> list[torch.Tensor]:
-        """State ``s``'s outputs on every batch: runs the batches that ``last_layer_batches`` left
-        out, with the block's last layer set to state ``s``."""
+    def complete(self, s: int, batches: Sequence[int] | None = None) -> list[torch.Tensor | None]:
+        """State ``s``'s outputs on every batch (or on ``batches`` only): runs the batches that
+        ``last_layer_batches`` left out, with the block's last layer set to state ``s``. Fills
+        ``outputs[s]`` in place and returns it."""
         out = self.outputs[s]
-        missing = [b for b, o in enumerate(out) if o is None]
+        wanted = range(len(out)) if batches is None else batches
+        missing = [b for b in wanted if out[b] is None]
         if missing:
             run, j, settings, linears, inputs = self._last
             for var, _ in settings[s]:

@@ -33,7 +33,7 @@ from qvlm_modifiers.qvlm.block_search import BlockSearchResult
 from qvlm_modifiers.qvlm.guard import GuardDecision
 from qvlm_modifiers.qvlm.partition import OnlinePartitioner
 
-__all__ = ["METADATA_ATTRIBUTE", "block_record", "partition_metadata", "write_metadata"]
+__all__ = ["METADATA_ATTRIBUTE", "block_record", "guard_fields", "partition_metadata", "write_metadata"]
 
 METADATA_ATTRIBUTE = "qvlm_blocks"
 
@@ -42,6 +42,12 @@ METADATA_ATTRIBUTE = "qvlm_blocks"
 # the dynamic per-token activation quantizer; temperature = the quantization step, as the paper)
 _LEVEL_GRID = "token"
 _TEMPERATURE_SCALE = 1.0
+
+
+def guard_fields(guard: GuardDecision) -> dict[str, Any]:
+    """The entries of a block record that come from its guard decision: ``loss`` (the winner's
+    objective on every calibration sample) and ``guard`` (the verdict, :class:`GuardDecision`)."""
+    return {"loss": guard.loss_searched if guard.winner == "searched" else guard.loss_rtn, "guard": guard.record()}
 
 
 def block_record(
@@ -59,15 +65,16 @@ def block_record(
     searched objective on the search samples, the guard's verdict against min/max (``guard``: which
     won, objectives on the held-out rows and on all rows), timings, evaluations and the chosen range
     label per variable (``"rtn"`` = min/max)."""
+    fields = guard_fields(guard)
     return {
         "layers": list(block),
-        "loss": guard.loss_searched if guard.winner == "searched" else guard.loss_rtn,
+        "loss": fields["loss"],
         "search_loss": result.loss,
         "layerwise_loss": result.layerwise_loss,
         "search_samples": result.search_batches,
         "search_objective": result.search_loss,
         "kept_layerwise": result.kept_layerwise,
-        "guard": guard.record(),
+        "guard": fields["guard"],
         "gptq": gptq,
         "search_s": round(search_s, 3),  # wall / process CPU time of the range search
         "search_cpu_s": round(search_cpu_s, 3),
