@@ -181,7 +181,7 @@ class QVLMModifier(Modifier, QuantizationMixin):
         With it they are, GPTQ's Hessians of every block's first layer come from the pipeline's
         pass, and one-layer blocks take their output rows from the pipeline's propagation (checked
         bit for bit) instead of a pass of their own. Off by default (the partition of the runs
-        before it); on in the shipped ``qvlm_w4``
+        before it), and not yet in the shipped ``qvlm_w4`` (its matrix cells would need a rerun)
     :param optimize_vision_encoder: visual-encoder optimization (Eq. 8-10,
         :mod:`qvlm_modifiers.qvlm.visual`): before the sequential pass, learn the quantized vision
         tower's weight ranges by gradient descent. Needs ``quantize_vision_tower: true``
