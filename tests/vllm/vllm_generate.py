@@ -5,9 +5,9 @@ CPU backend and, where asked, generate greedily from one prompt with one image.
 
 MANIFEST: {"prompt": str, "image": png path, "max_tokens": int, "logprobs": int,
            "checkpoints": [{"name": str, "path": dir, "mode": "generate" | "load"}]}
-RESULTS:  {"vllm": version, "avx512": bool, "checkpoints": {name: {"status": "ok" | "failed",
-           "mode", "error", "load_s", "generate_s", "quantization", "tokens": [...],
-           "logprobs": [{token_id: logprob, ...} per step]}}}
+RESULTS:  {"vllm": version, "avx512": bool, "int8_gemm": probe report (int8_gemm.py),
+           "checkpoints": {name: {"status": "ok" | "failed", "mode", "error", "load_s", "generate_s",
+           "quantization", "tokens": [...], "logprobs": [{token_id: logprob, ...} per step]}}}
 
 Each checkpoint is loaded with ``quantization`` detected from its config.json (vLLM's
 compressed-tensors loader); a failure of one checkpoint is recorded and the next one runs.
@@ -32,6 +32,22 @@ def _cpu_has_avx512() -> bool:
         return False
 
 
+def _probe_int8_gemm() -> dict:
+    """Which integer arithmetic vLLM's CPU W8A8 ops compute here (see int8_gemm.py); recorded for
+    compare.py. AMX CPUs serve our shapes with another kernel (vLLM's SGL int8 GEMM), not probed."""
+    try:
+        import torch
+        from vllm import _custom_ops as ops
+
+        import int8_gemm  # beside this script
+
+        report = int8_gemm.probe(ops)
+        report["amx"] = bool(torch.cpu._is_amx_tile_supported())
+        return report
+    except Exception as err:  # noqa: BLE001 - recorded; compare.py then checks exact arithmetic
+        return {"arithmetic": "unknown", "error": f"{type(err).__name__}: {err}"}
+
+
 def _release(llm) -> None:
     try:
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
@@ -54,7 +70,10 @@ def main() -> int:
 
     image = Image.open(manifest["image"]).convert("RGB")
     params = SamplingParams(temperature=0.0, max_tokens=manifest["max_tokens"], logprobs=manifest["logprobs"])
-    results = {"vllm": vllm.__version__, "avx512": _cpu_has_avx512(), "checkpoints": {}}
+    results = {"vllm": vllm.__version__, "avx512": _cpu_has_avx512(), "checkpoints": {},
+               "int8_gemm": _probe_int8_gemm()}
+    print(f"[vllm] W8A8 integer arithmetic on this CPU: {results['int8_gemm'].get('arithmetic')} "
+          f"({results['int8_gemm']})", flush=True)
     for entry in manifest["checkpoints"]:
         name, path, mode = entry["name"], entry["path"], entry["mode"]
         rec = {"mode": mode, "status": "failed"}
