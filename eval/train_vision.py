@@ -6,8 +6,9 @@ shipped with scikit-image / matplotlib, questioned and captioned by hand in
 ``eval/data/photo_captions.jsonl``. Loss: per row, the mean cross-entropy on the assistant turn (answer
 or caption, and the closing ``<|im_end|>``), averaged over rows; plus a stage-1 alignment regulariser.
 The trainable weights and the optimizer state are float32; the frozen LM runs in float32 with
-``--no-bf16`` (CPUs without AVX512-BF16/AMX: 2.6x faster than emulated bf16 there) or under bf16
-autocast (GPUs, CPUs with AMX).
+``--no-bf16`` (CPUs without AVX512-BF16/AMX, where bf16 is emulated: 2.6x faster than bf16 on the
+first Intel CI machine, 20x on the AMD EPYC one, 3 vs 60 s per batch-4 step) or under bf16 autocast
+(GPUs, CPUs with AMX).
 
 One command, seeded; on CPU bitwise reproducible given the same torch build and thread count; on CUDA
 not bitwise reproducible (attention backward is non-deterministic there)::
