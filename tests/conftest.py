@@ -98,3 +98,19 @@ def eval_script():
         return importlib.import_module(f"qvlm_eval.{name}")
 
     return load
+
+
+@pytest.fixture(scope="session")
+def vllm_script():
+    """A script of the vLLM stage (``tests/vllm/<name>.py``, not a package: the stage runs them by path,
+    partly in vLLM's own venv) loaded as a module by name."""
+    import importlib.util
+
+    def load(name: str):
+        path = Path(__file__).resolve().parent / "vllm" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"vllm_stage_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

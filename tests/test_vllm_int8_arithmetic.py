@@ -5,31 +5,15 @@ own ops, on the CPU the stage runs on."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-VLLM_DIR = Path(__file__).resolve().parent / "vllm"
-
-
-def _load(name):
-    sys.path.insert(0, str(VLLM_DIR))
-    try:
-        spec = importlib.util.spec_from_file_location(f"vllm_{name}", VLLM_DIR / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(VLLM_DIR))
-
 
 @pytest.fixture(scope="module")
-def ig():
-    return _load("int8_gemm")
+def ig(vllm_script):
+    return vllm_script("int8_gemm")
 
 
 def test_saturating_gemm_is_exact_where_no_pair_can_saturate(ig):
@@ -75,8 +59,8 @@ def test_emulated_linear_with_exact_gemm_is_the_dequantized_linear(ig):
     assert torch.allclose(layer(x).double(), reference.reshape(2, 5, 24), rtol=1e-5, atol=1e-6)  # fp32 output
 
 
-def test_compare_swaps_only_int8_activation_linears(ig):
-    compare = _load("compare")
+def test_compare_swaps_only_int8_activation_linears(ig, vllm_script):
+    compare = vllm_script("compare")
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     for i, bits in ((0, 8), (1, None)):
         layer = model[i]

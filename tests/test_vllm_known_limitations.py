@@ -3,21 +3,14 @@ without generating; any other failure fails it. (The stage itself runs in .ci/vl
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-COMPARE = Path(__file__).resolve().parent / "vllm" / "compare.py"
-
 
 @pytest.fixture(scope="module")
-def compare():
-    spec = importlib.util.spec_from_file_location("vllm_compare", COMPARE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def compare(vllm_script):
+    return vllm_script("compare")
 
 
 def entry(tmp_path, name, kind, weights, activations=None):

@@ -31,9 +31,10 @@ W4A16 0.035-0.066; another image moves the log-probs by 0.75-1.36 nat.
 W8A8 where vLLM's integer GEMM is not exact (x86 without VNNI; ``int8_gemm.py`` explains, and
 vllm_generate.py's probe says which arithmetic this CPU runs): the check scores our reload with the
 quantized Linears computing vLLM's saturating arithmetic (:func:`emulate_vllm_w8a8`) and prints the
-exact reload's distance, not checked. Measured on a 2-core AMD EPYC (AVX2 only): W8A8 0.071-0.073
-against the emulation, 0.28-0.31 against the exact reload (0.30-0.31 with the emulation computing exact
-int8 products: the saturation is the whole gap).
+exact reload's distance, not checked. Measured on a 2-core AMD EPYC (AVX2 only), six W8A8
+checkpoints: 0.052-0.078 against the emulation, 0.22-0.31 against the exact reload (0.30-0.31 for
+w8a8 and smoothquant_gptq_w8a8 with the emulation computing exact int8 products: the saturation is
+the whole gap).
 """
 
 from __future__ import annotations

@@ -61,8 +61,8 @@ def gemm_u8s8_sat16(x_q: torch.Tensor, w_q: torch.Tensor, rows_per_chunk: int = 
 
 class EmulatedW8A8Linear(torch.nn.Module):
     """A W8A8 Linear computing vLLM's CPU arithmetic: per-token int8 activations, the integer GEMM
-    ``gemm`` (exact or saturating), then ``acc * x_scale * w_scale + bias`` in fp32, cast to the
-    input's dtype."""
+    ``gemm`` (exact or saturating), then ``acc * x_scale * w_scale`` (fp64, rounded to fp32) + bias
+    in fp32, cast to the input's dtype."""
 
     def __init__(self, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, gemm):
         super().__init__()
@@ -84,12 +84,13 @@ class EmulatedW8A8Linear(torch.nn.Module):
 def probe(ops) -> dict:
     """Run vLLM's CPU W8A8 ops (``vllm._custom_ops``) on seeded cases and say which integer
     arithmetic they compute: ``"exact"``, ``"u8s8_sat16"`` (bit for bit :func:`gemm_u8s8_sat16`)
-    or ``"unknown"``. Also checks :func:`quantize_per_token` against vLLM's dynamic quantization.
+    or ``"unknown"``. Also checks :func:`quantize_per_token` (values and scales) against vLLM's
+    dynamic quantization; a mismatch there makes the verdict ``"unknown"`` too.
     Cases: K = 128 and 256 (the stage's model), M = 1 (decode) and 37 (prefill), integer
     activations at full range (saturation certain) and random bf16 activations (realistic)."""
     gen = torch.Generator().manual_seed(0)
     report = {"exact_cases": 0, "sat16_cases": 0, "cases": 0, "max_abs_err_vs_exact": 0.0,
-              "max_rel_err_vs_exact": 0.0, "quant_mismatches": 0, "quant_elements": 0}
+              "max_rel_err_vs_exact": 0.0, "quant_mismatches": 0, "scale_mismatches": 0, "quant_elements": 0}
     for k in (128, 256):
         for m in (1, 37):
             n = 64
@@ -103,6 +104,7 @@ def probe(ops) -> dict:
                 x_q, x_s, x_zp = ops.onednn_scaled_int8_quant(x, None, None, True)
                 mine_q, mine_s = quantize_per_token(x)
                 report["quant_mismatches"] += int((mine_q != x_q).sum())
+                report["scale_mismatches"] += int((mine_s.reshape(-1) != x_s.float().reshape(-1)).sum())
                 report["quant_elements"] += x_q.numel()
                 out = torch.empty((m, n), dtype=torch.float32)
                 ops.onednn_scaled_mm(handler, x_q, out, x_s, x_zp, None, None)
@@ -117,7 +119,7 @@ def probe(ops) -> dict:
                 report["max_abs_err_vs_exact"] = max(report["max_abs_err_vs_exact"], float(err.max()))
                 rel = float(err.max() / exact.abs().double().max().clamp_min(1))
                 report["max_rel_err_vs_exact"] = max(report["max_rel_err_vs_exact"], rel)
-    if report["quant_mismatches"]:
+    if report["quant_mismatches"] or report["scale_mismatches"]:
         report["arithmetic"] = "unknown"
     elif report["exact_cases"] == report["cases"]:
         report["arithmetic"] = "exact"
