@@ -204,3 +204,30 @@ def test_spread_token_mask_thins_the_pairs_evenly():
     assert masked.count == 25 * 8
     with pytest.raises(ValueError):
         spread_token_mask((1, 40), 0)
+
+
+def test_masked_update_is_bit_identical_to_masking_after_the_level_grid():
+    """The per-token level grid of a kept token depends on its own row only, so the update drops
+    the other rows before computing it (cheaper): the joint counts equal, bit for bit, those of the
+    former order (grid of every row, then the mask). The per-tensor grid still spans every row."""
+    from qvlm_modifiers.qvlm.entropy import level_grid, spread_token_mask
+
+    g = torch.Generator().manual_seed(1)
+    h, h1 = torch.randn(1, 300, 64, generator=g) * 3, torch.randn(1, 300, 64, generator=g)
+    mask = spread_token_mask((1, 300), 32)
+    for grid in ("token", "tensor"):
+        acc = JointLevelAccumulator(16, grid=grid)
+        acc.update(h, h1, mask)
+        tensors = []
+        for x in (h, h1):  # the former order: grid on all rows, broadcast, then masked
+            low, step = level_grid(x, 16, grid)
+            tensors.append([t[mask].reshape(-1) for t in (x, low.expand_as(x), step.expand_as(x))])
+        (xa, la, sa), (xb, lb, sb) = tensors
+        reference = level_probabilities(xa, la, sa, 16).t().double() @ level_probabilities(xb, lb, sb, 16).double()
+        assert torch.equal(acc.joint, reference), grid
+        assert acc.count == 32 * 64
+    # the tensor grid differs from the grid of the kept rows alone (it does use the other rows)
+    whole, kept = JointLevelAccumulator(16, grid="tensor"), JointLevelAccumulator(16, grid="tensor")
+    whole.update(h, h1, mask)
+    kept.update(h[mask][None], h1[mask][None])
+    assert not torch.equal(whole.joint, kept.joint)

@@ -406,3 +406,75 @@ def test_pipeline_hessians_refused_when_an_input_differs_or_a_batch_is_missing()
             x = torch.cat([i.reshape(-1, 32) for i in inputs]).double()
             torch.testing.assert_close(got[id(lin)].double(), 2 * x.T @ x / len(inputs), rtol=1e-5, atol=1e-4)
             assert ph.take(0, len(inputs)) is None  # taken once
+
+
+class _SharedInputs(torch.nn.Module):
+    """A Llama layer's Linear wiring: q/k/v read one tensor, o another, gate/up a third, down a fourth.
+    ``fresh_k_from``: from this batch on, k reads an equal copy (a new object) instead."""
+
+    def __init__(self, fresh_k_from=None):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        shapes = dict(q=(16, 32), k=(8, 32), v=(8, 32), o=(32, 16), gate=(24, 32), up=(24, 32), down=(32, 24))
+        for name, (out_f, in_f) in shapes.items():
+            lin = torch.nn.Linear(in_f, out_f, bias=False)
+            with torch.no_grad():
+                lin.weight.copy_(torch.randn(out_f, in_f, generator=g) / in_f ** 0.5)
+            setattr(self, name, lin)
+        self.fresh_k_from = fresh_k_from
+
+    def forward(self, h, b):
+        x = torch.nn.functional.rms_norm(h, (h.shape[-1],))
+        k_in = x.clone() if self.fresh_k_from is not None and b >= self.fresh_k_from else x
+        q, k, v = self.q(x), self.k(k_in), self.v(x)
+        h = h + self.o(q * torch.cat([k, v], -1))
+        x = torch.nn.functional.rms_norm(h, (h.shape[-1],))
+        return h + self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fresh_k_from", [None, 1])
+def test_hessian_sums_share_an_input_s_update_and_equal_separate_sums(fresh_k_from):
+    """Linears handed the same input tensor (q/k/v, gate/up) share one Hessian update per batch:
+    4 updates per batch instead of 7, and every Hessian bit-identical to one accumulated per Linear
+    with llm-compressor's ``accumulate_hessian``. When a sharing Linear is later handed another
+    tensor (k from batch 1 on, an equal copy), the shared sums cannot hold its history: the pass is
+    run again without sharing, with the same bit-identical result."""
+    import contextlib
+
+    from qvlm_modifiers.qvlm.gptq_rounding import _layer_hessians
+
+    _, accumulate, make_empty, _ = gptq_internals()
+    calls = []
+
+    def counted(x, module, h, n):
+        calls.append(module)
+        return accumulate(x, module, h, n)
+
+    layer = _SharedInputs(fresh_k_from)
+    linears = [layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down]
+    g = torch.Generator().manual_seed(4)
+    inputs = [torch.randn(1, 5 + b, 32, generator=g) for b in range(3)]
+    shared = _layer_hessians(layer, linears, inputs, contextlib.nullcontext(), counted, make_empty)
+    if fresh_k_from is None:
+        assert len(calls) == 4 * len(inputs)
+        assert shared[id(layer.q)] is shared[id(layer.k)] is shared[id(layer.v)]
+        assert shared[id(layer.gate)] is shared[id(layer.up)]
+    else:  # diverged in batch 1 (k's update skipped from there): the sharing pass, then one without
+        assert len(calls) == 4 * len(inputs) + 7 * len(inputs)
+    calls.clear()
+    separate = _layer_hessians(layer, linears, inputs, contextlib.nullcontext(), counted, make_empty, share=False)
+    assert len(calls) == 7 * len(inputs)
+    for m in linears:
+        assert torch.equal(shared[id(m)], separate[id(m)])
+    # and against 2 X X^T / n per Linear, from its own recorded inputs (float64)
+    seen = {id(m): [] for m in linears}
+    handles = [m.register_forward_pre_hook(lambda mod, a: seen[id(mod)].append(a[0].reshape(-1, a[0].shape[-1])))
+               for m in linears]
+    for b, h in enumerate(inputs):
+        layer(h, b)
+    for handle in handles:
+        handle.remove()
+    for m in linears:
+        x = torch.cat(seen[id(m)]).double()
+        torch.testing.assert_close(shared[id(m)].double(), 2 * x.T @ x / len(inputs), rtol=1e-5, atol=1e-5)

@@ -63,7 +63,8 @@ def test_handover_computes_the_rows_itself_when_batch_0_differs():
 
 def test_handover_retakes_pipeline_rows_after_a_later_mismatch():
     """Batch 0 matched but a later computed row does not: the rows taken before it are recomputed
-    (``complete(retake=True)``, what the Modifier does when it settles the block)."""
+    when the Modifier settles the block (``settle(retake=True)``), which then hands every row to
+    ``on_settled`` (the block's all-row loss), once."""
     ours, other = _rows(seed=0), _rows(seed=1)
     rows = [ours[0], None, ours[2], None]
     calls = []
@@ -74,14 +75,20 @@ def test_handover_retakes_pipeline_rows_after_a_later_mismatch():
             if r is None:
                 rows[b] = ours[b]
 
-    handover = BlockHandover(rows, complete=complete, keep=lambda t: t)
+    settled = []
+    handover = BlockHandover(rows, complete=complete, keep=lambda t: t, on_settled=settled.append)
     handover(ours[0])
     handover(other[1])  # taken: the pipeline's row, not ours
     handover(other[2])  # differs from our row 2: mismatch, row 3 computed by us
     assert handover.mismatch and calls == [[3]]
     handover(other[3])
-    handover.complete(retake=True)
+    assert settled == []
+    handover.settle(retake=True)
     assert calls == [[3], [1]] and all(torch.equal(rows[b], ours[b]) for b in range(4))
+    # the block's all-row loss is written from the settled rows, once
+    assert len(settled) == 1 and settled[0] is rows and handover.settled
+    handover.settle(retake=True)
+    assert calls == [[3], [1]] and len(settled) == 1
 
 
 def test_handover_needs_batch_0():

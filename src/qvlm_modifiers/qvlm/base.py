@@ -180,8 +180,8 @@ class QVLMModifier(Modifier, QuantizationMixin):
         (the entropy of Eq. 4, GPTQ's Hessians) are not the quantized model's (Eq. 1's ``X_q``).
         With it they are, GPTQ's Hessians of every block's first layer come from the pipeline's
         pass, and one-layer blocks take their output rows from the pipeline's propagation (checked
-        bit for bit) instead of a pass of their own. Off by default (the partition of the runs
-        before it), and not yet in the shipped ``qvlm_w4`` (its matrix cells would need a rerun)
+        bit for bit) instead of a pass of their own. On in the shipped ``qvlm_w4``; off by default
+        (the eval recipes' runs were made without it)
     :param optimize_vision_encoder: visual-encoder optimization (Eq. 8-10,
         :mod:`qvlm_modifiers.qvlm.visual`): before the sequential pass, learn the quantized vision
         tower's weight ranges by gradient descent. Needs ``quantize_vision_tower: true``
@@ -246,8 +246,8 @@ class QVLMModifier(Modifier, QuantizationMixin):
     _veo_history: list[dict[str, float]] | None = PrivateAttr(default=None)
     _derived_masks: DerivedLossMasks | None = PrivateAttr(default=None)
     _pipeline_hessians: PipelineHessians | None = PrivateAttr(default=None)  # with gptq_rounding
-    # with realign_stream: per block-closing decoder layer, (its handover, its block record, decide)
-    _handovers: dict[int, tuple] = PrivateAttr(default_factory=dict)
+    # with realign_stream: per block-closing decoder layer, its handover
+    _handovers: dict[int, BlockHandover] = PrivateAttr(default_factory=dict)
     _handover_busy: bool = PrivateAttr(default=False)  # our own runs of a handing-over layer
     _rows_from_pipeline: bool = PrivateAttr(default=True)  # off after a handover mismatch
     _stream_hooks: list = PrivateAttr(default_factory=list)
@@ -408,19 +408,19 @@ class QVLMModifier(Modifier, QuantizationMixin):
         """The pipeline's propagation pass of a closed block's last layer: hand it the block's
         quantized-path output, or take the rows it computes for us (:mod:`.stream`)."""
         armed = self._handovers.get(self._layer_index[id(module)])
-        if armed is None or self._handover_busy or armed[0].done:
+        if armed is None or self._handover_busy or armed.done:
             return None
         self._handover_busy = True
         try:
-            return armed[0](output)
+            return armed(output)
         finally:
             self._handover_busy = False
 
     def _settle_handovers(self) -> None:
         """Before anything reads the last blocks' outputs: compute the rows the pipeline did not
         hand over (or all it did, after a mismatch) and write each block's all-row loss."""
-        for k, (handover, record, decide) in list(self._handovers.items()):
-            if record is not None:
+        for k, handover in list(self._handovers.items()):
+            if not handover.settled:
                 if handover.mismatch and self._rows_from_pipeline:
                     logger.warning(
                         f"Q-VLM: the pipeline's propagation of decoder layer {k} differs from the block's "
@@ -431,12 +431,9 @@ class QVLMModifier(Modifier, QuantizationMixin):
                 self._handover_busy = True  # our own runs of the layer, not the pipeline's
                 try:
                     with HooksMixin.disable_hooks():  # nor a calibration pass
-                        handover.complete(retake=handover.mismatch)
+                        handover.settle(retake=handover.mismatch)
                 finally:
                     self._handover_busy = False
-                if decide is not None:
-                    record.update(guard_fields(decide(handover.rows)))
-                self._handovers[k] = (handover, None, None)
             if handover.done:  # propagated: nothing left to hand over
                 del self._handovers[k]
 
@@ -554,7 +551,8 @@ class QVLMModifier(Modifier, QuantizationMixin):
         self._block_losses.append(record)
         if self.realign_stream and block[-1] + 1 < len(self._layers):
             complete, decide = settle if settle is not None else ((lambda: None), None)
-            self._handovers[block[-1]] = (BlockHandover(q_out, complete, self._keep), record, decide)
+            on_settled = None if decide is None else (lambda rows: record.update(guard_fields(decide(rows))))
+            self._handovers[block[-1]] = BlockHandover(q_out, complete, self._keep, on_settled)
         logger.info(
             f"Q-VLM block {block}: guard keeps {decision.winner} (held-out objective searched "
             f"{decision.holdout_loss_searched:.6g} vs min/max {decision.holdout_loss_rtn:.6g} on "
@@ -584,7 +582,8 @@ class QVLMModifier(Modifier, QuantizationMixin):
         with cached_weight_forward(self._linears(block)):
             return (*self._guard_states(block, layer_fns, variables, targets, token_weights, holdout), None)
 
-    def _guard_gptq(self, block, layer_fns, variables, targets, token_weights, holdout) -> tuple[GuardDecision, list]:
+    def _guard_gptq(self, block, layer_fns, variables, targets, token_weights, holdout
+                    ) -> tuple[GuardDecision, list, tuple | None]:
         """The guard with GPTQ inside: the block's ranges (searched, and with
         ``gptq_weight_ranges: gptq`` each weight's range chosen by GPTQ's error among its
         candidates) against min/max, both GPTQ-rounded in one lockstep pass

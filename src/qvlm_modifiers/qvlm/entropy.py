@@ -147,6 +147,11 @@ class JointLevelAccumulator:
         (``h.shape[:-1]``, nonzero = keep) drops padding tokens."""
         if h_k.shape != h_k1.shape:
             raise ValueError(f"paired hidden states must have the same shape, got {tuple(h_k.shape)} and {tuple(h_k1.shape)}")
+        if token_mask is not None and self.grid == "token":
+            # per-token levels depend on the token's own row only: drop the other rows first (same
+            # values, same order; the "tensor" grid needs every row for its range)
+            keep = token_mask.reshape(h_k.shape[:-1]).bool()
+            h_k, h_k1, token_mask = h_k[keep], h_k1[keep], None
         low_a, step_a = level_grid(h_k, self.num_levels, self.grid)
         low_b, step_b = level_grid(h_k1, self.num_levels, self.grid)
         x_a = h_k.float()

@@ -43,15 +43,20 @@ class BlockHandover:
     :param complete: computes every ``None`` row, in place (the Modifier's own pass); called when the
         pipeline's batch 0 differs from ``rows[0]``, or later when the pass did not happen
     :param keep: how a taken row is stored (detached, on the offload device)
+    :param on_settled: called once with every row when the block settles (:meth:`settle`), e.g. to
+        write the kept state's loss on all rows into the block's record
     """
 
     def __init__(self, rows: list[torch.Tensor | None], complete: Callable[[], object],
-                 keep: Callable[[torch.Tensor], torch.Tensor]):
-        if any(r is None for r in rows) and (not rows or rows[0] is None):
+                 keep: Callable[[torch.Tensor], torch.Tensor],
+                 on_settled: Callable[[list[torch.Tensor]], object] | None = None):
+        if any(r is None for r in rows) and rows[0] is None:
             raise ValueError("batch 0 must be computed: it checks the pipeline's outputs before any row is taken")
         self.rows = rows
         self._complete = complete
         self._keep = keep
+        self._on_settled = on_settled
+        self.settled = False
         self.lazy = any(r is None for r in rows)  # some rows are to be taken from the pipeline
         self.taken: list[int] = []
         self.calls = 0
@@ -74,6 +79,16 @@ class BlockHandover:
             self.taken = []
         if self.missing():
             self._complete()
+
+    def settle(self, retake: bool = False) -> None:
+        """Before anything reads the block's rows: :meth:`complete` them (``retake`` after a
+        mismatch), then hand them to ``on_settled``. Once; later calls do nothing."""
+        if self.settled:
+            return
+        self.complete(retake=retake)
+        self.settled = True
+        if self._on_settled is not None:
+            self._on_settled(self.rows)
 
     def __call__(self, output):
         """The forward hook's body for one propagated batch: returns the output to propagate
