@@ -838,11 +838,25 @@ def write_report(results: dict, out_dir: Path, name: str, runs: list[dict], pair
 
 
 def machine() -> dict:
+    """What ran the cell. Not keyed, but Q-VLM's and GPTQ's results differ between CPUs (float rounding
+    flips near-ties), so compare runs of one ``cpu`` only."""
     import torch
 
-    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+    return {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name and its wide-vector extensions (``/proc/cpuinfo``; ``None`` elsewhere)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or None
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    wide = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{name} ({', '.join(wide) or 'no AVX2'})"
 
 
 def main(argv=None) -> int:
