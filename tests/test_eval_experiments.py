@@ -561,13 +561,14 @@ def test_comparisons_of_the_matrix_resolve_and_bad_ones_are_named(eval_script):
     matched = (matched - {("mbq_w3", "mbq_w3_uniform"), ("mbq_w4", "mbq_w4_uniform")}
                | {("mbq_w3_reference", "mbq_w3_uniform"), ("mbq_w4_reference", "mbq_w4_uniform")})
     assert pairs == {("mbq_w3", "awq_w3a16"), ("mbq_w4", "awq_w4a16"), ("mbq_w4a8", "smoothquant_w4a8"),
-                     ("qvlm_w4", "rtn_w4a16"), ("qvlm_w6a6", "rtn_w6a6"), ("qvlm_w4a8", "rtn_w4a8"),
-                     ("qvlm_w4_gptq", "gptq_w4a16"), ("qvlm_w4", "gptq_w4a16"), ("qvlm_w3_gptqchoice", "gptq_w3a16"),
+                     ("qvlm_w4_norealign", "rtn_w4a16"), ("qvlm_w6a6", "rtn_w6a6"), ("qvlm_w4a8", "rtn_w4a8"),
+                     ("qvlm_w4_gptq", "gptq_w4a16"), ("qvlm_w4_norealign", "gptq_w4a16"),
+                     ("qvlm_w3_gptqchoice", "gptq_w3a16"),
                      ("mbq_gptq_w3", "gptq_w3a16"), ("mbq_gptq_w4a8", "gptq_w4a8"),
                      ("mbq_gptq_w4a8", "smoothquant_gptq_w4a8"),
                      ("mbq_gptq_w3", "mbq_gptq_w3_uniform"), ("mbq_gptq_w4a8", "mbq_gptq_w4a8_uniform"),
-                     ("qvlm_w4_rtn", "rtn_w4a16"), ("qvlm_w4", "qvlm_w4_gptq_blocks1"),
-                     ("qvlm_w4", "qvlm_w4_gptq_blocks3"), ("mbq_w3_duo_clip", "mbq_w3_duo_uniform_clip"),
+                     ("qvlm_w4_rtn", "rtn_w4a16"), ("qvlm_w4_norealign", "qvlm_w4_gptq_blocks1"),
+                     ("qvlm_w4_norealign", "qvlm_w4_gptq_blocks3"), ("mbq_w3_duo_clip", "mbq_w3_duo_uniform_clip"),
                      ("mbq_w3_duo_clip", "mbq_w3"), ("mbq_w4", "mbq_w4_noclip"),
                      ("mbq_w4_duo_clip", "mbq_w4_duo_uniform_clip")} | matched
     # the compared cells run at the same seeds on both sides
@@ -579,6 +580,25 @@ def test_comparisons_of_the_matrix_resolve_and_bad_ones_are_named(eval_script):
         run.resolve_comparisons({"comparisons": [{"a": "MBQ", "b": "Nope", "schemes": ["W3A16"]}]}, runs)
     with pytest.raises(ValueError, match="not a cell of the matrix"):
         run.resolve_comparisons({"comparisons": [{"a": "mbq_w3", "b": "nope"}]}, runs)
+
+
+def test_second_machine_matrix_pairs_the_shipped_qvlm_w4_with_gptq_and_keeps_the_main_keys(eval_script):
+    """eval/experiments_amd_epyc.yaml (the shipped qvlm_w4 against GPTQ on one other machine) resolves its
+    comparisons, and runs its cells with the main matrix's settings, so that a cell present in both has
+    the same key; qvlm_w4_norealign is the former shipped recipe verbatim, but for realign_stream."""
+    import qvlm_modifiers
+
+    run = eval_script("run_experiments")
+    here = Path(run.__file__).resolve().parent
+    config = yaml.safe_load((here / "experiments_amd_epyc.yaml").read_text())
+    main = yaml.safe_load((here / "experiments.yaml").read_text())
+    pairs = {(p["a"], p["b"]) for p in run.resolve_comparisons(config, run.parse_cells(config))}
+    assert pairs == {("qvlm_w4", "gptq_w4a16"), ("qvlm_w4_norealign", "gptq_w4a16"), ("qvlm_w4", "qvlm_w4_norealign")}
+    assert config["models"] == main["models"] and config["settings"] == main["settings"]
+    shipped = qvlm_modifiers.recipe_path("qvlm_w4").read_text().splitlines()
+    former = (here / "recipes" / "qvlm_w4_norealign.yaml").read_text().splitlines()
+    assert [line for line in shipped if "realign_stream" not in line] == former
+    assert "cpu" in run.machine()
 
 
 def test_matched_mbq_comparisons_differ_only_in_the_modality_weighting(eval_script):
