@@ -847,12 +847,14 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def cpu_model() -> str | None:
-    """The CPU's model name and its wide-vector extensions (``/proc/cpuinfo``; ``None`` elsewhere)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or None
+def cpu_model(info: str | None = None) -> str | None:
+    """The CPU's model name and its wide-vector extensions, from ``info`` (``/proc/cpuinfo``'s text,
+    read when not given; elsewhere ``platform.processor()`` or ``None``)."""
+    if info is None:
+        try:
+            info = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return platform.processor() or None
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
     wide = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]

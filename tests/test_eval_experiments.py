@@ -599,6 +599,11 @@ def test_second_machine_matrix_pairs_the_shipped_qvlm_w4_with_gptq_and_keeps_the
     former = (here / "recipes" / "qvlm_w4_norealign.yaml").read_text().splitlines()
     assert [line for line in shipped if "realign_stream" not in line] == former
     assert "cpu" in run.machine()
+    info = ("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma\n\n"
+            "processor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert run.cpu_model(info) == "AMD EPYC (avx2)"
+    intel = "model name\t: Intel Xeon\nflags\t\t: avx2 avx512f avx512_vnni amx_tile\n"
+    assert run.cpu_model(intel) == "Intel Xeon (avx2, avx512f, avx512_vnni, amx_tile)"
 
 
 def test_matched_mbq_comparisons_differ_only_in_the_modality_weighting(eval_script):

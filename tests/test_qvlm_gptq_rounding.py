@@ -478,3 +478,29 @@ def test_hessian_sums_share_an_input_s_update_and_equal_separate_sums(fresh_k_fr
     for m in linears:
         x = torch.cat(seen[id(m)]).double()
         torch.testing.assert_close(shared[id(m)].double(), 2 * x.T @ x / len(inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_hessian_sharing_holds_on_a_transformers_llama_layer(saved_vlm, calib_pairs, monkeypatch):
+    """On transformers' own Llama decoder layer (the zoo LLaVA), q/k/v_proj and gate/up_proj are handed
+    one input tensor each, so the Modifier's Hessian passes and the pipeline's pass share their
+    updates and never fall back to a pass without sharing (which would still be exact, but cost the
+    saving): every HessianSums of a 3-layer-block run ends undiverged, 4 accumulators per layer."""
+    import qvlm_modifiers.qvlm.gptq_rounding as gptq_rounding
+
+    made = []
+
+    class Recorded(gptq_rounding.HessianSums):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(gptq_rounding, "HessianSums", Recorded)
+    path = saved_vlm("llava", num_layers=4)
+    _run(path, calib_pairs, QVLMModifier(scheme="W4A16", targets=["Linear"], gptq_rounding=True,
+                                         weight_candidates="minmax", max_block_layers=3, entropy_threshold=-1.0))
+    used = [s for s in made if s.modules()]
+    assert used and not any(s.diverged for s in used)
+    assert all(len(s.modules()) == 7 for s in used)
+    for s in used:
+        normalized = s.normalized()
+        assert len({id(h) for h in normalized.values()}) == 4
